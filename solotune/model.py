@@ -1,0 +1,272 @@
+"""LLaMA-architecture decoder in plain PyTorch.
+
+Layer names follow Meta's reference (``tok_embeddings``, ``layers.N.attention.{wq,wk,wv,wo}``,
+``layers.N.feed_forward.{w1,w2,w3}``, ``attention_norm``, ``ffn_norm``, ``norm``, ``output``) and so
+does the Q/K row layout: RoPE rotates *adjacent* pairs (dims 2i, 2i+1) of each head, as in Meta's
+``consolidated.*.pth`` and llama.cpp's GGUF. The HF loader permutes HF's rotate-half rows into this
+layout.
+
+Shapes: B batch, T new tokens, S key positions (T without cache, cache_pos + T with it),
+H query heads, Hkv key/value heads, D head dim, C model dim, V vocab.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, with the statistics computed in fp32 whatever the input dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotation angles for ``positions`` [B, T] -> (cos, sin), each [B, T, 1, D/2], in ``dtype``.
+
+    Computed in fp32 from the positions on every call: no buffers, so a model built on the meta
+    device needs nothing re-initialised after ``load_state_dict(assign=True)``.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    angles = positions.float()[..., None] * inv_freq  # [B, T, D/2]
+    return angles.cos().to(dtype)[:, :, None, :], angles.sin().to(dtype)[:, :, None, :]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs of ``x`` [B, T, H, D] by the angles (cos/sin [B, T, 1, D/2])."""
+    x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+
+
+class KVCache(nn.Module):
+    """Keys and values of every position seen so far: k/v [B, Hkv, max_len, D].
+
+    Slots are absolute indices into the (left-padded) batch; ``update`` writes the new
+    [B, Hkv, T, D] block at ``pos`` and returns the filled prefix [B, Hkv, pos + T, D].
+    """
+
+    def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str | None) -> None:
+        super().__init__()
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = pos + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; asked to write up to {end}")
+        self.k[:, :, pos:end] = k
+        self.v[:, :, pos:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None, cache_pos: int | None) -> torch.Tensor:
+        """x [B, T, C] -> [B, T, C]. ``mask`` [B, 1, T, S] bool (True = attend) or None for plain causal."""
+        B, T, _ = x.shape
+        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
+        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin).transpose(1, 2)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if cache_pos is not None:
+            if self.kv_cache is None:
+                raise RuntimeError("cache_pos given but no KV cache: call model.setup_cache(batch, max_len) first")
+            k, v = self.kv_cache.update(cache_pos, k, v)
+        if self.n_kv_heads != self.n_heads:  # GQA: each KV head serves n_heads / n_kv_heads query heads
+            rep = self.n_heads // self.n_kv_heads
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        if mask is None:
+            # Plain causal attention over exactly these T keys (no cache, or an empty cache).
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+        self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attention = Attention(cfg)
+        self.feed_forward = FeedForward(cfg)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None, cache_pos: int | None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+def checkpoint_policy(policy: str | None, n_layers: int) -> frozenset[int]:
+    """Which block indices to recompute in backward: ``off`` | ``all`` | ``every:K`` (blocks 0, K, 2K, ...)."""
+    if policy in (None, "", "off", "none", False):
+        return frozenset()
+    if policy in ("all", True):
+        return frozenset(range(n_layers))
+    if isinstance(policy, str) and policy.startswith("every:"):
+        try:
+            k = int(policy.split(":", 1)[1])
+        except ValueError:
+            k = 0
+        if k >= 1:
+            return frozenset(range(0, n_layers, k))
+    raise ValueError(f"gradient checkpointing policy {policy!r}: expected off, all or every:K (K >= 1)")
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.checkpoint_layers: frozenset[int] = frozenset()
+        self.tie_weights()
+
+    # ------------------------------------------------------------------ set-up
+    def tie_weights(self) -> None:
+        """Share the embedding with the output head when the config says so (re-run after
+        ``load_state_dict(assign=True)``, which replaces the Parameter objects)."""
+        if self.config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """Random init (normal(0, std) for matrices and embeddings, ones for norms) for benchmarks and tests."""
+        for name, p in self.named_parameters():
+            with torch.no_grad():
+                if name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                else:
+                    p.normal_(0.0, std, generator=generator)
+
+    def set_grad_checkpointing(self, policy: str | None) -> None:
+        self.checkpoint_layers = checkpoint_policy(policy, len(self.layers))
+
+    def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> None:
+        """Allocate a fresh KV cache of ``max_len`` positions in every attention layer."""
+        p = self.tok_embeddings.weight
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(batch, max_len, self.config.n_kv_heads, self.config.head_dim,
+                                               dtype or p.dtype, p.device)
+
+    def clear_cache(self) -> None:
+        for layer in self.layers:
+            layer.attention.kv_cache = None
+
+    def caches(self) -> Iterable[KVCache]:
+        return (layer.attention.kv_cache for layer in self.layers)
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, tokens: torch.Tensor, *, positions: torch.Tensor | None = None,
+                cache_pos: int | None = None, key_mask: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """tokens [B, T] long -> logits [B, T, V] (or [B, 1, V] with ``last_only``).
+
+        positions: RoPE positions [B, T]; default ``cache_pos + arange(T)`` (left-padded batches
+            pass their own so every row starts at 0).
+        cache_pos: None recomputes everything (no cache); an int writes these T tokens into the KV
+            cache at slots [cache_pos, cache_pos + T) and attends to slots [0, cache_pos + T).
+        key_mask: [B, S'] bool with S' >= S, True where the slot holds a real token (padding = False).
+        """
+        B, T = tokens.shape
+        start = cache_pos or 0
+        if positions is None:
+            positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
+        h = self.tok_embeddings(tokens)
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, h.dtype)
+        mask = self._mask(B, T, start, key_mask, tokens.device)
+        use_ckpt = bool(self.checkpoint_layers) and torch.is_grad_enabled() and self.training
+        for i, layer in enumerate(self.layers):
+            if use_ckpt and i in self.checkpoint_layers:
+                h = checkpoint(layer, h, cos, sin, mask, cache_pos, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, mask, cache_pos)
+        if last_only:
+            h = h[:, -1:]
+        return self.output(self.norm(h))
+
+    @staticmethod
+    def _mask(B: int, T: int, start: int, key_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+        """Boolean [B, 1, T, S] mask (causal over slots, padding keys off), or None when plain causal suffices."""
+        S = start + T
+        if key_mask is None and start == 0:
+            return None  # is_causal path (lets SDPA pick flash attention)
+        q_slot = torch.arange(start, S, device=device)[:, None]
+        k_slot = torch.arange(S, device=device)[None, :]
+        m = (k_slot <= q_slot)[None, None]  # [1, 1, T, S]
+        if key_mask is not None:
+            m = m & key_mask[:, None, None, :S].to(device)
+            # A padding query whose every key is masked would give NaN: let it see itself.
+            m = m | (k_slot == q_slot)[None, None]
+        return m.expand(B, 1, T, S)
+
+
+def build_model(cfg: ModelConfig, state_dict: dict[str, torch.Tensor] | None = None, *,
+                dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                seed: int | None = None) -> Transformer:
+    """Build on the meta device, then materialise: from ``state_dict`` (canonical names; no
+    ``output.weight`` needed when embeddings are tied) via ``load_state_dict(assign=True)``, or
+    random-initialised (``seed``) when it is None."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    if state_dict is None:
+        model = model.to(dtype).to_empty(device=device)  # dtype first: no full-size fp32 copy
+        model.tie_weights()
+        gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+        model.init_weights(generator=gen)
+        return model
+    sd = {k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}
+    if cfg.tie_embeddings:
+        sd.pop("output.weight", None)
+    expected = {k for k in model.state_dict() if not (cfg.tie_embeddings and k == "output.weight")}
+    missing, unexpected = sorted(expected - sd.keys()), sorted(sd.keys() - expected)
+    if missing or unexpected:
+        raise KeyError(f"state dict does not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    model.load_state_dict(sd, strict=False, assign=True)
+    model.tie_weights()
+    return model
