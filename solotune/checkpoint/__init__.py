@@ -1,0 +1,69 @@
+"""Checkpoint loading and writing: Meta (``params.json`` + ``consolidated.*.pth``), Hugging Face
+(``config.json`` + safetensors) and GGUF, all into one canonical :class:`Checkpoint`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .common import Checkpoint, CheckpointError, expected_shapes, validate_state_dict
+from .gguf import load_gguf, save_gguf
+from .hf import load_hf, save_hf
+from .meta import load_meta, meta_shards, save_meta
+
+__all__ = [
+    "Checkpoint", "CheckpointError", "detect_format", "expected_shapes", "load_checkpoint", "load_gguf",
+    "load_hf", "load_meta", "resolve", "save_gguf", "save_hf", "save_meta", "validate_state_dict",
+]
+
+_LOOKED_FOR = ("a .gguf file (or a directory holding exactly one); a directory with params.json + "
+               "consolidated.NN.pth (Meta); a directory with config.json + *.safetensors (Hugging Face); "
+               "or one weight file inside such a directory")
+
+
+def _kind_of_dir(d: Path) -> str | None:
+    if (d / "params.json").is_file() and meta_shards(d):
+        return "meta"
+    if (d / "config.json").is_file() and any(d.glob("*.safetensors")):
+        return "hf"
+    ggufs = list(d.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return "gguf"
+    return None
+
+
+def resolve(path: str | os.PathLike[str]) -> tuple[str, Path]:
+    """(format, the path its loader takes): a GGUF file, or a Meta/HF directory. A weight file
+    inside a Meta/HF directory resolves to that directory."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(p, "no such file or directory")
+    if p.is_file():
+        if p.suffix == ".gguf":
+            return "gguf", p
+        with p.open("rb") as f:
+            if f.read(4) == b"GGUF":
+                return "gguf", p
+        if p.suffix in (".pth", ".safetensors", ".json"):
+            kind = _kind_of_dir(p.parent)
+            if kind in ("meta", "hf"):
+                return kind, p.parent
+        raise CheckpointError(p, f"unknown checkpoint format; looked for {_LOOKED_FOR}")
+    kind = _kind_of_dir(p)
+    if kind is None:
+        raise CheckpointError(p, f"unknown checkpoint format; looked for {_LOOKED_FOR}")
+    if kind == "gguf":
+        return kind, next(p.glob("*.gguf"))
+    return kind, p
+
+
+def detect_format(path: str | os.PathLike[str]) -> str:
+    """"meta" | "hf" | "gguf" for ``path``; :class:`CheckpointError` when it is none of them."""
+    return resolve(path)[0]
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    """Load any supported checkpoint into canonical form (validated against its own config)."""
+    kind, p = resolve(path)
+    loader = {"meta": load_meta, "hf": load_hf, "gguf": load_gguf}[kind]
+    return loader(p)

@@ -1,0 +1,158 @@
+"""What every checkpoint loader returns, the one error type they raise, and shared helpers:
+state-dict validation against the model's shapes, tokenizer discovery, atomic writes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+
+from ..config import ModelConfig
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint in solotune's canonical form.
+
+    state_dict: canonical (Meta) names, Meta's adjacent-pair Q/K row layout, no ``output.weight``
+        when ``config.tie_embeddings``; tensors keep the file's dtype (quantized GGUF -> float32).
+    tokenizer_file: ``tokenizer.model`` / ``tokenizer.json`` found next to the weights, if any.
+    metadata: GGUF key/values (strings decoded, arrays as lists); None for other formats.
+    """
+
+    format: str  # "meta" | "hf" | "gguf"
+    config: ModelConfig
+    state_dict: dict[str, torch.Tensor]
+    tokenizer_file: Path | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class CheckpointError(ValueError):
+    """Bad checkpoint input. The message always starts with the file (and tensor, where one is at fault)."""
+
+    def __init__(self, path: str | os.PathLike[str], message: str, tensor: str | None = None) -> None:
+        self.path = Path(path)
+        self.tensor = tensor
+        where = f"{self.path}: tensor {tensor!r}: " if tensor else f"{self.path}: "
+        super().__init__(where + message)
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Canonical name -> shape that ``Transformer(cfg)`` holds (built on the meta device: no memory).
+    ``output.weight`` is absent for tied embeddings."""
+    from ..model import Transformer  # local import: model.py must not depend on this package
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if cfg.tie_embeddings:
+        shapes.pop("output.weight", None)
+    return shapes
+
+
+def validate_state_dict(sd: Mapping[str, torch.Tensor], cfg: ModelConfig, source: str | os.PathLike[str]) -> None:
+    """Raise :class:`CheckpointError` (naming ``source``) on missing or unexpected tensors or a shape
+    that differs from what ``Transformer(cfg)`` expects."""
+    shapes = expected_shapes(cfg)
+    missing = sorted(shapes.keys() - sd.keys())
+    unexpected = sorted(sd.keys() - shapes.keys())
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(source, f"missing from the checkpoint{more}; the model config expects it",
+                              tensor=missing[0])
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more: {unexpected[1:4]})" if len(unexpected) > 1 else ""
+        hint = " (tied embeddings: the checkpoint should have no output head)" \
+            if unexpected[0] == "output.weight" and cfg.tie_embeddings else ""
+        raise CheckpointError(source, f"unexpected tensor{more}; not part of the model{hint}",
+                              tensor=unexpected[0])
+    for name, want in shapes.items():
+        got = tuple(sd[name].shape)
+        if got != want:
+            raise CheckpointError(source, f"shape {list(got)} in the checkpoint, the model config expects "
+                                          f"{list(want)}", tensor=name)
+
+
+def strip_tied(sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Drop ``output.weight`` for tied embeddings (``model.state_dict()`` lists the shared tensor twice)."""
+    out = dict(sd)
+    if cfg.tie_embeddings:
+        out.pop("output.weight", None)
+    return out
+
+
+def find_tokenizer(dirs: list[Path], names: tuple[str, ...]) -> Path | None:
+    """First of ``names`` that exists in the first of ``dirs`` that has one."""
+    for d in dirs:
+        for n in names:
+            p = d / n
+            if p.is_file():
+                return p
+    return None
+
+
+def split_dim(name: str) -> int | None:
+    """Model-parallel split dimension of a canonical tensor in Meta's sharded checkpoints: column-
+    parallel layers (wq/wk/wv/w1/w3/output) split their output rows (dim 0); row-parallel layers
+    (wo/w2) and ParallelEmbedding split dim 1; norms are replicated (None)."""
+    if name.endswith("norm.weight"):
+        return None
+    leaf = name.removesuffix(".weight").rsplit(".", 1)[-1]
+    if leaf in ("wq", "wk", "wv", "w1", "w3", "output"):
+        return 0
+    if leaf in ("wo", "w2", "tok_embeddings"):
+        return 1
+    return None
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a fresh temp directory beside ``target``; on success it replaces ``target`` (an existing
+    directory is moved aside first and removed after), on error it is deleted and ``target`` is untouched."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old: Path | None = None
+    if target.exists():
+        if not target.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise FileExistsError(f"{target} exists and is not a directory")
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, old / "d")
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        if old is not None:
+            os.replace(old / "d", target)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_file(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temp path beside ``target``; on success it replaces ``target`` with one ``os.replace``."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -1,0 +1,216 @@
+"""llama.cpp's GGUF: one file with ``llama.*`` hyper-parameters, the tokenizer, and (possibly
+quantized) tensors, read with the ``gguf`` package and dequantized to float32.
+
+Q/K row layout: llama.cpp's HF converter permutes q/k rows from HF's rotate-half order into
+adjacent pairs, because ggml's default ("normal") RoPE rotates dims (2i, 2i+1) like Meta's
+reference. That is exactly solotune's canonical layout, so GGUF tensors are used as stored.
+Checked on SmolLM2-135M-Instruct Q4_1 (``tests/checkpoint/test_gguf.py::test_real_smollm2``):
+mean next-token loss on plain English text is about 2.6 (perplexity ~14) as stored, and about 4.7
+(perplexity ~110) when the rows are additionally put through the HF->Meta permutation.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from ..config import ModelConfig
+from .common import Checkpoint, CheckpointError, atomic_file, strip_tied, validate_state_dict
+from .names import GGUF_NAMES, GGUF_TO_CANONICAL, rename
+
+MAGIC = b"GGUF"
+
+
+def _gguf():
+    import gguf  # imported lazily: only GGUF users pay for it
+
+    return gguf
+
+
+def _field_value(field: Any) -> Any:
+    """Decode one GGUFReader field: strings to str, arrays to Python lists, scalars to Python numbers."""
+    gguf = _gguf()
+    vt = gguf.GGUFValueType
+    main = field.types[0]
+
+    def one(idx: int, t: Any) -> Any:
+        part = field.parts[idx]
+        if t == vt.STRING:
+            return bytes(part).decode("utf-8")
+        if t == vt.FLOAT32:  # shortest decimal that round-trips: 1e-05, not 9.999999747378752e-06
+            return float(str(np.float32(part[0])))
+        return part.tolist()[0]
+
+    if main == vt.ARRAY:
+        sub = field.types[-1]
+        if sub == vt.ARRAY:  # nested arrays: no llama key uses them; keep them out of the way
+            return None
+        return [one(i, sub) for i in field.data]
+    return one(field.data[0], main) if field.data else None
+
+
+def read_metadata(reader: Any) -> dict[str, Any]:
+    """All key/values except the reader's own ``GGUF.*`` header fields."""
+    return {k: _field_value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+
+
+def dequantize_tensor(t: Any, source: Path) -> torch.Tensor:
+    """One ReaderTensor -> torch tensor in PyTorch dim order (GGUF lists dims fastest-first, the
+    reverse). F32/F16 keep their dtype, BF16 -> bfloat16, quantized types -> float32."""
+    gguf = _gguf()
+    Q = gguf.GGMLQuantizationType
+    shape = tuple(int(n) for n in reversed(t.shape.tolist()))
+    qt = t.tensor_type
+    data = np.asarray(t.data)
+    if qt == Q.F32:
+        arr = data.astype(np.float32, copy=False)
+    elif qt == Q.F16:
+        arr = data.astype(np.float16, copy=False)
+    elif qt == Q.BF16:
+        raw = np.ascontiguousarray(data).view(np.uint16).astype(np.int16, copy=False)
+        return torch.from_numpy(raw.copy()).view(torch.bfloat16).reshape(shape)
+    else:
+        try:
+            arr = gguf.quants.dequantize(data, qt)
+        except (NotImplementedError, ValueError, KeyError, getattr(gguf.quants, "QuantError", ValueError)) as e:
+            raise CheckpointError(source, f"quantization type {qt.name} cannot be dequantized: {e}",
+                                  tensor=t.name) from None
+    if arr.size != int(np.prod(shape)):
+        raise CheckpointError(source, f"holds {arr.size} values, its shape {list(shape)} needs "
+                                      f"{int(np.prod(shape))}", tensor=t.name)
+    # copy: the reader's arrays are read-only views of a memory map
+    return torch.from_numpy(np.array(arr.reshape(shape), copy=True))
+
+
+def _open(path: Path) -> Any:
+    """GGUFReader with the file's magic and extent checked first, so a wrong or truncated file
+    gives one clear error instead of a numpy exception from deep inside the reader."""
+    if not path.is_file():
+        raise CheckpointError(path, "no such file")
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic != MAGIC:
+        raise CheckpointError(path, f"not a GGUF file (magic {magic!r}, expected {MAGIC!r})")
+    try:
+        reader = _gguf().GGUFReader(str(path), "r")
+    except Exception as e:  # truncated header/metadata, bad version
+        raise CheckpointError(path, f"cannot be parsed as GGUF (truncated or corrupt?): {e!r}") from None
+    for t in reader.tensors:
+        end = int(t.data_offset) + int(t.n_bytes)
+        if end > size or np.asarray(t.data).nbytes != int(t.n_bytes):
+            raise CheckpointError(path, f"file is truncated: tensor data ends at byte {end}, "
+                                        f"the file has {size}", tensor=t.name)
+    return reader
+
+
+def load_gguf(path: str | os.PathLike[str]) -> Checkpoint:
+    """Load a llama-architecture GGUF file into canonical form (dequantized to float32 where quantized)."""
+    p = Path(path)
+    reader = _open(p)
+    meta = read_metadata(reader)
+    names = {t.name for t in reader.tensors}
+    if "rope_freqs.weight" in names:
+        raise CheckpointError(p, "Llama-3.1-style RoPE frequency scaling is not supported", tensor="rope_freqs.weight")
+    try:
+        cfg = ModelConfig.from_gguf_metadata(meta, name=p.stem, tied="output.weight" not in names)
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(p, f"bad llama metadata: {e!r}") from None
+    rope_dims = meta.get("llama.rope.dimension_count")
+    if rope_dims is not None and int(rope_dims) != cfg.head_dim:
+        raise CheckpointError(p, f"llama.rope.dimension_count {rope_dims} != head_dim {cfg.head_dim} "
+                                 "(partial RoPE is not supported)")
+    # Names and shapes are checked before any dequantization work.
+    shapes: dict[str, torch.Tensor] = {}
+    by_canon: dict[str, Any] = {}
+    for t in reader.tensors:
+        canon = rename(t.name, GGUF_TO_CANONICAL)
+        if canon is None:
+            raise CheckpointError(p, "unexpected tensor: no LLaMA weight has this GGUF name", tensor=t.name)
+        shapes[canon] = torch.empty(tuple(int(n) for n in reversed(t.shape.tolist())), device="meta")
+        by_canon[canon] = t
+    validate_state_dict(shapes, cfg, p)
+    sd = {canon: dequantize_tensor(t, p) for canon, t in by_canon.items()}
+    return Checkpoint("gguf", cfg, sd, tokenizer_file=None, metadata=meta)
+
+
+# ------------------------------------------------------------------------------------------ writer
+def _add_value(writer: Any, key: str, val: Any) -> None:
+    """Write one metadata value with a type inferred from the Python value (ints: uint32 when
+    non-negative, as llama.cpp writes token ids; int32 otherwise; floats: float32)."""
+    gguf = _gguf()
+    vt = gguf.GGUFValueType
+    if isinstance(val, bool):
+        writer.add_bool(key, val)
+    elif isinstance(val, int):
+        (writer.add_uint32 if val >= 0 else writer.add_int32)(key, val)
+    elif isinstance(val, float):
+        writer.add_float32(key, val)
+    elif isinstance(val, str):
+        writer.add_string(key, val)
+    elif isinstance(val, (list, tuple)):
+        if not val:
+            return
+        if all(isinstance(v, str) for v in val):
+            sub = vt.STRING
+        elif all(isinstance(v, int) and not isinstance(v, bool) for v in val):
+            sub = vt.INT32
+        else:
+            sub = vt.FLOAT32
+        writer.add_key_value(key, list(val), vt.ARRAY, sub_type=sub)
+    else:
+        raise TypeError(f"GGUF metadata {key!r}: cannot write a {type(val).__name__}")
+
+
+def save_gguf(cfg: ModelConfig, sd: Mapping[str, torch.Tensor], path: str | os.PathLike[str],
+              qtype: str = "F32", tokenizer: Mapping[str, Any] | None = None) -> Path:
+    """Write a llama GGUF file that :func:`load_gguf` (and llama.cpp) reads, atomically.
+
+    qtype: "F32" | "F16" | "Q8_0" for the 2-D weights; norms stay F32, and a matrix whose rows
+        are not a whole number of quant blocks falls back to F32 (as llama.cpp does with F16).
+    tokenizer: ``tokenizer.*`` key/values to copy (e.g. a loaded GGUF's metadata); other keys are ignored.
+    """
+    gguf = _gguf()
+    Q = gguf.GGMLQuantizationType
+    if qtype not in ("F32", "F16", "Q8_0"):
+        raise ValueError(f"qtype {qtype!r}: expected F32, F16 or Q8_0")
+    sd = strip_tied(sd, cfg)
+    validate_state_dict(sd, cfg, path)
+    out = Path(path)
+    with atomic_file(out) as tmp:
+        w = gguf.GGUFWriter(str(tmp), "llama")
+        w.add_name(cfg.name)
+        w.add_block_count(cfg.n_layers)
+        w.add_context_length(cfg.max_seq_len)
+        w.add_embedding_length(cfg.dim)
+        w.add_feed_forward_length(cfg.hidden_dim)
+        w.add_head_count(cfg.n_heads)
+        w.add_head_count_kv(cfg.n_kv_heads)
+        w.add_rope_freq_base(cfg.rope_theta)
+        w.add_layer_norm_rms_eps(cfg.norm_eps)
+        w.add_vocab_size(cfg.vocab_size)
+        w.add_rope_dimension_count(cfg.head_dim)
+        w.add_file_type({"F32": 0, "F16": 1, "Q8_0": 7}[qtype])  # llama_ftype: ALL_F32, MOSTLY_F16, MOSTLY_Q8_0
+        for k, v in (tokenizer or {}).items():
+            if k.startswith("tokenizer."):
+                _add_value(w, k, v)
+        block = gguf.GGML_QUANT_SIZES[Q.Q8_0][0]
+        for name, t in sd.items():
+            arr = t.detach().cpu().float().numpy()
+            gname = rename(name, GGUF_NAMES)
+            assert gname is not None  # validate_state_dict accepted only canonical names
+            if arr.ndim < 2 or qtype == "F32" or (qtype == "Q8_0" and arr.shape[-1] % block):
+                w.add_tensor(gname, arr)
+            elif qtype == "F16":
+                w.add_tensor(gname, arr.astype(np.float16))
+            else:
+                w.add_tensor(gname, gguf.quants.quantize(arr, Q.Q8_0), raw_dtype=Q.Q8_0)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    return out

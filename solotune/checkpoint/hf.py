@@ -1,0 +1,165 @@
+"""Hugging Face transformers layout: ``config.json`` + ``model.safetensors`` (or shards listed in
+``model.safetensors.index.json``), HF names, and Q/K rows in HF's rotate-half order."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..config import ModelConfig
+from .common import Checkpoint, CheckpointError, atomic_dir, find_tokenizer, strip_tied, validate_state_dict
+from .names import HF_NAMES, HF_TO_CANONICAL, hf_rows_to_meta, meta_rows_to_hf, rename
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+# Non-persistent buffers that old transformers versions saved; the model recomputes them.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def hf_weight_files(d: Path) -> list[Path]:
+    """Safetensors files of an HF directory: the shards named by the index, else model.safetensors,
+    else every ``*.safetensors`` in the directory."""
+    index = d / INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(index, f"cannot be parsed as a safetensors index: {e!r}") from None
+        files = [d / f for f in dict.fromkeys(weight_map.values())]
+        for f in files:
+            if not f.is_file():
+                raise CheckpointError(f, f"listed in {INDEX} but not found")
+        return files
+    if (d / SINGLE).is_file():
+        return [d / SINGLE]
+    return sorted(d.glob("*.safetensors"))
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # SafetensorError: truncated, bad header, not a safetensors file
+        raise CheckpointError(path, f"cannot be read as safetensors: {e}") from None
+
+
+def hf_to_canonical(hf_sd: Mapping[str, torch.Tensor], cfg: ModelConfig,
+                    source: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """HF names -> canonical names, tied head dropped, then validated against ``cfg`` (before the
+    Q/K permutation, whose reshape needs the right row count), then Q/K rows -> Meta's layout."""
+    sd: dict[str, torch.Tensor] = {}
+    for name, t in hf_sd.items():
+        if name.endswith(_IGNORED_SUFFIXES):
+            continue
+        canon = rename(name, HF_TO_CANONICAL)
+        if canon is None:
+            raise CheckpointError(source, "unexpected tensor: no LLaMA weight has this HF name", tensor=name)
+        sd[canon] = t
+    if cfg.tie_embeddings:
+        sd.pop("output.weight", None)
+    validate_state_dict(sd, cfg, source)
+    for name in sd:
+        if name.endswith("attention.wq.weight"):
+            sd[name] = hf_rows_to_meta(sd[name], cfg.n_heads)
+        elif name.endswith("attention.wk.weight"):
+            sd[name] = hf_rows_to_meta(sd[name], cfg.n_kv_heads)
+    return sd
+
+
+def load_hf(path: str | os.PathLike[str]) -> Checkpoint:
+    """Load a transformers ``LlamaForCausalLM`` directory into canonical form."""
+    d = Path(path)
+    if not d.is_dir():
+        raise CheckpointError(d, "no such directory")
+    cfg_file = d / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(cfg_file, "not found (an HF checkpoint directory needs config.json)")
+    try:
+        cfg = ModelConfig.from_hf_config(json.loads(cfg_file.read_text()), name=d.name)
+    except (OSError, json.JSONDecodeError, KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(cfg_file, f"bad model config: {e!r}") from None
+    files = hf_weight_files(d)
+    if not files:
+        raise CheckpointError(d, f"no {SINGLE}, {INDEX} or other *.safetensors file")
+    hf_sd: dict[str, torch.Tensor] = {}
+    for f in files:
+        part = _read_safetensors(f)
+        dup = sorted(part.keys() & hf_sd.keys())
+        if dup:
+            raise CheckpointError(f, "tensor appears in more than one shard", tensor=dup[0])
+        hf_sd.update(part)
+    sd = hf_to_canonical(hf_sd, cfg, files[0] if len(files) == 1 else d)
+    tok = find_tokenizer([d], ("tokenizer.json", "tokenizer.model"))
+    return Checkpoint("hf", cfg, sd, tokenizer_file=tok)
+
+
+def canonical_to_hf(sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Canonical names/layout -> HF names, rotate-half Q/K rows (contiguous, on CPU)."""
+    out = {}
+    for name, t in sd.items():
+        hf = rename(name, HF_NAMES)
+        if hf is None:
+            raise ValueError(f"{name}: not a canonical LLaMA weight name")
+        t = t.detach().cpu()
+        if name.endswith("attention.wq.weight"):
+            t = meta_rows_to_hf(t, cfg.n_heads)
+        elif name.endswith("attention.wk.weight"):
+            t = meta_rows_to_hf(t, cfg.n_kv_heads)
+        out[hf] = t.contiguous()
+    return out
+
+
+def _shard(tensors: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[str, torch.Tensor]]:
+    """Greedy split in name order; a tensor larger than ``max_bytes`` gets a shard of its own."""
+    if max_bytes is None:
+        return [tensors]
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += n
+    return shards
+
+
+def save_hf(cfg: ModelConfig, sd: Mapping[str, torch.Tensor], path: str | os.PathLike[str],
+            max_shard_bytes: int | None = None, tokenizer_file: str | os.PathLike[str] | None = None) -> Path:
+    """Write a directory that ``transformers.LlamaForCausalLM.from_pretrained`` loads: config.json
+    plus model.safetensors, or ``model-0000i-of-0000n.safetensors`` + index when ``max_shard_bytes``
+    is given. Atomic: written into a temp directory that is then renamed to ``path``."""
+    sd = strip_tied(sd, cfg)
+    validate_state_dict(sd, cfg, path)
+    tensors = canonical_to_hf(sd, cfg)
+    config = cfg.to_hf_config()
+    dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    config["torch_dtype"] = dtype
+    shards = _shard(tensors, max_shard_bytes)
+    out = Path(path)
+    with atomic_dir(out) as tmp:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        meta = {"format": "pt"}  # transformers refuses safetensors files without it
+        if len(shards) == 1 and max_shard_bytes is None:
+            save_file(shards[0], str(tmp / SINGLE), metadata=meta)
+        else:
+            n = len(shards)
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                fname = f"model-{i:05d}-of-{n:05d}.safetensors"
+                save_file(shard, str(tmp / fname), metadata=meta)
+                weight_map.update({k: fname for k in shard})
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        if tokenizer_file is not None:
+            tf = Path(tokenizer_file)
+            (tmp / tf.name).write_bytes(tf.read_bytes())
+    return out
