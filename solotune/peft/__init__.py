@@ -1,0 +1,20 @@
+"""Parameter-efficient fine-tuning: solotune's own LoRA and HF-PEFT-format adapter export."""
+
+from .lora import (
+    LORA_TARGETS,
+    LoRALinear,
+    apply_lora,
+    count_parameters,
+    load_lora_state_dict,
+    lora_modules,
+    lora_parameters,
+    lora_state_dict,
+    merge_lora,
+    set_lora_merged,
+    trainable_summary,
+)
+
+__all__ = [
+    "LORA_TARGETS", "LoRALinear", "apply_lora", "count_parameters", "load_lora_state_dict", "lora_modules",
+    "lora_parameters", "lora_state_dict", "merge_lora", "set_lora_merged", "trainable_summary",
+]

@@ -1,0 +1,238 @@
+"""LoRA (Hu et al. 2021) for solotune's Transformer: a wrapper around a frozen Linear, and helpers
+to apply / save / load / merge adapters.
+
+Shapes: x [..., in], A = ``lora_a`` [r, in], B = ``lora_b`` [out, r];
+y = base(x) + (dropout(x) @ A.T @ B.T) * alpha / r.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Linear layers of a block that LoRA may target (Meta names; HF: q/k/v/o_proj, gate/down/up_proj).
+LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+
+
+class LoRALinear(nn.Module):
+    """``base(x) + scale * B(A(dropout(x)))`` with ``base`` frozen.
+
+    ``base`` is kept as-is (``self.base``): anything with ``weight``, ``in_features``,
+    ``out_features`` and a ``forward`` works, so a quantized linear can be wrapped later (QLoRA).
+    ``quantize_base`` is that hook and raises NotImplementedError for now.
+
+    ``lora_dtype`` (default: the base weight's dtype) lets a precision policy keep adapters in fp32
+    under a bf16 base; the LoRA path then runs in ``lora_dtype`` and its output is cast back.
+    """
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, *,
+                 lora_dtype: torch.dtype | None = None, quantize_base: bool = False,
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        if quantize_base:
+            raise NotImplementedError("quantize_base (QLoRA: a 4-bit frozen base) is not implemented yet")
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
+        for attr in ("weight", "in_features", "out_features"):
+            if not hasattr(base, attr):
+                raise TypeError(f"LoRALinear base {type(base).__name__} has no {attr!r}")
+        if getattr(base, "bias", None) is not None:
+            # merge()/export only carry the weight; solotune's model has no biases.
+            raise ValueError("LoRALinear does not support a base with a bias")
+        self.base = base
+        self.base.requires_grad_(False)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.rank, self.alpha = rank, float(alpha)
+        self.scale = self.alpha / rank
+        self.dropout_p = float(dropout)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        w = base.weight
+        dtype = lora_dtype or w.dtype
+        self.lora_a = nn.Parameter(torch.empty(rank, self.in_features, dtype=dtype, device=w.device))
+        self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank, dtype=dtype, device=w.device))
+        self.merged = False
+        self.reset_lora_parameters(generator)
+
+    def reset_lora_parameters(self, generator: torch.Generator | None = None) -> None:
+        """A ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming-uniform with a=sqrt(5), nn.Linear's and peft's
+        default), B = 0: the adapter starts as an exact no-op."""
+        bound = 1.0 / math.sqrt(self.in_features)
+        with torch.no_grad():
+            if self.lora_a.device.type == "meta":
+                return
+            if generator is not None and generator.device != self.lora_a.device:
+                # Draw on the generator's device so a CPU generator seeds CUDA params reproducibly.
+                a = torch.empty(self.lora_a.shape, dtype=torch.float32, device=generator.device)
+                self.lora_a.copy_(a.uniform_(-bound, bound, generator=generator))
+            else:
+                self.lora_a.uniform_(-bound, bound, generator=generator)
+            self.lora_b.zero_()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base weight (so code that reads ``module.weight`` keeps working)."""
+        return self.base.weight
+
+    def delta_weight(self) -> torch.Tensor:
+        """scale * B @ A [out, in] in fp32."""
+        return (self.lora_b.float() @ self.lora_a.float()) * self.scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.merged:
+            return y  # the delta already lives in the base weight
+        h = self.dropout(x).to(self.lora_a.dtype)
+        return y + (F.linear(F.linear(h, self.lora_a), self.lora_b) * self.scale).to(y.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add the delta into the base weight in place (computed in fp32, rounded once to the base
+        dtype); the forward then skips the LoRA path."""
+        if self.merged:
+            return
+        w = self._plain_weight("merge")
+        w.copy_((w.float() + self.delta_weight()).to(w.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the delta again. Exact up to rounding of the base dtype (bf16: ~1 ulp)."""
+        if not self.merged:
+            return
+        w = self._plain_weight("unmerge")
+        w.copy_((w.float() - self.delta_weight()).to(w.dtype))
+        self.merged = False
+
+    def _plain_weight(self, what: str) -> torch.Tensor:
+        w = self.base.weight
+        if not isinstance(self.base, nn.Linear) or not w.is_floating_point():
+            raise NotImplementedError(f"cannot {what} into a {type(self.base).__name__} base (quantized?)")
+        return w
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha:g}, "
+                f"dropout={self.dropout_p:g}, merged={self.merged}")
+
+
+# ------------------------------------------------------------------------------------- model level
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def _canonical(name: str) -> str:
+    # torch.compile wraps the model in ``_orig_mod``; adapter names stay those of the plain model.
+    return name.replace("_orig_mod.", "")
+
+
+def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    """(canonical module name, module) for every LoRALinear, in module order."""
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            yield _canonical(name), m
+
+
+def apply_lora(model: nn.Module, targets: Sequence[str] = ("wq", "wv"), rank: int = 16, alpha: float = 32,
+               dropout: float = 0.05, generator: torch.Generator | None = None,
+               lora_dtype: torch.dtype | None = None) -> nn.Module:
+    """Wrap every Linear named in ``targets`` (any of wq wk wv wo w1 w2 w3) in a LoRALinear, in
+    place, and freeze every other parameter. Returns ``model``.
+
+    ``generator`` seeds the A matrices (drawn in module order) for reproducible runs.
+    """
+    targets = tuple(dict.fromkeys(targets))
+    unknown = [t for t in targets if t not in LORA_TARGETS]
+    if unknown or not targets:
+        raise ValueError(f"LoRA targets {list(unknown) or list(targets)}: expected a non-empty subset of {list(LORA_TARGETS)}")
+    if any(True for _ in lora_modules(model)):
+        raise ValueError("model already has LoRA adapters")
+    found = {t: 0 for t in targets}
+    chosen = []
+    for name, m in model.named_modules():
+        leaf = name.rpartition(".")[2]
+        if leaf in found and hasattr(m, "weight") and hasattr(m, "in_features"):
+            chosen.append(name)
+            found[leaf] += 1
+    missing = [t for t, n in found.items() if n == 0]
+    if missing:
+        raise ValueError(f"LoRA targets {missing} match no Linear module of the model")
+    model.requires_grad_(False)
+    for name in chosen:
+        parent, child = _parent(model, name)
+        setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha, dropout,
+                                          lora_dtype=lora_dtype, generator=generator))
+    return model
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The adapter parameters (A and B of every LoRALinear), in module order."""
+    return [p for _, m in lora_modules(model) for p in (m.lora_a, m.lora_b)]
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the adapters: ``{"layers.0.attention.wq.lora_a": A [r, in], "...lora_b": B [out, r]}``
+    (detached; they share storage with the model, so copy before mutating)."""
+    sd: dict[str, torch.Tensor] = {}
+    for name, m in lora_modules(model):
+        sd[f"{name}.lora_a"] = m.lora_a.detach()
+        sd[f"{name}.lora_b"] = m.lora_b.detach()
+    return sd
+
+
+@torch.no_grad()
+def load_lora_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> None:
+    """Copy adapter weights (names as :func:`lora_state_dict`) into a model that already has the
+    same adapters (``apply_lora`` with the same targets and rank). Every adapter tensor must be
+    present and no other: a mismatch is one KeyError/ValueError naming the tensor."""
+    own = {}
+    for name, m in lora_modules(model):
+        if m.merged:
+            raise ValueError(f"{name} is merged; unmerge before loading adapters")
+        own[f"{name}.lora_a"], own[f"{name}.lora_b"] = m.lora_a, m.lora_b
+    missing, unexpected = sorted(own.keys() - sd.keys()), sorted(sd.keys() - own.keys())
+    if missing or unexpected:
+        raise KeyError(f"LoRA state dict does not match the model: missing {missing[:6]}, unexpected {unexpected[:6]}")
+    for k, p in own.items():
+        if tuple(sd[k].shape) != tuple(p.shape):
+            raise ValueError(f"LoRA tensor {k}: shape {tuple(sd[k].shape)}, model expects {tuple(p.shape)}")
+        p.copy_(sd[k])
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight and put the plain base Linear back, in place.
+    Returns ``model`` (base parameters stay frozen as they were)."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, LoRALinear):
+            m.merge()
+            parent, child = _parent(model, name)
+            setattr(parent, child, m.base)
+    return model
+
+
+def set_lora_merged(model: nn.Module, merged: bool) -> None:
+    """merge() or unmerge() every adapter, keeping the LoRALinear wrappers (fast eval, then resume)."""
+    for _, m in lora_modules(model):
+        m.merge() if merged else m.unmerge()
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; shared (tied) tensors count once."""
+    trainable = total = 0
+    for p in model.parameters():  # parameters() already de-duplicates shared tensors
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return trainable, total
+
+
+def trainable_summary(model: nn.Module) -> str:
+    """peft's ``print_trainable_parameters`` line: trainable params: X || all params: Y || trainable%: Z."""
+    trainable, total = count_parameters(model)
+    pct = 100.0 * trainable / total if total else 0.0
+    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}"
