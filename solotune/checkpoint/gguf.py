@@ -70,6 +70,8 @@ def dequantize_tensor(t: Any, source: Path) -> torch.Tensor:
         arr = data.astype(np.float32, copy=False)
     elif qt == Q.F16:
         arr = data.astype(np.float16, copy=False)
+    elif qt == Q.F64:
+        arr = data.astype(np.float64, copy=False)
     elif qt == Q.BF16:
         raw = np.ascontiguousarray(data).view(np.uint16).astype(np.int16, copy=False)
         return torch.from_numpy(raw.copy()).view(torch.bfloat16).reshape(shape)
@@ -166,18 +168,25 @@ def _add_value(writer: Any, key: str, val: Any) -> None:
         raise TypeError(f"GGUF metadata {key!r}: cannot write a {type(val).__name__}")
 
 
+# Types the writer produces: the float types plus the block quantizations gguf.quants can encode.
+WRITE_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
+
+
 def save_gguf(cfg: ModelConfig, sd: Mapping[str, torch.Tensor], path: str | os.PathLike[str],
               qtype: str = "F32", tokenizer: Mapping[str, Any] | None = None) -> Path:
     """Write a llama GGUF file that :func:`load_gguf` (and llama.cpp) reads, atomically.
 
-    qtype: "F32" | "F16" | "Q8_0" for the 2-D weights; norms stay F32, and a matrix whose rows
-        are not a whole number of quant blocks falls back to F32 (as llama.cpp does with F16).
+    qtype: one of :data:`WRITE_TYPES` for the 2-D weights. Norms stay F32 (as llama.cpp keeps
+        them), and so does a matrix whose rows are not a whole number of quant blocks.
     tokenizer: ``tokenizer.*`` key/values to copy (e.g. a loaded GGUF's metadata); other keys are ignored.
     """
     gguf = _gguf()
     Q = gguf.GGMLQuantizationType
-    if qtype not in ("F32", "F16", "Q8_0"):
-        raise ValueError(f"qtype {qtype!r}: expected F32, F16 or Q8_0")
+    if qtype not in WRITE_TYPES:
+        raise ValueError(f"qtype {qtype!r}: expected one of {', '.join(WRITE_TYPES)}")
+    qt = Q[qtype]
+    ftype = gguf.LlamaFileType.ALL_F32 if qtype == "F32" else gguf.LlamaFileType[f"MOSTLY_{qtype}"]
+    block = gguf.GGML_QUANT_SIZES[qt][0]
     sd = strip_tied(sd, cfg)
     validate_state_dict(sd, cfg, path)
     out = Path(path)
@@ -194,21 +203,20 @@ def save_gguf(cfg: ModelConfig, sd: Mapping[str, torch.Tensor], path: str | os.P
         w.add_layer_norm_rms_eps(cfg.norm_eps)
         w.add_vocab_size(cfg.vocab_size)
         w.add_rope_dimension_count(cfg.head_dim)
-        w.add_file_type({"F32": 0, "F16": 1, "Q8_0": 7}[qtype])  # llama_ftype: ALL_F32, MOSTLY_F16, MOSTLY_Q8_0
+        w.add_file_type(int(ftype))
         for k, v in (tokenizer or {}).items():
             if k.startswith("tokenizer."):
                 _add_value(w, k, v)
-        block = gguf.GGML_QUANT_SIZES[Q.Q8_0][0]
         for name, t in sd.items():
             arr = t.detach().cpu().float().numpy()
             gname = rename(name, GGUF_NAMES)
             assert gname is not None  # validate_state_dict accepted only canonical names
-            if arr.ndim < 2 or qtype == "F32" or (qtype == "Q8_0" and arr.shape[-1] % block):
+            if arr.ndim < 2 or qt == Q.F32 or arr.shape[-1] % block:
                 w.add_tensor(gname, arr)
-            elif qtype == "F16":
+            elif qt == Q.F16:
                 w.add_tensor(gname, arr.astype(np.float16))
-            else:
-                w.add_tensor(gname, gguf.quants.quantize(arr, Q.Q8_0), raw_dtype=Q.Q8_0)
+            else:  # GGUF stores the rows as they are: same adjacent-pair Q/K layout as ours
+                w.add_tensor(gname, gguf.quants.quantize(arr, qt), raw_dtype=qt)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
