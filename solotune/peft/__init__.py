@@ -1,5 +1,6 @@
 """Parameter-efficient fine-tuning: solotune's own LoRA and HF-PEFT-format adapter export."""
 
+from .export import export_peft, import_peft
 from .lora import (
     LORA_TARGETS,
     LoRALinear,
@@ -15,6 +16,6 @@ from .lora import (
 )
 
 __all__ = [
-    "LORA_TARGETS", "LoRALinear", "apply_lora", "count_parameters", "load_lora_state_dict", "lora_modules",
+    "LORA_TARGETS", "LoRALinear", "apply_lora", "export_peft", "import_peft", "count_parameters", "load_lora_state_dict", "lora_modules",
     "lora_parameters", "lora_state_dict", "merge_lora", "set_lora_merged", "trainable_summary",
 ]

@@ -165,8 +165,9 @@ def apply_lora(model: nn.Module, targets: Sequence[str] = ("wq", "wv"), rank: in
     model.requires_grad_(False)
     for name in chosen:
         parent, child = _parent(model, name)
-        setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha, dropout,
-                                          lora_dtype=lora_dtype, generator=generator))
+        base = getattr(parent, child)
+        lora = LoRALinear(base, rank, alpha, dropout, lora_dtype=lora_dtype, generator=generator)
+        setattr(parent, child, lora.train(base.training))  # keep the model's train/eval mode
     return model
 
 
