@@ -9,7 +9,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
@@ -56,27 +56,37 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def validate_state_dict(sd: Mapping[str, torch.Tensor], cfg: ModelConfig, source: str | os.PathLike[str]) -> None:
+def validate_state_dict(sd: Mapping[str, torch.Tensor], cfg: ModelConfig, source: str | os.PathLike[str],
+                        file_name: Callable[[str], str | None] | None = None) -> None:
     """Raise :class:`CheckpointError` (naming ``source``) on missing or unexpected tensors or a shape
-    that differs from what ``Transformer(cfg)`` expects."""
+    that differs from what ``Transformer(cfg)`` expects. ``file_name`` maps a canonical name to the
+    name the file uses (HF/GGUF), so the message names the tensor the way the user's file does."""
+
+    def named(name: str) -> tuple[str, str]:
+        """(tensor as the file names it, note giving the canonical name when that differs)."""
+        other = file_name(name) if file_name is not None else None
+        return (other, f" [canonical name {name!r}]") if other and other != name else (name, "")
+
     shapes = expected_shapes(cfg)
     missing = sorted(shapes.keys() - sd.keys())
     unexpected = sorted(sd.keys() - shapes.keys())
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise CheckpointError(source, f"missing from the checkpoint{more}; the model config expects it",
-                              tensor=missing[0])
+        tensor, note = named(missing[0])
+        raise CheckpointError(source, f"missing from the checkpoint{more}; the model config expects it{note}",
+                              tensor=tensor)
     if unexpected:
         more = f" (and {len(unexpected) - 1} more: {unexpected[1:4]})" if len(unexpected) > 1 else ""
         hint = " (tied embeddings: the checkpoint should have no output head)" \
             if unexpected[0] == "output.weight" and cfg.tie_embeddings else ""
-        raise CheckpointError(source, f"unexpected tensor{more}; not part of the model{hint}",
-                              tensor=unexpected[0])
+        tensor, note = named(unexpected[0])
+        raise CheckpointError(source, f"unexpected tensor{more}; not part of the model{hint}{note}", tensor=tensor)
     for name, want in shapes.items():
         got = tuple(sd[name].shape)
         if got != want:
+            tensor, note = named(name)
             raise CheckpointError(source, f"shape {list(got)} in the checkpoint, the model config expects "
-                                          f"{list(want)}", tensor=name)
+                                          f"{list(want)}{note}", tensor=tensor)
 
 
 def strip_tied(sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:

@@ -4,9 +4,9 @@ quantized) tensors, read with the ``gguf`` package and dequantized to float32.
 Q/K row layout: llama.cpp's HF converter permutes q/k rows from HF's rotate-half order into
 adjacent pairs, because ggml's default ("normal") RoPE rotates dims (2i, 2i+1) like Meta's
 reference. That is exactly solotune's canonical layout, so GGUF tensors are used as stored.
-Checked on SmolLM2-135M-Instruct Q4_1 (``tests/checkpoint/test_gguf.py::test_real_smollm2``):
-mean next-token loss on plain English text is about 2.6 (perplexity ~14) as stored, and about 4.7
-(perplexity ~110) when the rows are additionally put through the HF->Meta permutation.
+Checked on SmolLM2-135M-Instruct Q4_1 (``tests/checkpoint/test_ckpt_gguf.py::test_real_smollm2``):
+mean next-token loss on a 72-token plain-English paragraph is 2.28 (perplexity 9.8) with the rows
+as stored, and 4.34 (perplexity 76) when they are also put through the HF->Meta permutation.
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def load_gguf(path: str | os.PathLike[str]) -> Checkpoint:
             raise CheckpointError(p, "unexpected tensor: no LLaMA weight has this GGUF name", tensor=t.name)
         shapes[canon] = torch.empty(tuple(int(n) for n in reversed(t.shape.tolist())), device="meta")
         by_canon[canon] = t
-    validate_state_dict(shapes, cfg, p)
+    validate_state_dict(shapes, cfg, p, file_name=lambda n: rename(n, GGUF_NAMES))
     sd = {canon: dequantize_tensor(t, p) for canon, t in by_canon.items()}
     return Checkpoint("gguf", cfg, sd, tokenizer_file=None, metadata=meta)
 

@@ -63,7 +63,7 @@ def hf_to_canonical(hf_sd: Mapping[str, torch.Tensor], cfg: ModelConfig,
         sd[canon] = t
     if cfg.tie_embeddings:
         sd.pop("output.weight", None)
-    validate_state_dict(sd, cfg, source)
+    validate_state_dict(sd, cfg, source, file_name=lambda n: rename(n, HF_NAMES))
     for name in sd:
         if name.endswith("attention.wq.weight"):
             sd[name] = hf_rows_to_meta(sd[name], cfg.n_heads)

@@ -25,6 +25,15 @@ def meta_shards(d: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def _reason(e: Exception) -> str:
+    """The informative line of torch.load's error (its weights-only message is a page of advice)."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", ln).strip() for ln in str(e).splitlines()]
+    for ln in lines:
+        if "Unsupported global" in ln or "Unsupported operand" in ln:
+            return "the pickle holds more than tensors (refused: weights-only loading never runs pickled code): " + ln
+    return next((ln for ln in lines if ln), type(e).__name__)
+
+
 def _torch_load(path: Path) -> dict[str, torch.Tensor]:
     """Tensors only (``weights_only``: never runs pickled code); memory-mapped where the file allows."""
     try:
@@ -35,7 +44,7 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
                 raise
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickle with code in it, not a torch file at all
-        raise CheckpointError(path, f"cannot be read as a weights-only torch checkpoint: {e}") from None
+        raise CheckpointError(path, f"cannot be read as a weights-only torch checkpoint (truncated, corrupt, or more than tensors): {_reason(e)}") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(path, "is not a flat {name: tensor} state dict")
     return sd
