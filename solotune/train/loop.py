@@ -1,0 +1,555 @@
+"""The one training loop: LoRA and full fine-tuning, every precision, gradient accumulation and
+checkpointing policy, resume and Ctrl-C, all through :func:`finetune`.
+
+One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` examples (the "window"). The loss
+is the mean next-token cross-entropy over the *target* tokens of the whole window: each micro-batch
+contributes ``sum of its token losses / target tokens in the window``, so k micro-batches of one
+example give exactly the gradient of one batch of k examples (plain per-micro-batch means would
+weight a short answer's tokens more than a long one's).
+
+Reading order: :func:`finetune` (set-up, evaluation, the loop, saving) -> :func:`token_loss_sum`
+(the loss) -> :func:`make_optimizer` / :func:`make_schedule` -> :class:`DataStream` (order and resume
+position) -> checkpoint helpers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import signal
+import sys
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ContextManager, Iterator, Protocol, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..data import IGNORE_INDEX, AlpacaDataset, Example, collate, epoch_order, format_prompt, load_records, split
+from ..peft import apply_lora, count_parameters, load_lora_state_dict, lora_state_dict, trainable_summary
+from .config import TRAJECTORY_FIELDS, TrainConfig
+from .metrics import (
+    LOSS_PNG, SUMMARY, MetricsLog, Progress, format_summary, peak_memory_bytes, plot_loss, reset_peak_memory,
+    write_json,
+)
+from .precision import LossScaler, PrecisionPolicy, get_policy
+from .state import capture_rng, checkpoint_dir, list_checkpoints, load_checkpoint, restore_rng, save_checkpoint
+
+FINAL = "final"
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+# Fixed prompts for the before/after generations (none of them is in the default train split).
+SAMPLE_PROMPTS: tuple[dict[str, str], ...] = (
+    {"instruction": "Name three primary colors.", "input": ""},
+    {"instruction": "Rewrite the sentence in the passive voice.", "input": "The cat chased the mouse."},
+    {"instruction": "Explain what a neural network is in one sentence.", "input": ""},
+)
+
+
+class Instrument(Protocol):
+    """Hooks for measurement code (``solotune bench``); every method is optional.
+
+    forward_context(): a context manager entered around each micro-batch's forward + loss + backward
+        (e.g. ``torch.autograd.graph.saved_tensors_hooks`` to account activation memory).
+    before_step(model, optimizer, step): after the window's last backward, before unscaling,
+        clipping and ``optimizer.step`` (the gradients are complete, and still loss-scaled under fp16-amp).
+    after_step(model, optimizer, step): after the update, the zeroing of the gradients and the
+        bookkeeping of optimizer step ``step`` (1-based). Raising KeyboardInterrupt here behaves
+        exactly like Ctrl-C after that step.
+    """
+
+
+@dataclass
+class TrainResult:
+    final_loss: float | None  # training loss of the last optimizer step
+    val_loss: float | None  # after training
+    val_loss_before: float | None
+    peak_memory_bytes: int  # CUDA max_memory_allocated during training, or the process's peak RSS on CPU
+    output_dir: Path
+    steps: int
+    tokens: int  # non-padding tokens processed (inputs), all steps, resumed ones included
+    target_tokens: int  # tokens the loss was computed on
+    runtime_s: float  # training loop wall time (without evaluation and generation)
+    tokens_per_s: float
+    trainable_params: int
+    total_params: int
+    skipped_steps: int  # fp16-amp steps skipped by the loss scaler
+    avg_loss: float | None = None  # mean of the per-step training losses
+    first_loss: float | None = None
+    losses: list[float] = field(default_factory=list)
+    final_dir: Path | None = None
+    last_checkpoint: Path | None = None
+    generations_before: list[str] = field(default_factory=list)
+    generations_after: list[str] = field(default_factory=list)
+    resumed_from: Path | None = None
+
+    @property
+    def val_perplexity(self) -> float | None:
+        return None if self.val_loss is None else math.exp(self.val_loss)
+
+
+# ================================================================================== the loop
+def finetune(cfg: TrainConfig, *, model: nn.Module | None = None, tokenizer: Any = None,
+             instrument: Instrument | Any = None) -> TrainResult:
+    """Fine-tune per ``cfg``; write metrics, checkpoints, ``final/`` and the summary to ``cfg.output_dir``.
+
+    ``model``/``tokenizer``: use these instead of loading ``cfg.model`` (the model is modified in
+    place: moved to the policy's dtype/device and, for LoRA, wrapped with adapters).
+    The caller's global RNG state is left as it was (dropout draws from a forked, seeded RNG).
+    """
+    from ..api import resolve_device
+
+    device = resolve_device(cfg.device)
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.default_generator.manual_seed(cfg.seed)
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(cfg.seed)
+        return _finetune(cfg, device, model, tokenizer, instrument)
+
+
+def _finetune(cfg: TrainConfig, device: torch.device, model: nn.Module | None, tokenizer: Any,
+              instrument: Any) -> TrainResult:
+    t_start = time.perf_counter()
+    policy = get_policy(cfg.precision)
+    out = Path(cfg.output_dir)
+    ckpt = load_checkpoint(cfg.resume) if cfg.resume else None
+    if ckpt is not None:
+        check_resume_config(cfg, ckpt.config, ckpt.path)
+    _prepare_output_dir(out, resuming=ckpt is not None)
+    say = print
+
+    # ---- model, adapters, data
+    model, tokenizer = _load_model(cfg, policy, device, model, tokenizer)
+    if cfg.use_lora:
+        gen = torch.Generator(device="cpu").manual_seed(cfg.seed)  # A matrices, same on CPU and CUDA
+        apply_lora(model, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
+                   generator=gen, lora_dtype=policy.adapter_dtype)
+    else:
+        model.requires_grad_(True)
+    model.set_grad_checkpointing(cfg.grad_checkpoint)
+    trainable_params, total_params = count_parameters(model)
+    say(trainable_summary(model))
+    train_set, val_set = load_data(cfg, tokenizer, say)
+    # Any id works: right padding is never attended to by real tokens, and its labels are ignored.
+    pad_id = int(getattr(tokenizer, "pad_id", None) or tokenizer.eos_id)
+
+    # ---- optimizer, schedule, loss scaler, data order
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(model, cfg, device)
+    total_steps = planned_steps(cfg, len(train_set))
+    scheduler = make_schedule(optimizer, cfg, total_steps)
+    scaler = policy.make_scaler(device.type)
+    stream = DataStream(len(train_set), cfg.seed, cfg.batch_size,
+                        epochs=None if cfg.max_steps is not None else cfg.epochs)
+    step, tokens, target_tokens, runtime_s = 0, 0, 0, 0.0
+    val_before: float | None = None
+    gens_before: list[str] = []
+    if ckpt is not None:  # ---- resume: every piece of state the next step depends on
+        load_trainable_state(model, ckpt.weights, cfg.use_lora, ckpt.path)
+        optimizer.load_state_dict(ckpt.trainer["optimizer"])
+        scheduler.load_state_dict(ckpt.trainer["scheduler"])
+        scaler.load_state_dict(ckpt.trainer["scaler"])
+        stream.load_state_dict(ckpt.trainer["data"])
+        restore_rng(ckpt.trainer["rng"], device)
+        step, tokens, target_tokens = ckpt.step, int(ckpt.trainer["tokens"]), int(ckpt.trainer["target_tokens"])
+        runtime_s = float(ckpt.trainer["runtime_s"])
+        val_before = ckpt.trainer.get("val_loss_before")
+        gens_before = list(ckpt.trainer.get("generations_before", []))
+        say(f"resumed from {ckpt.path} at step {step}")
+    else:  # ---- baseline before any update: validation loss and sample generations
+        if cfg.generate_samples:
+            gens_before = sample_generations(model, tokenizer, say, "before tuning")
+        val_before = evaluate(model, val_set, policy, device, cfg.eval_batch_size, pad_id)
+        if val_before is not None:
+            say(f"val loss before: {val_before:.4f} (ppl {math.exp(val_before):.2f}) on {len(val_set)} records")
+
+    def trainer_state() -> dict[str, Any]:
+        """Everything besides the weights that the next step depends on, as of the last completed step."""
+        return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "data": committed_data, "rng": committed_rng,
+                "tokens": tokens, "target_tokens": target_tokens, "runtime_s": runtime_s,
+                "val_loss_before": val_before, "generations_before": gens_before}
+
+    def save(at_step: int) -> Path:
+        return save_checkpoint(out, at_step, trainable_state(model, cfg.use_lora), trainer_state(), cfg.to_dict())
+
+    # ---- the loop
+    log = MetricsLog(out, resume_step=step if ckpt is not None else None)
+    progress = Progress(total_steps, step, cfg.progress, cfg.log_every)
+    fwd_ctx = getattr(instrument, "forward_context", None)
+    before_step = getattr(instrument, "before_step", None)
+    after_step = getattr(instrument, "after_step", None)
+    committed_data, committed_rng = stream.state_dict(), capture_rng(device)
+    last_saved: Path | None = None
+    reset_peak_memory(device)
+    model.train()
+    try:
+        while step < total_steps:
+            t0 = time.perf_counter()
+            window = [collate([train_set[i] for i in idx], pad_id) for idx in stream.take_window(cfg.grad_accum)]
+            if not window:
+                break  # data exhausted (epochs mode ends on a partial window)
+            n_targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in window)
+            n_tokens = sum(int(b["attention_mask"].sum()) for b in window)
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            for batch in window:
+                input_ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+                with fwd_ctx() if fwd_ctx else contextlib.nullcontext():
+                    with policy.autocast(device.type):
+                        logits = model(input_ids)
+                    micro = token_loss_sum(logits, labels)  # fp32 sum over this micro-batch's targets
+                    # Normalise by the whole window's target count: k micro-batches == one batch of k.
+                    scaler.scale(micro / max(n_targets, 1)).backward()
+                loss_sum += micro.detach()
+                del logits, micro
+            loss = loss_sum.item() / max(n_targets, 1)
+            scaler.check_finite(loss, step + 1)
+            if before_step:
+                before_step(model, optimizer, step + 1)
+            lr = optimizer.param_groups[0]["lr"]
+            with _defer_sigint():  # an update and its bookkeeping are never cut in half by Ctrl-C
+                scaler.unscale_(optimizer)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf))
+                took_step = scaler.step(optimizer)
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                tokens += n_tokens
+                target_tokens += n_targets
+                dt = time.perf_counter() - t0
+                runtime_s += dt
+                committed_data, committed_rng = stream.state_dict(), capture_rng(device)
+            rec = {"step": step, "loss": loss, "lr": lr, "tokens": tokens, "target_tokens": target_tokens,
+                   "tokens_per_s": n_tokens / dt, "grad_norm": grad_norm, "peak_mem": peak_memory_bytes(device),
+                   "epoch": stream.epoch, "skipped": not took_step, "time_s": runtime_s}
+            log.write(rec)
+            progress.update(rec)
+            if not took_step:
+                progress.write(f"step {step}: non-finite gradients, update skipped (loss scale now {scaler.get_scale():g})")
+            if after_step:
+                after_step(model, optimizer, step)
+            if cfg.save_every and step % cfg.save_every == 0:
+                last_saved = save(step)
+    except KeyboardInterrupt:
+        progress.close()
+        log.close()
+        path = save(step)
+        print(f"\ninterrupted: saved a checkpoint of step {step} to {path}\n"
+              f"continue with: solotune finetune --resume {out}", file=sys.stderr)
+        raise
+    progress.close()
+    log.close()
+    peak = peak_memory_bytes(device)
+    if last_saved is None or list_checkpoints(out)[-1][0] != step:
+        last_saved = save(step)
+    final_dir = save_final(out / FINAL, model, cfg, tokenizer)
+
+    # ---- after: validation loss, generations, summary
+    val_after = evaluate(model, val_set, policy, device, cfg.eval_batch_size, pad_id)
+    gens_after = sample_generations(model, tokenizer, say, "after tuning") if cfg.generate_samples else []
+    losses = [r["loss"] for r in log.records]
+    result = TrainResult(
+        final_loss=losses[-1] if losses else None, val_loss=val_after, val_loss_before=val_before,
+        peak_memory_bytes=peak, output_dir=out, steps=step, tokens=tokens, target_tokens=target_tokens,
+        runtime_s=runtime_s, tokens_per_s=tokens / runtime_s if runtime_s > 0 else 0.0,
+        trainable_params=trainable_params, total_params=total_params, skipped_steps=scaler.skipped_steps,
+        avg_loss=sum(losses) / len(losses) if losses else None, first_loss=losses[0] if losses else None,
+        losses=losses, final_dir=final_dir, last_checkpoint=last_saved, generations_before=gens_before,
+        generations_after=gens_after, resumed_from=ckpt.path if ckpt else None,
+    )
+    summary = summary_dict(result, cfg, device, time.perf_counter() - t_start)
+    write_json(out / SUMMARY, summary)
+    try:
+        plot_loss(log.records, out / LOSS_PNG, val_before, val_after, title=f"{cfg.model} ({summary['mode']})")
+    except Exception as e:  # a plotting problem must not lose a finished run
+        warnings.warn(f"could not draw {out / LOSS_PNG}: {e}")
+    say(format_summary(summary))
+    return result
+
+
+# ================================================================================ the loss
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token cross-entropies over target positions, in fp32.
+
+    logits [B, T, V] (any float dtype), labels [B, T] aligned with the inputs (``labels[t]`` is
+    the token at position t, IGNORE_INDEX on prompt/padding): position t predicts ``labels[t+1]``.
+    Shifting the labels instead of slicing the logits avoids a copy of the [B, T, V] tensor.
+    """
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # [B, T]; the last position predicts nothing
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, examples: Sequence[Example], policy: PrecisionPolicy, device: torch.device,
+             batch_size: int, pad_id: int) -> float | None:
+    """Mean next-token loss over all target tokens of ``examples`` (None when there are none).
+    Leaves the model in eval mode."""
+    if not len(examples):
+        return None
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        b = collate(list(examples[i:i + batch_size]), pad_id)
+        with policy.autocast(device.type):
+            logits = model(b["input_ids"].to(device))
+        total += float(token_loss_sum(logits, b["labels"].to(device)).double())
+        count += int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
+    return total / count if count else None
+
+
+# ====================================================================== optimizer + schedule
+def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; weight decay on matrices only (not norms or vectors).
+    Fused kernel on CUDA (one launch for all parameters); the default foreach path elsewhere."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    fused = True if device.type == "cuda" else None
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, fused=fused)
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
+    """Multiplier of ``lr`` for optimizer step ``step`` (0-based): linear warmup over ``warmup``
+    steps to 1, then constant or cosine towards ``min_ratio`` (reached one step after the last)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def make_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    def factor(step: int) -> float:
+        return lr_factor(step, cfg.warmup_steps, total_steps, cfg.lr_schedule, cfg.min_lr_ratio)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def planned_steps(cfg: TrainConfig, n_train: int) -> int:
+    """``max_steps``, or enough windows to cover ``epochs`` passes (the last window may be partial)."""
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    return math.ceil(cfg.epochs * n_train / (cfg.batch_size * cfg.grad_accum))
+
+
+# ================================================================================= data order
+class DataStream:
+    """Example indices in a seeded order, epoch after epoch; its position is two integers.
+
+    The order of epoch e is ``epoch_order(n, seed, e)``, a pure function, so resuming needs only
+    (epoch, index). With ``epochs`` set the stream ends after that many passes; otherwise it cycles.
+    """
+
+    def __init__(self, n: int, seed: int, batch_size: int, epochs: int | None) -> None:
+        self.n, self.seed, self.batch_size, self.epochs = n, seed, batch_size, epochs
+        self.epoch, self.index = 0, 0
+        self._order: list[int] | None = None
+
+    def _take(self, k: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < k:
+            if self.index == self.n:
+                self.epoch, self.index, self._order = self.epoch + 1, 0, None
+            if self.epochs is not None and self.epoch >= self.epochs:
+                break
+            if self._order is None:
+                self._order = epoch_order(self.n, self.seed, self.epoch)
+            out.append(self._order[self.index])
+            self.index += 1
+        return out
+
+    def take_window(self, micro_batches: int) -> list[list[int]]:
+        """Up to ``micro_batches`` lists of ``batch_size`` indices (fewer at the very end)."""
+        window = []
+        for _ in range(micro_batches):
+            idx = self._take(self.batch_size)
+            if not idx:
+                break
+            window.append(idx)
+        return window
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.index, self._order = int(state["epoch"]), int(state["index"]), None
+
+
+# ================================================================================== set-up
+def _load_model(cfg: TrainConfig, policy: PrecisionPolicy, device: torch.device, model: nn.Module | None,
+                tokenizer: Any) -> tuple[nn.Module, Any]:
+    if model is not None:
+        if tokenizer is None:
+            raise ValueError("finetune(model=...) also needs tokenizer=...")
+        return model.to(device=device, dtype=policy.param_dtype), tokenizer
+    from ..api import load
+
+    return load(cfg.model, dtype=policy.param_dtype, device=device, random_init=cfg.random_init,
+                n_layers=cfg.n_layers, seed=cfg.seed)
+
+
+def load_data(cfg: TrainConfig, tokenizer: Any, say=print) -> tuple[AlpacaDataset, AlpacaDataset]:
+    """Records -> fixed split -> tokenised train/val sets (reporting skipped and truncated records)."""
+    records = load_records(cfg.data, skip_bad=cfg.skip_bad_records)
+    if records.skipped:
+        say(f"skipped {records.skipped} bad records in {records.source} (first: {records.problems[0]})")
+    train_range = range(*cfg.train_range)
+    if cfg.max_samples is not None:
+        train_range = train_range[: cfg.max_samples]
+    val_range = range(*cfg.val_range)
+    if cfg.val_samples is not None:
+        val_range = val_range[: cfg.val_samples]
+    train_recs, val_recs = split(records, train=train_range, val=val_range)
+    train = AlpacaDataset(train_recs, tokenizer, cfg.max_seq_len)
+    val = AlpacaDataset(val_recs, tokenizer, cfg.max_seq_len)
+    if not len(train):
+        raise ValueError(f"{cfg.data}: the train split {cfg.train_range} is empty")
+    say(f"train: {train}\nval:   {val}")
+    for name, ds in (("train", train), ("val", val)):
+        if ds.num_truncated:
+            say(f"{name}: {ds.num_truncated} of {len(ds)} records truncated at max_seq_len={cfg.max_seq_len}"
+                + (f" ({ds.num_no_target} left with no target token)" if ds.num_no_target else ""))
+    return train, val
+
+
+def _prepare_output_dir(out: Path, resuming: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output_dir {out} exists and is not a directory")
+    if not resuming and list_checkpoints(out):
+        # A fresh run would interleave its checkpoints with the old run's and --resume could pick the wrong one.
+        raise FileExistsError(f"output_dir {out} already holds a run's checkpoints: pass resume={str(out)!r} "
+                              f"(--resume {out}) to continue it, or choose another output_dir")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def check_resume_config(cfg: TrainConfig, saved: dict[str, Any], path: Path) -> None:
+    """A resumed run must agree with the checkpoint on everything that shapes the trajectory."""
+    try:
+        old = TrainConfig.from_dict(saved)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: its config.json is not a valid TrainConfig: {e}") from None
+    diffs = [f"{f}: checkpoint {getattr(old, f)!r} vs now {getattr(cfg, f)!r}"
+             for f in TRAJECTORY_FIELDS if getattr(old, f) != getattr(cfg, f)]
+    if diffs:
+        raise ValueError(f"cannot resume from {path}: the run's settings differ ({'; '.join(diffs)}). "
+                         f"Resume with the checkpoint's settings (the CLI does this when you only pass --resume).")
+
+
+# ============================================================================ weights in/out
+def trainable_state(model: nn.Module, lora: bool) -> dict[str, torch.Tensor]:
+    """What a checkpoint stores: the adapters, or every weight (the tied head once)."""
+    if lora:
+        return lora_state_dict(model)
+    sd = model.state_dict()
+    if getattr(model.config, "tie_embeddings", False):
+        sd.pop("output.weight", None)
+    return sd
+
+
+@torch.no_grad()
+def load_trainable_state(model: nn.Module, sd: dict[str, torch.Tensor], lora: bool, source: Path) -> None:
+    try:
+        if lora:
+            load_lora_state_dict(model, sd)
+            return
+        own = trainable_state(model, lora=False)
+        missing, unexpected = sorted(own.keys() - sd.keys()), sorted(sd.keys() - own.keys())
+        if missing or unexpected:
+            raise KeyError(f"missing {missing[:6]}, unexpected {unexpected[:6]}")
+        for k, t in own.items():
+            if t.shape != sd[k].shape:
+                raise ValueError(f"tensor {k}: shape {tuple(sd[k].shape)}, model has {tuple(t.shape)}")
+            t.copy_(sd[k])
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{source}: weights do not fit this model: {e}") from None
+
+
+def adapter_config(cfg: TrainConfig, model: nn.Module) -> dict[str, Any]:
+    return {"format": "solotune-lora", "base_model": cfg.model, "rank": cfg.lora_rank, "alpha": cfg.lora_alpha,
+            "dropout": cfg.lora_dropout, "targets": list(cfg.lora_targets),
+            "model_config": model.config.to_meta_params() if hasattr(model, "config") else None}
+
+
+def save_final(path: Path, model: nn.Module, cfg: TrainConfig, tokenizer: Any) -> Path:
+    """``final/``: the adapter (``adapter.safetensors`` + ``adapter_config.json``) or, for full
+    fine-tuning, the whole model as an HF directory (loadable by ``solotune.load`` and transformers)."""
+    from safetensors.torch import save_file
+
+    from ..checkpoint.common import atomic_dir
+
+    if cfg.use_lora:
+        with atomic_dir(path) as tmp:
+            save_file({k: v.contiguous().cpu() for k, v in lora_state_dict(model).items()}, str(tmp / ADAPTER_WEIGHTS),
+                      metadata={"format": "pt"})
+            (tmp / ADAPTER_CONFIG).write_text(json.dumps(adapter_config(cfg, model), indent=2) + "\n")
+        return path
+    from ..checkpoint.hf import save_hf
+
+    # Copy the tokenizer file when there is one (a GGUF model's vocab lives inside the .gguf: then
+    # final/ has weights only, and `solotune eval --tokenizer BASE.gguf` supplies it).
+    src = Path(getattr(tokenizer, "source", "") or "")
+    tok_file = src if src.suffix in (".json", ".model") and src.is_file() else None
+    return save_hf(model.config, trainable_state(model, lora=False), path, tokenizer_file=tok_file)
+
+
+# ================================================================================ reporting
+def sample_generations(model: nn.Module, tokenizer: Any, say, when: str, max_new_tokens: int = 48) -> list[str]:
+    """Greedy answers to :data:`SAMPLE_PROMPTS` (empty when generation is unavailable)."""
+    try:
+        from ..generate import generate
+    except ImportError:
+        return []
+    model.eval()
+    prompts = [format_prompt(r) for r in SAMPLE_PROMPTS]
+    with torch.no_grad():
+        texts = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=0.0, stop=["###"])
+    if hasattr(model, "clear_cache"):
+        model.clear_cache()
+    say(f"--- sample generations {when} (greedy) ---")
+    for r, t in zip(SAMPLE_PROMPTS, texts):
+        say(f"> {r['instruction']}{' | ' + r['input'] if r['input'] else ''}\n  {t.strip()}")
+    return list(texts)
+
+
+def summary_dict(r: TrainResult, cfg: TrainConfig, device: torch.device, total_s: float) -> dict[str, Any]:
+    d = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(r).items()}
+    d.pop("losses")
+    d.update({
+        "model": cfg.model, "mode": f"LoRA r={cfg.lora_rank} on {','.join(cfg.lora_targets)}" if cfg.use_lora else "full",
+        "precision": cfg.precision, "grad_checkpoint": cfg.grad_checkpoint, "device": str(device),
+        "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS",
+        "val_perplexity": r.val_perplexity, "total_runtime_s": total_s, "config": cfg.to_dict(),
+    })
+    return d
+
+
+@contextlib.contextmanager
+def _defer_sigint() -> Iterator[None]:
+    """Hold a Ctrl-C that arrives inside the block until the block is done (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[Any] = []
+    previous = signal.signal(signal.SIGINT, lambda *a: caught.append(a))
+    try:
+        yield
+    finally:
+        # getsignal() is None for a handler installed outside Python: fall back to Python's default.
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+        if caught:
+            raise KeyboardInterrupt

@@ -1,0 +1,175 @@
+"""What a run reports: peak memory, the per-step metrics JSONL, the progress bar, the loss-curve
+PNG and the final summary."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from ..checkpoint.common import atomic_file
+
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+LOSS_PNG = "loss.png"
+
+
+# ------------------------------------------------------------------------------------ memory
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """CUDA: ``max_memory_allocated`` since the last reset (tensors only, not the allocator's cache).
+    CPU: the process's peak resident set size (everything the process ever touched, model loading
+    included: an upper bound, not a tensor count)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
+    except ImportError:  # Windows: no `resource`
+        import psutil
+
+        info = psutil.Process().memory_info()
+        return int(getattr(info, "peak_wset", info.rss))
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+# ------------------------------------------------------------------------------- metrics.jsonl
+class MetricsLog:
+    """``OUTPUT_DIR/metrics.jsonl``: one JSON object per optimizer step, flushed as it is written.
+
+    A fresh run starts an empty file; a resumed run keeps the lines up to its checkpoint's step
+    (dropping any logged after it by the interrupted run) and appends from there.
+    """
+
+    def __init__(self, output_dir: Path, resume_step: int | None) -> None:
+        self.path = output_dir / METRICS
+        self.records: list[dict[str, Any]] = []
+        if resume_step is not None and self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                if line.strip():
+                    rec = json.loads(line)
+                    if rec.get("step", 0) <= resume_step:
+                        self.records.append(rec)
+        with atomic_file(self.path) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        self._f = self.path.open("a")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        self._f.write(json.dumps(record) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+# ---------------------------------------------------------------------------------- progress
+class Progress:
+    """A tqdm bar (loss, tok/s, lr, peak memory) or, with ``enabled=False``, a log line every
+    ``log_every`` steps."""
+
+    def __init__(self, total: int, initial: int, enabled: bool, log_every: int) -> None:
+        self.enabled, self.log_every = enabled, log_every
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", desc="finetune", dynamic_ncols=True)
+
+    def update(self, rec: dict[str, Any]) -> None:
+        text = (f"loss={rec['loss']:.4f} tok/s={rec['tokens_per_s']:.0f} lr={rec['lr']:.2e} "
+                f"mem={fmt_bytes(rec['peak_mem'])}" + (" SKIPPED" if rec.get("skipped") else ""))
+        if self.bar is not None:
+            self.bar.set_postfix_str(text, refresh=False)
+            self.bar.update(1)
+        elif rec["step"] % self.log_every == 0:
+            print(f"step {rec['step']}: {text}", flush=True)
+
+    def write(self, msg: str) -> None:
+        if self.bar is not None:
+            self.bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ---------------------------------------------------------------------------------- loss PNG
+def plot_loss(records: Iterable[dict[str, Any]], path: Path, val_before: float | None = None,
+              val_after: float | None = None, title: str = "") -> Path:
+    """Training loss per optimizer step, with validation loss before/after as markers (matplotlib Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    recs = [r for r in records if r.get("loss") is not None and math.isfinite(r["loss"])]
+    steps = [r["step"] for r in recs]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot(steps, [r["loss"] for r in recs], marker=".", lw=1, label="train loss (per step)")
+    last = steps[-1] if steps else 1
+    if val_before is not None:
+        ax.scatter([0], [val_before], color="C3", zorder=3, label=f"val loss before ({val_before:.3f})")
+    if val_after is not None:
+        ax.scatter([last], [val_after], color="C2", marker="s", zorder=3, label=f"val loss after ({val_after:.3f})")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats / target token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------- summary
+def write_json(path: Path, obj: Any) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """The human-readable end-of-run summary."""
+
+    def f(x: Any, spec: str = ".4f") -> str:
+        return "n/a" if x is None else format(x, spec)
+
+    ppl_b = math.exp(s["val_loss_before"]) if s.get("val_loss_before") is not None else None
+    ppl_a = math.exp(s["val_loss"]) if s.get("val_loss") is not None else None
+    lines = [
+        "── solotune finetune summary " + "─" * 40,
+        f"model            {s['model']}  ({s['mode']}, {s['precision']}, grad checkpointing {s['grad_checkpoint']})",
+        f"trainable params {s['trainable_params']:,} || all params {s['total_params']:,} || "
+        f"trainable% {100 * s['trainable_params'] / max(s['total_params'], 1):.4f}",
+        f"steps            {s['steps']}  ({s['tokens']:,} tokens, {s['target_tokens']:,} target tokens, "
+        f"{s['skipped_steps']} skipped)",
+        f"train loss       first {f(s.get('first_loss'))}  last {f(s.get('final_loss'))}  average {f(s.get('avg_loss'))}",
+        f"val loss         before {f(s.get('val_loss_before'))} (ppl {f(ppl_b, '.2f')})  "
+        f"after {f(s.get('val_loss'))} (ppl {f(ppl_a, '.2f')})",
+        f"peak memory      {fmt_bytes(s['peak_memory_bytes'])} ({s['peak_memory_kind']})",
+        f"runtime          {s['runtime_s']:.1f} s training ({s['tokens_per_s']:.0f} tokens/s), "
+        f"{s['total_runtime_s']:.1f} s in all",
+        f"output           {s['output_dir']}",
+    ]
+    return "\n".join(lines)

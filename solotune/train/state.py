@@ -1,0 +1,124 @@
+"""Training checkpoints: atomic writes, finding the latest one, and the RNG state that makes a
+resumed run bit-identical to an uninterrupted one.
+
+Layout of one checkpoint (``OUTPUT_DIR/checkpoints/step-000040/``)::
+
+    weights.safetensors   the trainable weights: LoRA adapters (canonical names) or the full model
+    trainer_state.pt      optimizer, scheduler, loss scaler, RNG states, data position, counters
+    config.json           the TrainConfig of the run
+
+The folder is written under a temporary name and renamed into place, so a crash (or a second
+Ctrl-C) never leaves a half-written checkpoint that ``--resume`` would pick up. ``trainer_state.pt``
+holds only tensors, numbers, strings and containers, and is read with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..checkpoint.common import atomic_dir
+
+CHECKPOINTS = "checkpoints"
+WEIGHTS = "weights.safetensors"
+TRAINER_STATE = "trainer_state.pt"
+CONFIG = "config.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
+    return Path(output_dir) / CHECKPOINTS / f"step-{step:06d}"
+
+
+# ------------------------------------------------------------------------------------------ RNG
+def capture_rng(device: torch.device) -> dict[str, torch.Tensor]:
+    """The global RNG states a training step consumes (dropout draws from the default generator
+    of the device it runs on). The data order is a pure function of (seed, epoch) and needs none."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# ----------------------------------------------------------------------------------- save / load
+@dataclass
+class TrainingCheckpoint:
+    """What :func:`load_checkpoint` returns."""
+
+    path: Path
+    step: int
+    weights: dict[str, torch.Tensor]
+    trainer: dict[str, Any]
+    config: dict[str, Any]
+
+
+def save_checkpoint(output_dir: str | Path, step: int, weights: dict[str, torch.Tensor],
+                    trainer: dict[str, Any], config: dict[str, Any]) -> Path:
+    """Write checkpoint ``step`` atomically (replacing one of the same step); returns its folder."""
+    target = checkpoint_dir(output_dir, step)
+    with atomic_dir(target) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / WEIGHTS),
+                  metadata={"format": "pt", "step": str(step)})
+        torch.save({"step": step, **trainer}, tmp / TRAINER_STATE)
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    return target
+
+
+def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under ``output_dir/checkpoints`` as (step, folder), oldest first."""
+    root = Path(output_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = []
+    for d in root.iterdir():
+        m = _STEP_DIR.match(d.name)
+        if m and d.is_dir() and (d / TRAINER_STATE).is_file() and (d / WEIGHTS).is_file():
+            found.append((int(m.group(1)), d))
+    return sorted(found)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """``--resume`` argument -> one checkpoint folder: the folder itself, or the latest checkpoint
+    of an output directory."""
+    p = Path(path)
+    if (p / TRAINER_STATE).is_file():
+        return p
+    if not p.is_dir():
+        raise FileNotFoundError(f"--resume {p}: no such directory")
+    ckpts = list_checkpoints(p)
+    if not ckpts:
+        raise FileNotFoundError(f"--resume {p}: neither a checkpoint folder (no {TRAINER_STATE}) nor an output "
+                                f"directory with checkpoints in {p / CHECKPOINTS}")
+    return ckpts[-1][1]
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> TrainingCheckpoint:
+    """Read a checkpoint folder (or the latest one of an output directory)."""
+    d = resolve_checkpoint(path)
+    try:
+        trainer = torch.load(d / TRAINER_STATE, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated file, pickle with code in it, ...
+        raise ValueError(f"{d / TRAINER_STATE}: cannot be read as a solotune trainer state: {e}") from None
+    try:
+        config = json.loads((d / CONFIG).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{d / CONFIG}: cannot read the run's config: {e}") from None
+    try:
+        weights = load_file(str(d / WEIGHTS))
+    except Exception as e:
+        raise ValueError(f"{d / WEIGHTS}: cannot be read as safetensors: {e}") from None
+    if not isinstance(trainer, dict) or "step" not in trainer:
+        raise ValueError(f"{d / TRAINER_STATE}: not a solotune trainer state (no 'step')")
+    return TrainingCheckpoint(path=d, step=int(trainer["step"]), weights=weights, trainer=trainer, config=config)
