@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import json
 import random
 from dataclasses import dataclass, field
@@ -48,7 +49,7 @@ class DataError(ValueError):
 class Tokenizer(Protocol):
     """What the data pipeline needs from ``solotune.tokenizer``."""
 
-    bos_id: int
+    bos_id: int | None  # only read when add_bos
     eos_id: int
     add_bos: bool
 
@@ -251,6 +252,18 @@ def format_prompt(record: Record | Mapping[str, Any]) -> str:
     return PROMPT_NO_INPUT.format(instruction=r.instruction)
 
 
+def encode_text(tokenizer: Tokenizer, text: str) -> list[int]:
+    """Plain-text ids: data that happens to contain "</s>" or "<|im_end|>" is text, not a control
+    token (``allow_special=False`` where the tokenizer has that switch)."""
+    try:
+        params = inspect.signature(tokenizer.encode).parameters
+    except (TypeError, ValueError):  # builtins without a signature
+        params = {}
+    if "allow_special" in params:
+        return tokenizer.encode(text, allow_special=False)
+    return tokenizer.encode(text)
+
+
 def encode_continuation(tokenizer: Tokenizer, text: str, after: str = "\n") -> list[int]:
     """Tokens of ``text`` as they come out when ``text`` follows ``after`` in one string.
 
@@ -260,11 +273,11 @@ def encode_continuation(tokenizer: Tokenizer, text: str, after: str = "\n") -> l
     dropping the tokens of ``after`` gives the in-context tokens. Falls back to a plain encode when
     the prefix tokens do not come out unchanged (a tokenizer that merges across the newline).
     """
-    prefix = tokenizer.encode(after)
-    both = tokenizer.encode(after + text)
+    prefix = encode_text(tokenizer, after)
+    both = encode_text(tokenizer, after + text)
     if both[: len(prefix)] == prefix:
         return both[len(prefix):]
-    return tokenizer.encode(text)
+    return encode_text(tokenizer, text)
 
 
 @dataclass
@@ -292,7 +305,7 @@ def tokenize_record(record: Record | Mapping[str, Any], tokenizer: Tokenizer, ma
     if max_seq_len < 2:
         raise ValueError(f"max_seq_len must be >= 2, got {max_seq_len}")
     r = _as_record(record)
-    head = ([tokenizer.bos_id] if tokenizer.add_bos else []) + tokenizer.encode(format_prompt(r))
+    head = ([tokenizer.bos_id] if tokenizer.add_bos else []) + encode_text(tokenizer, format_prompt(r))
     target = encode_continuation(tokenizer, r.output) + [tokenizer.eos_id]
     ids = head + target
     labels = [IGNORE_INDEX] * len(head) + target
