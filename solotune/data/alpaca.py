@@ -153,6 +153,17 @@ def _raw_jsonl(path: Path, skip_bad: bool, problems: list[str]) -> list[tuple[st
     return out
 
 
+def _reject_single_object(path: Path) -> None:
+    """A .json file holding one (pretty-printed) object is neither a record list nor JSON lines."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return  # JSON lines (or broken): the line-by-line reader reports it
+    if isinstance(data, Mapping) and "\n" in path.read_text(encoding="utf-8-sig").strip():
+        raise DataError(f"{path}: one JSON object spanning several lines; expected a JSON list of records "
+                        f"or one record per line (JSON lines)")
+
+
 def _raw_hf(name: str) -> list[tuple[str, Any]]:
     """A Hugging Face datasets id (e.g. ``tatsu-lab/alpaca``), train split."""
     import datasets  # optional dependency: pip install solotune[datasets]
@@ -176,18 +187,17 @@ def load_records(source: str | Path, skip_bad: bool = False) -> AlpacaRecords:
     """
     problems: list[str] = []
     if str(source) == SAMPLE_NAME:
-        path: Path | None = SAMPLE_PATH
-        label = SAMPLE_NAME
-        skip_bad = True
+        path, label, skip_bad = SAMPLE_PATH, SAMPLE_NAME, True
     else:
-        path = Path(source)
-        label = str(source)
-    if path is not None and path.is_file():
+        path, label = Path(source), str(source)
+    if path.is_file():
         with path.open("rb") as f:
             first = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
         jsonl = path.suffix.lower() in (".jsonl", ".ndjson") or first != b"["
+        if jsonl and first == b"{" and path.suffix.lower() == ".json":
+            _reject_single_object(path)
         raw = _raw_jsonl(path, skip_bad, problems) if jsonl else _raw_json(path)
-    elif path is not None and path.exists():
+    elif path.exists():
         raise DataError(f"{source}: not a file")
     elif importlib.util.find_spec("datasets") is not None and "/" in str(source) and not Path(source).suffix:
         raw = _raw_hf(str(source))

@@ -7,6 +7,7 @@ from .lora import (
     apply_lora,
     count_parameters,
     load_lora_state_dict,
+    lora_disabled,
     lora_modules,
     lora_parameters,
     lora_state_dict,
@@ -16,6 +17,7 @@ from .lora import (
 )
 
 __all__ = [
-    "LORA_TARGETS", "LoRALinear", "apply_lora", "export_peft", "import_peft", "count_parameters", "load_lora_state_dict", "lora_modules",
-    "lora_parameters", "lora_state_dict", "merge_lora", "set_lora_merged", "trainable_summary",
+    "LORA_TARGETS", "LoRALinear", "apply_lora", "count_parameters", "export_peft", "import_peft",
+    "load_lora_state_dict", "lora_disabled", "lora_modules", "lora_parameters", "lora_state_dict", "merge_lora",
+    "set_lora_merged", "trainable_summary",
 ]

@@ -7,6 +7,7 @@ y = base(x) + (dropout(x) @ A.T @ B.T) * alpha / r.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Iterator, Mapping, Sequence
 
@@ -57,6 +58,7 @@ class LoRALinear(nn.Module):
         self.lora_a = nn.Parameter(torch.empty(rank, self.in_features, dtype=dtype, device=w.device))
         self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank, dtype=dtype, device=w.device))
         self.merged = False
+        self.disabled = False  # set by lora_disabled(): forward = base only
         self.reset_lora_parameters(generator)
 
     def reset_lora_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -85,8 +87,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        if self.merged:
-            return y  # the delta already lives in the base weight
+        if self.merged or self.disabled:
+            return y  # merged: the delta already lives in the base weight
         h = self.dropout(x).to(self.lora_a.dtype)
         return y + (F.linear(F.linear(h, self.lora_a), self.lora_b) * self.scale).to(y.dtype)
 
@@ -220,6 +222,23 @@ def set_lora_merged(model: nn.Module, merged: bool) -> None:
     """merge() or unmerge() every adapter, keeping the LoRALinear wrappers (fast eval, then resume)."""
     for _, m in lora_modules(model):
         m.merge() if merged else m.unmerge()
+
+
+@contextlib.contextmanager
+def lora_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model without its (unmerged) adapters inside the block, e.g. to compare the
+    fine-tuned model with the base one without a second copy in memory."""
+    mods = [m for _, m in lora_modules(model)]
+    if any(m.merged for m in mods):
+        raise ValueError("adapters are merged into the base weights; unmerge before disabling them")
+    before = [m.disabled for m in mods]
+    for m in mods:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m, d in zip(mods, before):
+            m.disabled = d
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

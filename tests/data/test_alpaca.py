@@ -207,6 +207,11 @@ def test_empty_and_missing_sources(tmp_path) -> None:
     (tmp_path / "obj.json").write_text('[{"a": 1}')
     with pytest.raises(DataError, match="obj.json"):
         load_records(tmp_path / "obj.json")
+    (tmp_path / "one.json").write_text(json.dumps(GOOD, indent=2))
+    with pytest.raises(DataError, match="one.json: one JSON object spanning several lines"):
+        load_records(tmp_path / "one.json")
+    (tmp_path / "one_line.json").write_text(json.dumps(GOOD))  # a single JSON-lines record is fine
+    assert len(load_records(tmp_path / "one_line.json")) == 1
     with pytest.raises(DataError, match="no such file"):
         load_records(tmp_path / "nope.json")
 

@@ -16,6 +16,7 @@ from solotune.peft import (
     apply_lora,
     count_parameters,
     load_lora_state_dict,
+    lora_disabled,
     lora_parameters,
     lora_state_dict,
     merge_lora,
@@ -92,6 +93,19 @@ def test_merge_matches_unmerged_and_unmerge_restores() -> None:
         if isinstance(m, LoRALinear):
             assert not m.merged
             torch.testing.assert_close(m.base.weight, base_w[n], atol=1e-6, rtol=0)
+
+
+def test_lora_disabled_gives_base_outputs() -> None:
+    model = build_model(CFG, seed=0).eval()
+    with torch.no_grad():
+        ref = model(tokens())
+    apply_lora(model, ("wq", "w3"), rank=4, alpha=8)
+    randomize_b(model)
+    with torch.no_grad():
+        tuned = model(tokens())
+        with lora_disabled(model):
+            assert torch.equal(model(tokens()), ref)
+        assert torch.equal(model(tokens()), tuned) and not torch.equal(tuned, ref)
 
 
 def test_merge_lora_gives_plain_model() -> None:
