@@ -68,12 +68,11 @@ class LoRALinear(nn.Module):
         with torch.no_grad():
             if self.lora_a.device.type == "meta":
                 return
-            if generator is not None and generator.device != self.lora_a.device:
-                # Draw on the generator's device so a CPU generator seeds CUDA params reproducibly.
-                a = torch.empty(self.lora_a.shape, dtype=torch.float32, device=generator.device)
-                self.lora_a.copy_(a.uniform_(-bound, bound, generator=generator))
-            else:
-                self.lora_a.uniform_(-bound, bound, generator=generator)
+            # Draw in fp32 on the generator's device, then cast: the same seed gives the same A
+            # whatever the parameters' device and dtype (CPU reference runs match GPU runs).
+            dev = generator.device if generator is not None else self.lora_a.device
+            a = torch.empty(self.lora_a.shape, dtype=torch.float32, device=dev)
+            self.lora_a.copy_(a.uniform_(-bound, bound, generator=generator))
             self.lora_b.zero_()
 
     @property

@@ -70,6 +70,8 @@ def test_kaiming_uniform_bound_and_generator() -> None:
     a1 = LoRALinear(base, 16, 32, generator=torch.Generator().manual_seed(5)).lora_a
     a2 = LoRALinear(nn.Linear(100, 8, bias=False), 16, 32, generator=torch.Generator().manual_seed(5)).lora_a
     assert torch.equal(a1, a2)
+    a16 = LoRALinear(nn.Linear(100, 8, bias=False).bfloat16(), 16, 32, generator=torch.Generator().manual_seed(5)).lora_a
+    assert a16.dtype == torch.bfloat16 and torch.equal(a16, a1.bfloat16())  # same draw whatever the dtype
     assert a1.abs().max() <= 0.1 and a1.abs().max() > 0.09  # U(-1/sqrt(in), 1/sqrt(in))
 
 
