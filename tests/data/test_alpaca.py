@@ -265,3 +265,15 @@ def test_collate_right_pads() -> None:
     assert collate(exs, pad_id=2, pad_to_multiple_of=8)["input_ids"].shape == (3, 8)
     with pytest.raises(ValueError):
         collate([], pad_id=0)
+
+
+@pytest.mark.slow
+def test_smollm2_bpe_boundary_matches_joint_tokenisation(smollm2_gguf, sample) -> None:
+    """Same boundary property with a byte-level BPE vocab (SmolLM2, no BOS)."""
+    bpe = load_tokenizer(smollm2_gguf)
+    assert not bpe.add_bos
+    for rec in sample:
+        ex = tokenize_record(rec, bpe, max_seq_len=4096)
+        prompt = bpe.encode(format_prompt(rec), allow_special=False)
+        assert ex.input_ids == bpe.encode(format_prompt(rec) + rec.output, allow_special=False) + [bpe.eos_id]
+        assert ex.labels == [IGNORE_INDEX] * len(prompt) + ex.input_ids[len(prompt):]
