@@ -18,7 +18,7 @@ from typing import Any
 
 from ..model import checkpoint_policy
 
-PRECISIONS = ("fp32", "fp16-amp", "bf16-amp", "bf16")
+PRECISIONS = ("fp32", "fp16-amp", "bf16-amp", "bf16", "fp64")  # fp64: numerical reference for tests
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 LR_SCHEDULES = ("cosine", "constant")
 
@@ -64,6 +64,7 @@ class TrainConfig:
     # checkpoints
     save_every: int = 0  # also checkpoint every N optimizer steps (0 = only at the end / on Ctrl-C)
     resume: str | None = None  # an output dir (its latest checkpoint) or one checkpoint folder
+    overwrite: bool = False  # start fresh in an output_dir that holds an earlier run (its outputs are deleted)
     # runtime
     device: str = "auto"  # auto = cuda when available
     random_init: bool = False  # random weights of the named architecture (benchmarks)
@@ -199,5 +200,6 @@ PROFILES: dict[str, dict[str, Any]] = {
         "max_seq_len": 256,
         "val_samples": 40,
         "output_dir": "runs/quickstart",
+        "overwrite": True,  # running the demo twice starts over instead of refusing
     },
 }

@@ -57,6 +57,8 @@ POLICIES: dict[str, PrecisionPolicy] = {
     "fp16-amp": PrecisionPolicy("fp16-amp", torch.float32, torch.float32, torch.float16, True),
     "bf16-amp": PrecisionPolicy("bf16-amp", torch.float32, torch.float32, torch.bfloat16, False),
     "bf16": PrecisionPolicy("bf16", torch.bfloat16, torch.float32, None, False),
+    # Not a training mode: float64 everywhere, the reference the equivalence tests compare against.
+    "fp64": PrecisionPolicy("fp64", torch.float64, torch.float64, None, False),
 }
 
 

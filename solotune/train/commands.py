@@ -1,0 +1,300 @@
+"""Command-line wiring for ``solotune finetune``, ``eval``, ``merge`` and ``export-peft``.
+
+``solotune finetune`` starts from a profile (default ``quickstart``: the no-argument run that
+finishes in minutes on a CPU; ``--profile course`` for the course's settings), then applies the
+flags you pass. With ``--resume DIR`` it starts from the checkpoint's own config instead, so
+``solotune finetune --resume runs/x`` continues exactly the interrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from .config import PRECISIONS, PROFILES, TrainConfig
+
+
+def _range(text: str) -> tuple[int, int]:
+    """``"0:200"`` -> (0, 200)."""
+    try:
+        a, b = text.split(":")
+        return int(a), int(b)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START:STOP (e.g. 0:200), got {text!r}") from None
+
+
+def _opt_int(text: str) -> int | None:
+    return None if text.lower() in ("none", "all") else int(text)
+
+
+_CLI_PRECISIONS = [p for p in PRECISIONS if p != "fp64"]
+
+# flag -> (TrainConfig field, argparse kwargs). Defaults are never set here: a flag you do not pass
+# leaves the profile's (or the resumed checkpoint's) value alone.
+_FINETUNE_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "--model": ("model", dict(help="preset name or checkpoint path (Meta dir, HF dir, .gguf)")),
+    "--data": ("data", dict(help="alpaca-sample (bundled), a .json/.jsonl file, or an HF datasets id")),
+    "--output-dir": ("output_dir", dict(help="where metrics, checkpoints and final/ go")),
+    "--max-steps": ("max_steps", dict(type=_opt_int, help="optimizer steps (default: --epochs passes)")),
+    "--epochs": ("epochs", dict(type=int)),
+    "--lr": ("lr", dict(type=float, help="peak learning rate")),
+    "--batch-size": ("batch_size", dict(type=int, help="examples per micro-batch")),
+    "--grad-accum": ("grad_accum", dict(type=int, help="micro-batches per optimizer step")),
+    "--grad-checkpoint": ("grad_checkpoint", dict(help="off | all | every:K")),
+    "--precision": ("precision", dict(choices=_CLI_PRECISIONS)),
+    "--lora-rank": ("lora_rank", dict(type=int, help="0 = full fine-tuning")),
+    "--lora-alpha": ("lora_alpha", dict(type=float)),
+    "--lora-dropout": ("lora_dropout", dict(type=float)),
+    "--lora-targets": ("lora_targets", dict(help="comma list of wq,wk,wv,wo,w1,w2,w3")),
+    "--full": ("full", dict(action="store_true", help="full fine-tuning (no LoRA)")),
+    "--weight-decay": ("weight_decay", dict(type=float)),
+    "--warmup-steps": ("warmup_steps", dict(type=int)),
+    "--lr-schedule": ("lr_schedule", dict(choices=["cosine", "constant"])),
+    "--min-lr-ratio": ("min_lr_ratio", dict(type=float)),
+    "--max-grad-norm": ("max_grad_norm", dict(type=float, help="0 = no clipping")),
+    "--seed": ("seed", dict(type=int)),
+    "--max-seq-len": ("max_seq_len", dict(type=int)),
+    "--train-range": ("train_range", dict(type=_range, help="record indices START:STOP")),
+    "--val-range": ("val_range", dict(type=_range, help="record indices START:STOP")),
+    "--val-samples": ("val_samples", dict(type=_opt_int, help="first N records of the val range (all)")),
+    "--max-samples": ("max_samples", dict(type=_opt_int, help="first N records of the train range (all)")),
+    "--eval-batch-size": ("eval_batch_size", dict(type=int)),
+    "--skip-bad-records": ("skip_bad_records", dict(action="store_true")),
+    "--save-every": ("save_every", dict(type=int, help="checkpoint every N steps (0 = only at the end)")),
+    "--resume": ("resume", dict(metavar="DIR", help="an output dir (its latest checkpoint) or a checkpoint folder")),
+    "--overwrite": ("overwrite", dict(action="store_true", help="start over in an output dir holding a run")),
+    "--device": ("device", dict(help="auto | cpu | cuda | cuda:N")),
+    "--random-init": ("random_init", dict(action="store_true", help="random weights of the named architecture")),
+    "--n-layers": ("n_layers", dict(type=int, help="keep the first N layers (with --random-init)")),
+    "--log-every": ("log_every", dict(type=int)),
+}
+
+
+def add_finetune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", choices=sorted(PROFILES), default=None,
+                   help="starting point for every setting you do not pass (default: quickstart, the no-argument "
+                        "demo; course: lr 1e-5, 512 tokens, all 100 val records)")
+    p.add_argument("--config", metavar="JSON", help="a TrainConfig JSON file (instead of a profile)")
+    for flag, (dest, kw) in _FINETUNE_FLAGS.items():
+        p.add_argument(flag, dest=dest, default=argparse.SUPPRESS, **kw)
+    p.add_argument("--no-generate", dest="generate_samples", action="store_false", default=argparse.SUPPRESS,
+                   help="skip the before/after sample generations")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS,
+                   help="log lines instead of a progress bar")
+
+
+def finetune_config(args: argparse.Namespace) -> TrainConfig:
+    """Profile / config file / resumed checkpoint's config, then the flags actually given."""
+    given = {dest: getattr(args, dest) for dest, _ in _FINETUNE_FLAGS.values() if hasattr(args, dest)}
+    for dest in ("generate_samples", "progress"):
+        if hasattr(args, dest):
+            given[dest] = getattr(args, dest)
+    if given.get("max_grad_norm") == 0:
+        given["max_grad_norm"] = None
+    if sum(x is not None for x in (args.profile, args.config)) > 1:
+        raise ValueError("pass either --profile or --config, not both")
+    if given.get("resume") and args.profile is None and args.config is None:
+        from .state import CONFIG, resolve_checkpoint
+
+        base = json.loads((resolve_checkpoint(given["resume"]) / CONFIG).read_text())
+        base.pop("resume", None)
+    elif args.config:
+        base = TrainConfig.from_json_file(args.config).to_dict()
+    else:
+        base = TrainConfig.profile(args.profile or "quickstart").to_dict()
+    return TrainConfig.from_dict({**base, **given})
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .loop import finetune
+
+    finetune(finetune_config(args))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ eval
+def _add_model_args(p: argparse.ArgumentParser, adapter_required: bool) -> None:
+    p.add_argument("--model", default=None,
+                   help="base model: preset or checkpoint path (default: the adapter's base, else smollm2-135m)")
+    p.add_argument("--adapter", required=adapter_required, default=None,
+                   help="LoRA adapter: a run's output dir, its final/, a checkpoint folder, or a PEFT folder")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer file or dir when the model folder has none (e.g. the base .gguf)")
+    p.add_argument("--device", default="auto")
+
+
+def _load_base(args: argparse.Namespace, dtype: Any, default: str | None = None):
+    """(model, tokenizer) from --model (else ``default``, else smollm2-135m) and --tokenizer."""
+    import torch
+
+    from ..api import load, resolve_device
+
+    name = args.model or default or "smollm2-135m"
+    device = resolve_device(args.device)
+    if args.tokenizer is None:
+        return load(name, dtype=dtype, device=device)
+    from ..checkpoint import load_checkpoint
+    from ..model import build_model
+    from ..tokenizer import load_tokenizer
+
+    if not Path(name).exists():  # a preset: its own tokenizer is replaced by --tokenizer
+        return load(name, dtype=dtype, device=device)[0], load_tokenizer(args.tokenizer)
+    ckpt = load_checkpoint(name)
+    with torch.no_grad():
+        model = build_model(ckpt.config, ckpt.state_dict, dtype=dtype, device=device)
+    return model.eval(), load_tokenizer(args.tokenizer)
+
+
+def _model_and_adapter(args: argparse.Namespace, dtype: Any):
+    """(model with the adapter attached or None, tokenizer, adapter). The adapter's recorded base
+    model is the default for --model; a PEFT folder is read against the loaded base's config."""
+    from .loop import attach_adapter, load_adapter
+
+    if not args.adapter:
+        model, tok = _load_base(args, dtype)
+        return model, tok, None
+    peft_conf = Path(args.adapter) / "adapter_config.json"
+    if peft_conf.is_file():
+        base = json.loads(peft_conf.read_text()).get("base_model_name_or_path")
+        model, tok = _load_base(args, dtype, base)
+        adapter = load_adapter(args.adapter, model.config)
+    else:
+        adapter = load_adapter(args.adapter)
+        model, tok = _load_base(args, dtype, adapter.base_model)
+    attach_adapter(model, adapter, dropout=0.0)
+    return model, tok, adapter
+
+
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    _add_model_args(p, adapter_required=False)
+    p.add_argument("--data", default=None, help="default: the adapter's training data, else alpaca-sample")
+    p.add_argument("--val-range", type=_range, default=None, help="record indices START:STOP (default 400:500)")
+    p.add_argument("--val-samples", type=_opt_int, default=None, help="first N records of the range")
+    p.add_argument("--max-seq-len", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--precision", choices=_CLI_PRECISIONS, default="fp32")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Validation loss and perplexity of a model (+ adapter) on a record range. Defaults come from
+    the adapter's training run when it has one, so the numbers match that run's summary."""
+    from ..api import resolve_device
+    from ..data import AlpacaDataset, load_records
+    from .loop import evaluate
+    from .precision import get_policy
+
+    policy = get_policy(args.precision)
+    model, tokenizer, adapter = _model_and_adapter(args, policy.param_dtype)
+    run = TrainConfig.from_dict(adapter.train_config) if adapter and adapter.train_config else TrainConfig()
+    data = args.data or run.data
+    val_range = range(*(args.val_range or run.val_range))
+    n = args.val_samples if args.val_samples is not None else (run.val_samples if args.val_range is None else None)
+    if n is not None:
+        val_range = val_range[:n]
+    max_len = args.max_seq_len or run.max_seq_len
+    records = load_records(data)
+    if len(val_range) == 0 or val_range[-1] >= len(records):
+        raise ValueError(f"{data}: val range {val_range.start}:{val_range.stop} is outside its {len(records)} records")
+    ds = AlpacaDataset([records[i] for i in val_range], tokenizer, max_len)
+    device = resolve_device(args.device)
+    loss = evaluate(model, ds, policy, device, args.batch_size, int(getattr(tokenizer, "pad_id", tokenizer.eos_id)))
+    if loss is None:
+        raise ValueError("no target tokens to evaluate on")
+    out = {"val_loss": loss, "perplexity": math.exp(loss), "records": len(ds), "target_tokens": ds.num_target_tokens,
+           "truncated": ds.num_truncated, "data": data, "val_range": [val_range.start, val_range.stop],
+           "max_seq_len": max_len, "model": args.model or (adapter.base_model if adapter else "smollm2-135m"),
+           "adapter": str(adapter.source) if adapter else None}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"val loss {loss:.4f}  perplexity {math.exp(loss):.3f}  ({len(ds)} records "
+              f"{val_range.start}:{val_range.stop} of {data}, {ds.num_target_tokens} target tokens, "
+              f"{ds.num_truncated} truncated at {max_len})")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- merge
+def add_merge_args(p: argparse.ArgumentParser) -> None:
+    _add_model_args(p, adapter_required=True)
+    p.add_argument("--output", required=True, help="directory for the merged HF checkpoint")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="dtype of the written weights")
+    p.add_argument("--max-shard-bytes", type=int, default=None)
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """Base + adapter -> merged weights in HF safetensors (+ tokenizer): ``transformers`` and
+    ``solotune.load`` both read the result. Merged in fp32, rounded once to ``--dtype``."""
+    import torch
+
+    from ..checkpoint.hf import save_hf
+    from ..peft import merge_lora
+    from .loop import trainable_state, write_tokenizer
+
+    model, tokenizer, adapter = _model_and_adapter(args, torch.float32)
+    merge_lora(model)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    sd = {k: v.to(dtype) for k, v in trainable_state(model, lora=False).items()}
+    out = save_hf(model.config, sd, args.output, max_shard_bytes=args.max_shard_bytes)
+    has_tok = write_tokenizer(tokenizer, out)
+    print(f"merged {adapter.source} into {args.model or adapter.base_model} -> {out} ({args.dtype}"
+          f"{', tokenizer included' if has_tok else ', no tokenizer file: pass the base tokenizer when loading'})")
+    return 0
+
+
+# ----------------------------------------------------------------------------------- export-peft
+def add_export_peft_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", required=True, help="a run's output dir, its final/, or a checkpoint folder")
+    p.add_argument("--output", required=True, help="directory for adapter_config.json + adapter_model.safetensors")
+    p.add_argument("--model", default=None, help="base model (default: the adapter's base); only its config is used")
+    p.add_argument("--base-model-name-or-path", default=None,
+                   help="value written to adapter_config.json (default: the base model string)")
+
+
+def cmd_export_peft(args: argparse.Namespace) -> int:
+    """Write a solotune adapter in the HF PEFT layout, loadable with ``PeftModel.from_pretrained``."""
+    import torch
+
+    from ..config import ModelConfig
+    from ..model import Transformer
+    from ..peft import export_peft
+    from .loop import ADAPTER_CONFIG, attach_adapter, load_adapter
+
+    adapter = load_adapter(args.adapter)
+    base = args.model or adapter.base_model
+    recorded = adapter.source / ADAPTER_CONFIG
+    shape = json.loads(recorded.read_text()).get("model_config") if recorded.is_file() and args.model is None else None
+    if shape:  # the adapter records its model's shape: build it on the meta device, no base weights needed
+        cfg = ModelConfig(**shape)
+        with torch.device("meta"):
+            model = Transformer(cfg)
+        _attach_on_meta(model, adapter)
+    else:
+        from ..api import load
+
+        model = load(base, dtype=torch.float32, device="cpu")[0]
+        cfg = model.config
+        attach_adapter(model, adapter)  # keep the training dropout: PEFT records it in adapter_config.json
+    out = export_peft(model, cfg, args.output, dropout=None, base_model_name_or_path=args.base_model_name_or_path or base)
+    print(f"exported {adapter.source} -> {out} (PEFT LoRA r={adapter.rank}, alpha={adapter.alpha:g}, "
+          f"targets {','.join(adapter.targets)})")
+    return 0
+
+
+def _attach_on_meta(model: Any, adapter: Any) -> None:
+    """Wrap a meta-device model's targets and assign the adapter tensors as the LoRA parameters
+    (only the adapters are real: enough for export, which reads nothing else)."""
+    import torch
+
+    from ..peft import apply_lora, lora_modules
+
+    apply_lora(model, adapter.targets, adapter.rank, adapter.alpha, adapter.dropout)
+    for name, m in lora_modules(model):
+        for ab in ("a", "b"):
+            key = f"{name}.lora_{ab}"
+            if key not in adapter.weights:
+                raise ValueError(f"{adapter.source}: adapter has no tensor {key}")
+            setattr(m, f"lora_{ab}", torch.nn.Parameter(adapter.weights[key].float(), requires_grad=False))
