@@ -1,0 +1,329 @@
+"""Measured memory anatomy of a training run: what the peak is made of.
+
+:class:`AnatomyInstrument` plugs into the training loop's instrument hooks
+(``solotune.train.loop.Instrument``) and measures, per micro-batch and per optimizer step:
+
+* parameters by dtype, gradients, optimizer state: unique storages of the live tensors;
+* activations saved for backward: every tensor autograd packs during the forward (+ loss), seen
+  through ``torch.autograd.graph.saved_tensors_hooks``, deduplicated by storage; storages of
+  parameters are not activations (a weight saved for backward costs nothing extra);
+* autocast weight copies: the saved tensors that are 16-bit copies of weights (a transposed 2-D
+  view of a weight's shape, in autocast's dtype): frozen weights are cast per call and kept by
+  backward; trainable ones come from autocast's cache;
+* autocast's cache during the forward: the 16-bit copies of trainable fp32 weights that were
+  cast (counted at each matmul module's call). Reported beside the anatomy, not in it: it dies
+  when the forward leaves autocast, unless backward keeps the copy (then it is a weight copy).
+
+The anatomy is taken for the phase that set the run's peak (the peak counter only grows, so the
+last phase that raised it holds the peak): for a forward/backward phase the components are the
+parameters, the gradients alive when the micro-batch started, the optimizer state, the saved
+activations and the saved weight copies, which all coexist when backward starts; ``rest`` is the
+peak minus their sum (logits, loss gradients, recomputation, allocator rounding...). For an
+optimizer-step phase: parameters + all gradients + optimizer state + rest.
+
+Peak memory: CUDA ``max_memory_allocated``; on CPU, :class:`TensorMeter` tracks the bytes of every
+live tensor storage (a dispatch mode) since there is no allocator statistic there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+
+# --------------------------------------------------------------------------------- meters
+
+
+class CudaMeter:
+    """The CUDA caching allocator's counters for one device."""
+
+    kind = "cuda max_memory_allocated"
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def current(self) -> int:
+        return int(torch.cuda.memory_allocated(self.device))
+
+    def peak(self) -> int:
+        return int(torch.cuda.max_memory_allocated(self.device))
+
+    def peak_reserved(self) -> int | None:
+        return int(torch.cuda.max_memory_reserved(self.device))
+
+    @contextlib.contextmanager
+    def tracking(self, *seed: Any) -> Iterator["CudaMeter"]:
+        yield self
+
+
+class TensorMeter:
+    """Live bytes of tensor storages on CPU, with their peak.
+
+    Storages produced by any op while :meth:`tracking` is active are counted until they are freed
+    (a ``weakref.finalize`` on the storage); storages that existed before (the model) are seeded.
+    Scratch memory inside kernels is invisible: this is a tensor count, close to what
+    ``max_memory_allocated`` reports on CUDA.
+    """
+
+    kind = "cpu live tensor storages"
+
+    def __init__(self) -> None:
+        self.live: dict[int, int] = {}
+        self.cur = 0
+        self.max = 0
+
+    def current(self) -> int:
+        return self.cur
+
+    def peak(self) -> int:
+        return self.max
+
+    def peak_reserved(self) -> int | None:
+        return None
+
+    def _free(self, key: int) -> None:
+        self.cur -= self.live.pop(key, 0)
+
+    def add(self, t: torch.Tensor) -> None:
+        if t.device.type == "meta":
+            return
+        st = t.untyped_storage()
+        key = st._cdata
+        if key in self.live:
+            return
+        n = st.nbytes()
+        self.live[key] = n
+        self.cur += n
+        self.max = max(self.max, self.cur)
+        weakref.finalize(st, self._free, key)
+
+    @contextlib.contextmanager
+    def tracking(self, *seed: Any) -> Iterator["TensorMeter"]:
+        """Count every tensor made inside; ``seed``: modules/tensors that already exist."""
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+
+        meter = self
+        for obj in seed:
+            for t in (obj.parameters() if isinstance(obj, nn.Module) else [obj]):
+                self.add(t)
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in tree_flatten(out)[0]:
+                    if isinstance(t, torch.Tensor):
+                        meter.add(t)
+                return out
+
+        with _Mode():
+            yield self
+
+
+def make_meter(device: torch.device) -> CudaMeter | TensorMeter:
+    return CudaMeter(device) if device.type == "cuda" else TensorMeter()
+
+
+# ------------------------------------------------------------------------------ accounting
+def storage_bytes(tensors: Any) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (views and shared tensors count once)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            st = t.untyped_storage()
+            seen[st._cdata] = st.nbytes()
+    return sum(seen.values())
+
+
+def params_by_dtype(model: nn.Module) -> dict[str, int]:
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    seen: dict[int, tuple[int, str]] = {}
+    for p in model.parameters():
+        st = p.untyped_storage()
+        seen[st._cdata] = (st.nbytes(), names.get(p.dtype, str(p.dtype).replace("torch.", "")))
+    out: dict[str, int] = {}
+    for n, dt in seen.values():
+        out[dt] = out.get(dt, 0) + n
+    return out
+
+
+def grad_bytes(model: nn.Module) -> int:
+    return storage_bytes(p.grad for p in model.parameters() if p.grad is not None)
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return storage_bytes(v for state in optimizer.state.values() for v in state.values())
+
+
+def _in_backward() -> bool:
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
+
+
+# ------------------------------------------------------------------------------ instrument
+@dataclass
+class PhaseRecord:
+    phase: str  # "forward/backward" | "optimizer step"
+    step: int  # optimizer step (1-based) the phase belongs to
+    micro: int  # micro-batch index in the window (-1 for the optimizer step)
+    peak: int
+    params: dict[str, int]
+    grads: int
+    optimizer: int
+    activations: int
+    weight_copies: int
+    shape: tuple[int, int] = (0, 0)  # (batch, seq_len) of this micro-batch (forward/backward phases)
+
+    def anatomy(self) -> dict[str, Any]:
+        total_params = sum(self.params.values())
+        parts = total_params + self.grads + self.optimizer + self.activations + self.weight_copies
+        return {"phase": self.phase, "step": self.step, "micro": self.micro, "shape": list(self.shape), "peak": self.peak,
+                "params": dict(self.params), "params_total": total_params, "grads": self.grads,
+                "optimizer": self.optimizer, "activations": self.activations,
+                "weight_copies": self.weight_copies, "rest": self.peak - parts}
+
+
+@dataclass
+class AnatomyInstrument:
+    """Training-loop instrument that measures the memory anatomy (see the module docstring).
+
+    ``stop_after``: raise :class:`StopTraining` from ``after_step`` of that optimizer step, so a
+    benchmark can end the loop before it writes checkpoints and final weights.
+    """
+
+    model: nn.Module
+    meter: CudaMeter | TensorMeter
+    stop_after: int | None = None
+    records: list[PhaseRecord] = field(default_factory=list)
+    peak_record: PhaseRecord | None = None
+    max_activations: int = 0  # largest saved activations of any micro-batch
+    max_weight_copies: int = 0
+    autocast_cache: int = 0  # largest autocast cache of trainable weights in one forward
+    micro_batches: int = 0
+    steps: int = 0
+    _param_storages: set[int] = field(default_factory=set)
+    _weight_shapes: set[tuple[int, int]] = field(default_factory=set)
+    _step_grads: int = 0
+    _optimizer: int = 0
+    _step_peak_before: int = 0
+    _micro_in_window: int = 0
+    _saved: dict[int, int] = field(default_factory=dict)
+    _copies: dict[int, int] = field(default_factory=dict)
+    _cache: dict[int, int] = field(default_factory=dict)
+    _hooks: list[Any] = field(default_factory=list)
+    _shape: tuple[int, int] = (0, 0)
+    _ready: bool = False
+
+    # ---------------------------------------------------------------- set-up
+    def _setup(self) -> None:
+        """After finetune() has applied LoRA and frozen what it freezes: the parameter storages,
+        the shapes of matmul weights, and a pre-hook on every matmul module for the autocast cache."""
+        self._param_storages = {p.untyped_storage()._cdata for p in self.model.parameters()}
+        self._hooks.append(self.model.register_forward_pre_hook(self._note_shape))
+        for m in self.model.modules():
+            mats = [p for p in m.parameters(recurse=False) if p.ndim == 2]
+            if isinstance(m, nn.Embedding):
+                continue
+            for p in mats:
+                self._weight_shapes.add(tuple(p.shape))
+            if mats:
+                self._hooks.append(m.register_forward_pre_hook(self._count_cache(mats)))
+        self._ready = True
+
+    def _note_shape(self, module: nn.Module, args: Any) -> None:
+        if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 2:
+            self._shape = (int(args[0].shape[0]), int(args[0].shape[1]))
+
+    def _count_cache(self, mats: list[nn.Parameter]):
+        def hook(module: nn.Module, args: Any) -> None:
+            dev = mats[0].device.type
+            if not (torch.is_grad_enabled() and torch.is_autocast_enabled(dev)):
+                return
+            lp = torch.get_autocast_dtype(dev)
+            for p in mats:
+                if p.requires_grad and p.dtype == torch.float32:
+                    self._cache[p.untyped_storage()._cdata] = p.numel() * torch.finfo(lp).bits // 8
+        return hook
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    # -------------------------------------------------------- saved tensors
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        if _in_backward() or t.device.type == "meta":
+            return t
+        st = t.untyped_storage()
+        key = st._cdata
+        if key in self._param_storages:
+            return t  # a parameter kept for backward costs nothing extra
+        n = st.nbytes()
+        if (t.dtype in (torch.float16, torch.bfloat16) and t.dim() == 2 and t.stride() == (1, t.shape[0])
+                and (t.shape[1], t.shape[0]) in self._weight_shapes and n == t.numel() * t.element_size()):
+            self._copies[key] = n  # W.t() of a 16-bit copy of a weight: autocast's doing
+        else:
+            self._saved[key] = n
+        return t
+
+    # ------------------------------------------------------------ the hooks
+    @contextlib.contextmanager
+    def forward_context(self) -> Iterator[None]:
+        if not self._ready:
+            self._setup()
+        grads_live = grad_bytes(self.model)
+        peak_before = self.meter.peak()
+        self._saved, self._copies, self._cache = {}, {}, {}
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
+            yield
+        acts, copies = sum(self._saved.values()), sum(self._copies.values())
+        self.max_activations = max(self.max_activations, acts)
+        self.max_weight_copies = max(self.max_weight_copies, copies)
+        self.autocast_cache = max(self.autocast_cache, sum(self._cache.values()))
+        rec = PhaseRecord("forward/backward", self.steps + 1, self._micro_in_window, self.meter.peak(),
+                          params_by_dtype(self.model), grads_live, self._optimizer, acts, copies, self._shape)
+        self._note(rec, peak_before)
+        self._micro_in_window += 1
+        self.micro_batches += 1
+        self._saved, self._copies = {}, {}
+
+    def before_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        self._step_grads = grad_bytes(model)
+        self._step_peak_before = self.meter.peak()
+
+    def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        self._optimizer = optimizer_state_bytes(optimizer)
+        rec = PhaseRecord("optimizer step", step, -1, self.meter.peak(), params_by_dtype(model),
+                          self._step_grads, self._optimizer, 0, 0)
+        self._note(rec, self._step_peak_before)
+        self.steps = step
+        self._micro_in_window = 0
+        if self.stop_after is not None and step >= self.stop_after:
+            raise StopTraining(step)
+
+    def _note(self, rec: PhaseRecord, peak_before: int) -> None:
+        self.records.append(rec)
+        if self.peak_record is None or rec.peak > peak_before:
+            self.peak_record = rec
+
+    # --------------------------------------------------------------- result
+    def anatomy(self) -> dict[str, Any] | None:
+        if self.peak_record is None:
+            return None
+        out = self.peak_record.anatomy()
+        out["autocast_cache"] = self.autocast_cache
+        out["max_activations"] = self.max_activations
+        out["max_weight_copies"] = self.max_weight_copies
+        return out
+
+
+class StopTraining(Exception):
+    """Raised by :class:`AnatomyInstrument` after the last measured step (not an error)."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"stopped after optimizer step {step}")
+        self.step = step
