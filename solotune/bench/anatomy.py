@@ -203,6 +203,8 @@ class AnatomyInstrument:
     max_activations: int = 0  # largest saved activations of any micro-batch
     max_weight_copies: int = 0
     autocast_cache: int = 0  # largest autocast cache of trainable weights in one forward
+    grads_total: int = 0  # all gradients of a window (measured before the optimizer step)
+    optimizer_total: int = 0
     micro_batches: int = 0
     steps: int = 0
     _param_storages: set[int] = field(default_factory=set)
@@ -223,7 +225,7 @@ class AnatomyInstrument:
         """After finetune() has applied LoRA and frozen what it freezes: the parameter storages,
         the shapes of matmul weights, and a pre-hook on every matmul module for the autocast cache."""
         self._param_storages = {p.untyped_storage()._cdata for p in self.model.parameters()}
-        self._hooks.append(self.model.register_forward_pre_hook(self._note_shape))
+        self._hooks.append(self.model.register_forward_pre_hook(self._note_shape, with_kwargs=True))
         for m in self.model.modules():
             mats = [p for p in m.parameters(recurse=False) if p.ndim == 2]
             if isinstance(m, nn.Embedding):
@@ -234,9 +236,11 @@ class AnatomyInstrument:
                 self._hooks.append(m.register_forward_pre_hook(self._count_cache(mats)))
         self._ready = True
 
-    def _note_shape(self, module: nn.Module, args: Any) -> None:
-        if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 2:
-            self._shape = (int(args[0].shape[0]), int(args[0].shape[1]))
+    def _note_shape(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        """(batch, seq_len) of the token ids the model is called with (positional, or HF's input_ids=)."""
+        ids = args[0] if args else kwargs.get("input_ids")
+        if isinstance(ids, torch.Tensor) and ids.dim() == 2:
+            self._shape = (int(ids.shape[0]), int(ids.shape[1]))
 
     def _count_cache(self, mats: list[nn.Parameter]):
         def hook(module: nn.Module, args: Any) -> None:
@@ -293,10 +297,12 @@ class AnatomyInstrument:
 
     def before_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
         self._step_grads = grad_bytes(model)
+        self.grads_total = max(self.grads_total, self._step_grads)
         self._step_peak_before = self.meter.peak()
 
     def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
         self._optimizer = optimizer_state_bytes(optimizer)
+        self.optimizer_total = max(self.optimizer_total, self._optimizer)
         rec = PhaseRecord("optimizer step", step, -1, self.meter.peak(), params_by_dtype(model),
                           self._step_grads, self._optimizer, 0, 0)
         self._note(rec, self._step_peak_before)
@@ -318,6 +324,8 @@ class AnatomyInstrument:
         out["autocast_cache"] = self.autocast_cache
         out["max_activations"] = self.max_activations
         out["max_weight_copies"] = self.max_weight_copies
+        out["grads_total"] = self.grads_total
+        out["optimizer_total"] = self.optimizer_total
         return out
 
 

@@ -1,0 +1,420 @@
+"""One benchmark cell: one training configuration, run once, in its own process.
+
+``python -m solotune.bench.cell --json '{"model": "llama2-7b", "precision": "fp16-amp", ...}'`` runs
+the cell described by a :class:`CellSpec` and prints exactly one line on stdout: the JSON result
+(everything else, the training loop's own output included, goes to stderr). A fresh process per
+cell keeps the peak-memory counters clean, and an out-of-memory error ends only this cell: it is
+caught and reported as ``status: "oom"`` with the size of the allocation that failed.
+
+``python -m solotune.bench.cell --matmul`` prints the device's measured bf16 matmul rate (the MFU
+denominator) as JSON.
+
+Weights are random (the architecture's preset, or the checkpoint given as a path); the data are
+the first ``samples`` records of the bundled Alpaca sample, tokenised with the model's tokenizer
+(presets: the bundled LLaMA-2 SentencePiece model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime as _dt
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+INJECT_OOM_ENV = "SOLOTUNE_BENCH_INJECT_OOM"  # a cell id (or "all"): that cell raises a fake OOM (tests)
+METHODS = ("lora", "full")
+IMPLS = ("solotune", "hf")
+
+
+@dataclass
+class CellSpec:
+    """Everything that defines one cell (JSON round-trippable)."""
+
+    model: str = "llama2-7b"  # preset name or checkpoint path
+    layers: int | None = None  # override the preset's depth
+    samples: int = 200  # Alpaca records 0..samples-1
+    seq_len: int = 512  # truncation cap
+    micro_batch: int = 1
+    grad_accum: int = 1
+    grad_checkpoint: str = "off"
+    precision: str = "fp32"
+    method: str = "lora"  # lora | full
+    impl: str = "solotune"  # solotune | hf (transformers + peft, plain torch loop)
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] = ("wq", "wv")
+    lr: float = 1e-5
+    seed: int = 0
+    device: str = "auto"
+    time_budget_s: float | None = None  # stop after the optimizer step that crosses it; runtime is extrapolated
+    matmul_tflops: float | None = None  # measured bf16 rate of the device, for MFU
+    command: str = ""  # the bench command line that asked for this cell
+
+    def __post_init__(self) -> None:
+        self.lora_targets = tuple(self.lora_targets)
+        if self.method not in METHODS:
+            raise ValueError(f"cell method {self.method!r}: expected one of {METHODS}")
+        if self.impl not in IMPLS:
+            raise ValueError(f"cell impl {self.impl!r}: expected one of {IMPLS}")
+
+    @property
+    def cell_id(self) -> str:
+        return (f"ga{self.grad_accum}-gc{self.grad_checkpoint.replace(':', '')}-{self.precision}-{self.method}"
+                f"-{self.impl}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["lora_targets"] = list(self.lora_targets)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CellSpec":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown cell fields: {unknown}")
+        return cls(**d)
+
+
+# ------------------------------------------------------------------------------ helpers
+class FoldedTokenizer:
+    """Wrap a tokenizer for a model whose vocabulary is smaller (toy test models): ids are taken
+    modulo ``vocab_size``; bos/eos keep their ids. The text is real, the ids are not meaningful."""
+
+    def __init__(self, inner: Any, vocab_size: int) -> None:
+        self.inner, self.vocab_size = inner, vocab_size
+        self.bos_id, self.eos_id = inner.bos_id, inner.eos_id
+        self.add_bos = getattr(inner, "add_bos", True)
+        self.pad_id = getattr(inner, "pad_id", None)
+        self.source = f"{getattr(inner, 'source', 'tokenizer')} (ids mod {vocab_size})"
+        if max(self.bos_id, self.eos_id) >= vocab_size:
+            raise ValueError(f"vocab {vocab_size} is too small for bos/eos ids {self.bos_id}/{self.eos_id}")
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        return [i % self.vocab_size for i in self.inner.encode(text, bos=bos, eos=eos)]
+
+    def decode(self, ids: Any, *args: Any, **kw: Any) -> str:
+        return self.inner.decode(list(ids), *args, **kw)
+
+
+def parse_oom_bytes(message: str) -> int | None:
+    """The size in "Tried to allocate 1.95 GiB" of a CUDA out-of-memory message."""
+    m = re.search(r"Tried to allocate ([0-9.]+) ?([KMGT]?i?B)", message)
+    if not m:
+        return None
+    unit = m.group(2).upper().replace("I", "i")
+    power = {"B": 0, "KiB": 1, "MiB": 2, "GiB": 3, "TiB": 4, "KB": 1, "MB": 2, "GB": 3, "TB": 4}.get(unit)
+    if power is None:
+        return None
+    base = 1000 if unit in ("KB", "MB", "GB", "TB") else 1024
+    return int(float(m.group(1)) * base**power)
+
+
+def measure_matmul_tflops(device: torch.device, n: int = 8192, iters: int = 10) -> float | None:
+    """bf16 n x n x n matmul rate in TFLOP/s on ``device`` (None on CPU)."""
+    if device.type != "cuda":
+        return None
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        a @ b
+    end.record()
+    torch.cuda.synchronize(device)
+    return 2.0 * n**3 * iters / (start.elapsed_time(end) / 1e3) / 1e12
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _dtype(precision: str) -> torch.dtype:
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def load_cell_model(spec: CellSpec, device: torch.device) -> tuple[torch.nn.Module, Any, Any, bool]:
+    """(model, tokenizer, ModelConfig, random_init) for a solotune cell."""
+    from ..api import BUNDLED_LLAMA2_TOKENIZER, load
+    from ..config import PRESETS
+    from ..model import build_model
+    from ..tokenizer import load_tokenizer
+
+    dtype = _dtype(spec.precision)
+    if spec.model in PRESETS:
+        cfg = PRESETS[spec.model]
+        if spec.layers is not None:
+            cfg = cfg.replace(n_layers=spec.layers)
+        model = build_model(cfg, dtype=dtype, device=device, seed=spec.seed)
+        return model, cell_tokenizer(cfg.vocab_size, load_tokenizer(BUNDLED_LLAMA2_TOKENIZER)), cfg, True
+    if spec.layers is not None:
+        raise ValueError("--layers applies to preset architectures (random init) only")
+    model, tok = load(spec.model, dtype=dtype, device=device)
+    return model, tok, model.config, False
+
+
+def cell_tokenizer(vocab_size: int, tok: Any) -> Any:
+    tok_vocab = getattr(tok, "vocab_size", 32000)
+    return tok if vocab_size >= tok_vocab else FoldedTokenizer(tok, vocab_size)
+
+
+def train_lengths(spec: CellSpec, tokenizer: Any) -> list[int]:
+    """Token counts of the cell's training examples (after truncation), in record order."""
+    from ..data import AlpacaDataset, load_records
+
+    recs = load_records("alpaca-sample")
+    if spec.samples > 200:
+        raise ValueError(f"--samples {spec.samples}: the course's training split has 200 records")
+    ds = AlpacaDataset(recs[: spec.samples], tokenizer, spec.seq_len)
+    return [len(e.input_ids) for e in ds]
+
+
+def planner_setup(spec: CellSpec, cfg: Any, seq_len: int, device: torch.device):
+    from .plan import Setup
+
+    return Setup(cfg, seq_len=seq_len, batch=spec.micro_batch, grad_accum=spec.grad_accum,
+                 grad_checkpoint=spec.grad_checkpoint, precision=spec.precision,
+                 lora_rank=spec.lora_rank if spec.method == "lora" else 0, lora_targets=spec.lora_targets,
+                 lora_dropout=spec.lora_dropout, device="cuda" if device.type == "cuda" else "cpu")
+
+
+class _InjectedOOM:
+    """Instrument wrapper whose first forward raises a fake out-of-memory error (tests)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    @contextlib.contextmanager
+    def forward_context(self):
+        raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 1.50 GiB. (injected by {INJECT_OOM_ENV})")
+        yield  # pragma: no cover
+
+    def before_step(self, *a: Any) -> None:
+        self.inner.before_step(*a)
+
+    def after_step(self, *a: Any) -> None:
+        self.inner.after_step(*a)
+
+
+def _wants_injected_oom(spec: CellSpec) -> bool:
+    want = os.environ.get(INJECT_OOM_ENV, "")
+    return bool(want) and (want == "all" or want == spec.cell_id)
+
+
+# ---------------------------------------------------------------------------- the cell
+def run_cell(spec: CellSpec) -> dict[str, Any]:
+    """Run one cell; never raises for OOM or training errors (they become the status)."""
+    from ..api import resolve_device
+    from .anatomy import AnatomyInstrument, StopTraining, make_meter
+    from .plan import predict, train_flops
+
+    device = resolve_device(spec.device)
+    result: dict[str, Any] = {
+        "model": spec.model, "layers": spec.layers, "seq_len": spec.seq_len, "micro_batch": spec.micro_batch,
+        "grad_accum": spec.grad_accum, "grad_checkpoint": spec.grad_checkpoint, "precision": spec.precision,
+        "method": spec.method, "impl": spec.impl, "cell_id": spec.cell_id, "status": "error",
+        "peak_alloc_bytes": None, "peak_reserved_bytes": None, "predicted_peak_bytes": None, "runtime_s": None,
+        "tokens": None, "tokens_per_s": None, "mean_loss": None, "trainable_params": None, "total_params": None,
+        "anatomy": None, "predicted": None, "mfu": None, "samples": spec.samples, "samples_done": 0, "steps": 0,
+        "runtime_extrapolated": False, "runtime_measured_s": None, "error": None, "oom_request_bytes": None,
+        "device": device_name(device), "torch": torch.__version__, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": spec.command, "peak_kind": None, "weights": None, "matmul_tflops": spec.matmul_tflops,
+        "lora": {"rank": spec.lora_rank, "alpha": spec.lora_alpha, "dropout": spec.lora_dropout,
+                 "targets": list(spec.lora_targets)} if spec.method == "lora" else None,
+        "max_seq_len_data": None, "max_seq_len_seen": None,
+    }
+    meter = make_meter(device)
+    result["peak_kind"] = meter.kind
+    inst: AnatomyInstrument | None = None
+    model = None
+    cfg = None
+    lengths: list[int] = []
+    workdir = tempfile.mkdtemp(prefix="solotune-cell-")
+    try:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        if spec.impl == "hf":
+            from .hf_cell import build_hf_model
+
+            model, tokenizer, cfg = build_hf_model(spec, device)
+            random_init = True
+        else:
+            model, tokenizer, cfg, random_init = load_cell_model(spec, device)
+        result["layers"] = cfg.n_layers
+        result["weights"] = "random init" if random_init else "checkpoint"
+        lengths = train_lengths(spec, tokenizer)
+        result["max_seq_len_data"] = max(lengths)
+        n_micro = math.ceil(len(lengths) / spec.micro_batch)
+        n_steps = math.ceil(n_micro / spec.grad_accum)
+        setup = planner_setup(spec, cfg, max(lengths), device)
+        pred = predict(setup)
+        result["predicted"] = pred.to_dict()
+        result["predicted_peak_bytes"] = pred.peak
+        inst = AnatomyInstrument(model, meter, stop_after=n_steps)
+        instrument: Any = _BudgetInstrument(inst, spec.time_budget_s) if spec.time_budget_s else inst
+        if _wants_injected_oom(spec):
+            instrument = _InjectedOOM(instrument)
+        with meter.tracking(model):
+            if spec.impl == "hf":
+                from .hf_cell import train_hf
+
+                log = train_hf(spec, model, tokenizer, device, instrument, n_steps)
+            else:
+                log = _train_solotune(spec, model, tokenizer, device, instrument, workdir)
+        _fill_success(result, spec, log, inst, lengths, device, setup, train_flops)
+    except torch.OutOfMemoryError as e:
+        msg = str(e).strip()
+        result.update(status="oom", error=msg.splitlines()[0][:500] if msg else "out of memory",
+                      oom_request_bytes=parse_oom_bytes(msg))
+        print(f"[cell {spec.cell_id}] out of memory: {msg[:300]}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - a cell reports its failure, the matrix goes on
+        traceback.print_exc(file=sys.stderr)
+        result.update(status="error", error=f"{type(e).__name__}: {e}"[:1000])
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+        if inst is not None:
+            inst.close()
+            if result["anatomy"] is None:
+                result["anatomy"] = inst.anatomy()
+    if result["peak_alloc_bytes"] is None:
+        result["peak_alloc_bytes"] = meter.peak() if (device.type == "cuda" or inst is not None) else None
+        result["peak_reserved_bytes"] = meter.peak_reserved()
+    if model is not None and result["trainable_params"] is None:
+        result["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        result["total_params"] = sum(p.numel() for p in model.parameters())
+    return result
+
+
+class _BudgetInstrument:
+    """Stop training after the optimizer step that crosses ``budget_s`` seconds of training."""
+
+    def __init__(self, inner: Any, budget_s: float) -> None:
+        self.inner, self.budget_s = inner, budget_s
+        self.t0: float | None = None
+
+    def forward_context(self):
+        if self.t0 is None:
+            self.t0 = time.perf_counter()
+        return self.inner.forward_context()
+
+    def before_step(self, *a: Any) -> None:
+        self.inner.before_step(*a)
+
+    def after_step(self, model: Any, optimizer: Any, step: int) -> None:
+        self.inner.after_step(model, optimizer, step)
+        if self.t0 is not None and time.perf_counter() - self.t0 > self.budget_s:
+            from .anatomy import StopTraining
+
+            raise StopTraining(step)
+
+
+def _train_solotune(spec: CellSpec, model: Any, tokenizer: Any, device: torch.device, instrument: Any,
+                    workdir: str) -> list[dict[str, Any]]:
+    """Run solotune's own training loop; returns its per-step metrics records."""
+    from ..train import TrainConfig, finetune
+    from .anatomy import StopTraining
+
+    cfg = TrainConfig(
+        model=spec.model, data="alpaca-sample", output_dir=os.path.join(workdir, "run"), epochs=1, lr=spec.lr,
+        batch_size=spec.micro_batch, grad_accum=spec.grad_accum, grad_checkpoint=spec.grad_checkpoint,
+        precision=spec.precision, full=spec.method == "full", lora_rank=spec.lora_rank if spec.method == "lora" else 0,
+        lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout, lora_targets=spec.lora_targets,
+        max_seq_len=spec.seq_len, train_range=(0, 200), max_samples=spec.samples, val_samples=0,
+        generate_samples=False, progress=False, device=str(device), seed=spec.seed, log_every=10**9,
+    )
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            finetune(cfg, model=model, tokenizer=tokenizer, instrument=instrument)
+    except StopTraining:
+        pass  # the last measured step is done: skip the loop's checkpoint and final-weights writing
+    path = os.path.join(workdir, "run", "metrics.jsonl")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _fill_success(result: dict[str, Any], spec: CellSpec, log: list[dict[str, Any]], inst: Any, lengths: list[int],
+                  device: torch.device, setup: Any, train_flops: Any) -> None:
+    from .plan import predict
+
+    if not log:
+        raise RuntimeError("the training loop logged no step")
+    runtime = float(log[-1]["time_s"])
+    tokens = int(log[-1]["tokens"])
+    steps = len(log)
+    rows = [r.shape for r in inst.records if r.phase == "forward/backward"]
+    done = sum(b for b, _ in rows)
+    result.update(status="ok", steps=steps, samples_done=done, runtime_measured_s=runtime,
+                  mean_loss=sum(r["loss"] for r in log) / steps, tokens=tokens,
+                  tokens_per_s=tokens / runtime if runtime > 0 else None)
+    seen = max((t for _, t in rows), default=0)
+    result["max_seq_len_seen"] = seen
+    if seen and seen != setup.seq_len:  # predict for the longest micro-batch that actually ran
+        pred = predict(setup.replace(seq_len=seen))
+        result["predicted"] = pred.to_dict()
+        result["predicted_peak_bytes"] = pred.peak
+    if done < len(lengths):
+        # Stopped by the time budget: scale the runtime by tokens (the full run's / the measured part's).
+        result["runtime_extrapolated"] = True
+        result["runtime_s"] = runtime * sum(lengths) / max(tokens, 1)
+    else:
+        result["runtime_s"] = runtime
+    flops = sum(train_flops(setup, [t] * b) for b, t in rows)
+    result["model_flops"] = flops
+    if spec.matmul_tflops and runtime > 0:
+        result["mfu"] = flops / runtime / (spec.matmul_tflops * 1e12)
+    result["anatomy"] = inst.anatomy()
+    result["peak_alloc_bytes"] = inst.meter.peak()
+    result["peak_reserved_bytes"] = inst.meter.peak_reserved()
+
+
+# ------------------------------------------------------------------------------------ CLI
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m solotune.bench.cell", description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", help="the CellSpec as a JSON object")
+    p.add_argument("--matmul", action="store_true", help="print the bf16 matmul rate of the device as JSON")
+    p.add_argument("--device", default="auto")
+    args = p.parse_args(argv)
+    out = sys.stdout
+    if args.matmul:
+        from ..api import resolve_device
+
+        dev = resolve_device(args.device)
+        out.write(json.dumps({"device": device_name(dev), "matmul_tflops": measure_matmul_tflops(dev)}) + "\n")
+        return 0
+    if not args.json:
+        p.error("--json or --matmul is required")
+    try:
+        spec = CellSpec.from_dict(json.loads(args.json))
+    except (ValueError, TypeError) as e:
+        print(f"bad cell spec: {e}", file=sys.stderr)
+        return 2
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries the result line only
+        result = run_cell(spec)
+    out.write(json.dumps(result) + "\n")
+    out.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
