@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .config import ModelConfig
+from .generate import generate  # eager: binds the function over the same-named submodule
 from .model import Transformer, build_model
 
 __version__ = "0.1.0"
@@ -12,7 +13,6 @@ __version__ = "0.1.0"
 # Heavier pieces are imported on first use so `import solotune` stays cheap.
 _LAZY = {
     "load": ("solotune.api", "load"),
-    "generate": ("solotune.generate", "generate"),
     "TrainConfig": ("solotune.train.config", "TrainConfig"),
     "finetune": ("solotune.train.loop", "finetune"),
 }
