@@ -107,6 +107,11 @@ def find_tokenizer(dirs: list[Path], names: tuple[str, ...]) -> Path | None:
     return None
 
 
+def tokenizer_dest_name(src: Path) -> str:
+    """The name loaders look for: ``tokenizer.model`` (SentencePiece) or ``tokenizer.json`` (tokenizers)."""
+    return "tokenizer.model" if src.suffix == ".model" else "tokenizer.json"
+
+
 def split_dim(name: str) -> int | None:
     """Model-parallel split dimension of a canonical tensor in Meta's sharded checkpoints: column-
     parallel layers (wq/wk/wv/w1/w3/output) split their output rows (dim 0); row-parallel layers

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..config import ModelConfig
-from .common import Checkpoint, CheckpointError, atomic_dir, find_tokenizer, strip_tied, validate_state_dict
+from .common import Checkpoint, CheckpointError, atomic_dir, find_tokenizer, tokenizer_dest_name, strip_tied, validate_state_dict
 from .names import HF_NAMES, HF_TO_CANONICAL, hf_rows_to_meta, meta_rows_to_hf, rename
 
 INDEX = "model.safetensors.index.json"
@@ -161,5 +161,5 @@ def save_hf(cfg: ModelConfig, sd: Mapping[str, torch.Tensor], path: str | os.Pat
             (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
         if tokenizer_file is not None:
             tf = Path(tokenizer_file)
-            (tmp / tf.name).write_bytes(tf.read_bytes())
+            (tmp / tokenizer_dest_name(tf)).write_bytes(tf.read_bytes())
     return out

@@ -12,7 +12,7 @@ from typing import Mapping
 import torch
 
 from ..config import ModelConfig
-from .common import Checkpoint, CheckpointError, atomic_dir, find_tokenizer, split_dim, strip_tied, validate_state_dict
+from .common import Checkpoint, CheckpointError, atomic_dir, find_tokenizer, tokenizer_dest_name, split_dim, strip_tied, validate_state_dict
 
 _SHARD_RE = re.compile(r"^consolidated\.(\d+)\.pth$")
 # Buffers some Meta checkpoints carry that the model recomputes (RoPE frequencies).
@@ -137,5 +137,5 @@ def save_meta(cfg: ModelConfig, sd: Mapping[str, torch.Tensor], path: str | os.P
             torch.save(part, tmp / f"consolidated.{r:02d}.pth")
         if tokenizer_file is not None:
             tf = Path(tokenizer_file)
-            (tmp / tf.name).write_bytes(tf.read_bytes())
+            (tmp / tokenizer_dest_name(tf)).write_bytes(tf.read_bytes())
     return out
