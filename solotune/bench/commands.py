@@ -1,0 +1,112 @@
+"""``solotune bench`` and ``solotune plan``: arguments and bodies (``solotune.cli`` dispatches here)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+
+from .plan import PRECISIONS
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def add_bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="llama2-7b", help="architecture preset (random init) or checkpoint path")
+    p.add_argument("--layers", type=int, default=None, help="override the preset's depth (e.g. 1)")
+    p.add_argument("--samples", type=int, default=200, help="Alpaca training records per cell (1..200)")
+    p.add_argument("--seq-len", type=int, default=512, help="truncate examples to this many tokens")
+    p.add_argument("--micro-batch", type=int, default=1, help="examples per micro-batch (course: 1)")
+    p.add_argument("--axes", type=_csv, default=("ga", "gc", "precision", "lora"),
+                   help="techniques to switch on/off, from ga,gc,precision,lora (default: all four = 16 cells)")
+    p.add_argument("--precision-on", default="fp16-amp", choices=["fp16-amp", "bf16-amp", "bf16"],
+                   help="what 'mixed precision on' means (off = fp32); the course used fp16 AMP")
+    p.add_argument("--ga-on", type=int, default=8, help="accumulation steps when GA is on")
+    p.add_argument("--gc-on", default="all", help="checkpointing policy when GC is on (all | every:K)")
+    p.add_argument("--reference", choices=["hf"], default=None,
+                   help="also run each cell with HF transformers + peft (when installed)")
+    p.add_argument("--out", default=None, help="output directory (default benchmarks/results/bench-MODEL[-Nl])")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--cell-timeout", type=float, default=1200.0, help="seconds before a cell is killed")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="per-cell training seconds; a cell stops after the step that crosses it and its runtime "
+                        "is extrapolated to all samples (marked in the report)")
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--lora-alpha", type=float, default=32.0)
+    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--lora-targets", type=_csv, default=("wq", "wv"))
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .runner import BenchConfig, run_bench
+
+    out = args.out or f"benchmarks/results/bench-{args.model.replace('/', '_')}" + (f"-{args.layers}l" if args.layers else "")
+    # The command as typed when it came through the CLI; otherwise (API use) an equivalent one.
+    argv = sys.argv[1:]
+    command = "solotune " + shlex.join(argv) if argv[:1] == ["bench"] else "solotune bench " + shlex.join(_bench_argv(args, out))
+    bc = BenchConfig(model=args.model, layers=args.layers, samples=args.samples, seq_len=args.seq_len,
+                     micro_batch=args.micro_batch, axes=args.axes, ga_on=args.ga_on, gc_on=args.gc_on,
+                     precision_on=args.precision_on, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                     lora_dropout=args.lora_dropout, lora_targets=args.lora_targets, lr=args.lr, seed=args.seed,
+                     reference=args.reference, device=args.device, out=out, cell_timeout_s=args.cell_timeout,
+                     time_budget_s=args.time_budget, command=command)
+    from .plan import model_config
+
+    model_config(args.model, args.layers)  # fail fast on a bad model name/path
+    results = run_bench(bc)
+    return 0 if any(r["status"] == "ok" for r in results) else 1
+
+
+def _bench_argv(args: argparse.Namespace, out: str) -> list[str]:
+    argv = ["--model", args.model]
+    if args.layers:
+        argv += ["--layers", str(args.layers)]
+    argv += ["--samples", str(args.samples), "--seq-len", str(args.seq_len), "--axes", ",".join(args.axes),
+             "--precision-on", args.precision_on]
+    if args.reference:
+        argv += ["--reference", args.reference]
+    if args.time_budget:
+        argv += ["--time-budget", f"{args.time_budget:g}"]
+    return argv + ["--out", out]
+
+
+def add_plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="llama2-7b", help="architecture preset or checkpoint path (config only)")
+    p.add_argument("--layers", type=int, default=None, help="override the depth")
+    p.add_argument("--gpu-mem", required=True, help="memory to fit in, e.g. 24GiB, 80GB, 40G")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per example (plan for the longest)")
+    p.add_argument("--batch", type=int, default=1, help="examples per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=8)
+    p.add_argument("--methods", type=_csv, default=("lora", "full"), help="lora,full")
+    p.add_argument("--precisions", type=_csv, default=PRECISIONS, help=",".join(PRECISIONS))
+    p.add_argument("--checkpointing", type=_csv, default=("off", "every:4", "every:2", "all"),
+                   help="policies to consider (off, all, every:K)")
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--lora-targets", type=_csv, default=("wq", "wv"))
+    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--all", action="store_true", help="also list the configurations that do not fit")
+    p.add_argument("--json", action="store_true", help="print the predictions as JSON")
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .plan import PRECISIONS as KNOWN
+    from .plan import format_plan, model_config, parse_bytes, plan
+
+    cfg = model_config(args.model, args.layers)
+    gpu = parse_bytes(args.gpu_mem)
+    bad = [m for m in args.methods if m not in ("lora", "full")] + [q for q in args.precisions if q not in KNOWN]
+    if bad:
+        raise ValueError(f"unknown method/precision {bad}: methods lora,full; precisions {','.join(KNOWN)}")
+    rows = plan(cfg, gpu, seq_len=args.seq_len, batch=args.batch, grad_accum=args.grad_accum,
+                lora_rank=args.lora_rank, lora_targets=args.lora_targets, lora_dropout=args.lora_dropout,
+                methods=args.methods, precisions=args.precisions, checkpointing=args.checkpointing)
+    if args.json:
+        print(json.dumps([{**p.to_dict(), "relative_cost": c, "fits": f} for p, c, f in rows], indent=1))
+    else:
+        print(format_plan(rows, gpu, show_all=args.all))
+    return 0 if any(f for _, _, f in rows) else 1
