@@ -26,8 +26,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence
 
-# End-of-turn tokens that stop generation besides EOS when the vocab has them.
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|end_of_turn|>")
+# End-of-turn / end-of-text tokens that stop generation besides EOS when the vocab has them as
+# special tokens (an instruct model whose EOS is <|im_end|> may still end a document with <|endoftext|>).
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|end_of_turn|>",
+                      "<|endoftext|>", "<|end_of_text|>")
 
 # GGUF tokenizer.ggml.token_type values (llama.cpp's llama_token_type).
 GGUF_NORMAL, GGUF_UNKNOWN, GGUF_CONTROL, GGUF_USER_DEFINED, GGUF_UNUSED, GGUF_BYTE = 1, 2, 3, 4, 5, 6

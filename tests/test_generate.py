@@ -219,3 +219,15 @@ def test_chat_prompt_has_one_bos(llama2_sp) -> None:
     assert ids[:1] == [1] and ids.count(1) == 1
     assert llama2_sp.decode(ids, skip_special=False) == "<s>[INST] Hi [/INST]"
     assert encode_prompt(llama2_sp, "Hi") == [1, 6324]
+
+
+@pytest.mark.slow
+def test_smollm2_chat_answer(smollm2_gguf) -> None:
+    from solotune.api import load
+
+    model, tok = load(smollm2_gguf)
+    q = "What is the capital of France?"
+    out = generate(model, tok, q, chat=True, max_new_tokens=12)
+    assert "Paris" in out[0]
+    assert generate(model, tok, q, chat=True, max_new_tokens=12, kv_cache=False) == out
+    assert generate(model, tok, [q, "Hi"], chat=True, max_new_tokens=12)[0] == out[0]  # left-padded batch

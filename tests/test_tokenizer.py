@@ -136,7 +136,7 @@ def test_gguf_gpt2_synthetic() -> None:
     tok = Tokenizer.from_gguf_metadata(meta)
     ids = {t: i for i, t in enumerate(meta["tokenizer.ggml.tokens"])}
     assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.add_bos) == (1, 2, 2, False)
-    assert tok.stop_ids == {2}  # <|im_end|> is the EOS here
+    assert tok.stop_ids == {0, 2}  # EOS (<|im_end|>) and <|endoftext|>
     assert tok.encode(" the") == [ids["Ġthe"]]
     assert tok.encode("12") == [ids["1"], ids["2"]]  # digits one at a time although "1 2" is a merge
     assert tok.encode("a\n\nb") == [ids["a"], ids["Ċ"], ids["Ċ"], ids["b"]]  # GPT-2 regex: last space joins the word
@@ -265,7 +265,7 @@ def test_smollm2_gguf_tokenizer(smollm2_gguf: Path, alpaca_records) -> None:
     tok = Tokenizer.from_gguf_metadata(meta)
     assert tok.vocab_size == 49152 and tok.add_bos is False
     assert tok.encode("<|im_start|>") == [1] and tok.encode("<|im_end|>") == [2]
-    assert tok.eos_id == 2 and tok.stop_ids == {2} and tok.pad_id == 2
+    assert tok.eos_id == 2 and tok.stop_ids == {0, 2} and tok.pad_id == 2  # <|im_end|>, <|endoftext|>
     digits = tok.encode("In 2024 we sold 1234567 units")
     assert [tok.id_to_token(i) for i in digits if tok.id_to_token(i).isdigit()] == list("20241234567")
     for word in [" the", " information", " because", " Hello", " world", " language", "The"]:
