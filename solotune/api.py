@@ -62,7 +62,7 @@ def load(source: str | Path, dtype: torch.dtype = torch.float32, device: str | t
     ckpt = load_checkpoint(path)
     model = build_model(ckpt.config, ckpt.state_dict, dtype=dtype, device=device)
     if ckpt.metadata is not None and "tokenizer.ggml.model" in ckpt.metadata:
-        tokenizer = Tokenizer.from_gguf_metadata(ckpt.metadata)
+        tokenizer = Tokenizer.from_gguf_metadata(ckpt.metadata, source=str(path))
     elif ckpt.tokenizer_file is not None:
         tokenizer = load_tokenizer(ckpt.tokenizer_file)
     else:

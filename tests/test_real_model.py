@@ -14,10 +14,9 @@ pytestmark = pytest.mark.slow
 
 # A fixed, plain English paragraph (written for this test).
 PARAGRAPH = (
-    "The library opens at nine in the morning and closes at six in the evening. Students often arrive "
-    "early to find a quiet table near the windows, where the light is good for reading. On weekends the "
-    "building is busier, because families come to borrow books for their children and to attend the "
-    "story hour in the main hall."
+    "The sun is a star at the center of our solar system. The Earth and the other planets move around the "
+    "sun, and the light from the sun gives us heat and makes it possible for plants to grow. Without the "
+    "sun, there would be no life on Earth."
 )
 
 
@@ -42,6 +41,19 @@ def test_perplexity_on_english(smollm2) -> None:
     ppl = math.exp(nll)
     # ~10 with the right Q/K layout; a wrong RoPE layout gives ~100 (see checkpoint/gguf.py).
     assert ppl < 30, ppl
+
+
+def test_logits_match_transformers_gguf_loader(smollm2, smollm2_gguf) -> None:
+    """An independent dequantization path: transformers' own GGUF loader (test-only dependency)."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("gguf")
+    model, tok = smollm2
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32).eval()
+    ids = torch.tensor([tok.encode(PARAGRAPH)])
+    with torch.no_grad():
+        diff = (model(ids) - hf(ids).logits).abs().max().item()
+    assert diff < 1e-3, diff
 
 
 def test_chat_answer_contains_paris(smollm2) -> None:
