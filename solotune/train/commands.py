@@ -183,7 +183,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Validation loss and perplexity of a model (+ adapter) on a record range. Defaults come from
     the adapter's training run when it has one, so the numbers match that run's summary."""
     from ..api import resolve_device
-    from ..data import AlpacaDataset, load_records
+    from ..data import AlpacaDataset, load_records, split
     from .loop import evaluate
     from .precision import get_policy
 
@@ -196,10 +196,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if n is not None:
         val_range = val_range[:n]
     max_len = args.max_seq_len or run.max_seq_len
-    records = load_records(data)
-    if len(val_range) == 0 or val_range[-1] >= len(records):
-        raise ValueError(f"{data}: val range {val_range.start}:{val_range.stop} is outside its {len(records)} records")
-    ds = AlpacaDataset([records[i] for i in val_range], tokenizer, max_len)
+    _, val = split(load_records(data, skip_bad=run.skip_bad_records), train=range(0), val=val_range)
+    ds = AlpacaDataset(val, tokenizer, max_len)
     device = resolve_device(args.device)
     loss = evaluate(model, ds, policy, device, args.batch_size, int(getattr(tokenizer, "pad_id", tokenizer.eos_id)))
     if loss is None:

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..data import IGNORE_INDEX, AlpacaDataset, Example, collate, epoch_order, format_prompt, load_records, split
+from ..data import IGNORE_INDEX, AlpacaDataset, Example, Record, collate, epoch_order, format_prompt, load_records, split
 from ..peft import apply_lora, count_parameters, load_lora_state_dict, lora_state_dict, trainable_summary
 from .config import TRAJECTORY_FIELDS, TrainConfig
 from .metrics import (
@@ -47,10 +47,10 @@ ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter.json"  # not adapter_config.json: that name means "PEFT layout" to peft (see export-peft)
 
 # Fixed prompts for the before/after generations (none of them is in the default train split).
-SAMPLE_PROMPTS: tuple[dict[str, str], ...] = (
-    {"instruction": "Name three primary colors.", "input": ""},
-    {"instruction": "Rewrite the sentence in the passive voice.", "input": "The cat chased the mouse."},
-    {"instruction": "Explain what a neural network is in one sentence.", "input": ""},
+SAMPLE_PROMPTS: tuple[Record, ...] = (
+    Record(instruction="Name three primary colors.", output=""),
+    Record(instruction="Rewrite the sentence in the passive voice.", input="The cat chased the mouse.", output=""),
+    Record(instruction="Explain what a neural network is in one sentence.", output=""),
 )
 
 
@@ -624,7 +624,7 @@ def sample_generations(model: nn.Module, tokenizer: Any, say, when: str, max_new
         model.clear_cache()
     say(f"--- sample generations {when} (greedy) ---")
     for r, t in zip(SAMPLE_PROMPTS, texts):
-        say(f"> {r['instruction']}{' | ' + r['input'] if r['input'] else ''}\n  {t.strip()}")
+        say(f"> {r.instruction}{' | ' + r.input if r.input else ''}\n  {t.strip()}")
     return list(texts)
 
 
