@@ -84,6 +84,8 @@ class TrainResult:
     skipped_steps: int  # fp16-amp steps skipped by the loss scaler
     avg_loss: float | None = None  # mean of the per-step training losses
     first_loss: float | None = None
+    first5_loss: float | None = None  # mean training loss of the first / last 5 steps (less batch noise)
+    last5_loss: float | None = None
     losses: list[float] = field(default_factory=list)
     final_dir: Path | None = None
     last_checkpoint: Path | None = None
@@ -229,7 +231,8 @@ def _finetune(cfg: TrainConfig, device: torch.device, model: nn.Module | None, t
                 dt = time.perf_counter() - t0
                 runtime_s += dt
                 committed_data, committed_rng = stream.state_dict(), capture_rng(device)
-            rec = {"step": step, "loss": loss, "lr": lr, "tokens": tokens, "target_tokens": target_tokens,
+            recent = [r["loss"] for r in log.records[-4:]] + [loss]
+            rec = {"step": step, "loss": loss, "loss_avg5": sum(recent) / len(recent), "lr": lr, "tokens": tokens, "target_tokens": target_tokens,
                    "tokens_per_s": n_tokens / dt, "grad_norm": grad_norm, "peak_mem": peak_memory_bytes(device),
                    "epoch": stream.epoch, "skipped": not took_step, "time_s": runtime_s}
             log.write(rec)
@@ -264,6 +267,8 @@ def _finetune(cfg: TrainConfig, device: torch.device, model: nn.Module | None, t
         runtime_s=runtime_s, tokens_per_s=tokens / runtime_s if runtime_s > 0 else 0.0,
         trainable_params=trainable_params, total_params=total_params, skipped_steps=scaler.skipped_steps,
         avg_loss=sum(losses) / len(losses) if losses else None, first_loss=losses[0] if losses else None,
+        first5_loss=sum(losses[:5]) / len(losses[:5]) if losses else None,
+        last5_loss=sum(losses[-5:]) / len(losses[-5:]) if losses else None,
         losses=losses, final_dir=final_dir, last_checkpoint=last_saved, generations_before=gens_before,
         generations_after=gens_after, resumed_from=ckpt.path if ckpt else None,
     )

@@ -94,7 +94,7 @@ class Progress:
             self.bar = tqdm(total=total, initial=initial, unit="step", desc="finetune", dynamic_ncols=True)
 
     def update(self, rec: dict[str, Any]) -> None:
-        text = (f"loss={rec['loss']:.4f} tok/s={rec['tokens_per_s']:.0f} lr={rec['lr']:.2e} "
+        text = (f"loss={rec['loss']:.4f} avg5={rec['loss_avg5']:.4f} tok/s={rec['tokens_per_s']:.0f} lr={rec['lr']:.2e} "
                 f"mem={fmt_bytes(rec['peak_mem'])}" + (" SKIPPED" if rec.get("skipped") else ""))
         if self.bar is not None:
             self.bar.set_postfix_str(text, refresh=False)
@@ -124,8 +124,11 @@ def plot_loss(records: Iterable[dict[str, Any]], path: Path, val_before: float |
 
     recs = [r for r in records if r.get("loss") is not None and math.isfinite(r["loss"])]
     steps = [r["step"] for r in recs]
+    losses = [r["loss"] for r in recs]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    ax.plot(steps, [r["loss"] for r in recs], marker=".", lw=1, label="train loss (per step)")
+    ax.plot(steps, losses, marker=".", lw=0.8, alpha=0.5, label="train loss (per step)")
+    if len(losses) >= 4:  # each step sees new examples: the per-step loss is mostly batch-to-batch noise
+        ax.plot(steps, running_mean(losses, 5), lw=2, color="C0", label="train loss (mean of last 5 steps)")
     last = steps[-1] if steps else 1
     if val_before is not None:
         ax.scatter([0], [val_before], color="C3", zorder=3, label=f"val loss before ({val_before:.3f})")
@@ -141,6 +144,15 @@ def plot_loss(records: Iterable[dict[str, Any]], path: Path, val_before: float |
         fig.savefig(tmp, format="png")
     plt.close(fig)
     return path
+
+
+def running_mean(xs: list[float], k: int) -> list[float]:
+    """Mean of the last ``k`` values at each position (fewer at the start)."""
+    out, acc = [], 0.0
+    for i, x in enumerate(xs):
+        acc += x - (xs[i - k] if i >= k else 0.0)
+        out.append(acc / min(i + 1, k))
+    return out
 
 
 # ----------------------------------------------------------------------------------- summary
@@ -164,7 +176,8 @@ def format_summary(s: dict[str, Any]) -> str:
         f"trainable% {100 * s['trainable_params'] / max(s['total_params'], 1):.4f}",
         f"steps            {s['steps']}  ({s['tokens']:,} tokens, {s['target_tokens']:,} target tokens, "
         f"{s['skipped_steps']} skipped)",
-        f"train loss       first {f(s.get('first_loss'))}  last {f(s.get('final_loss'))}  average {f(s.get('avg_loss'))}",
+        f"train loss       first {f(s.get('first_loss'))}  last {f(s.get('final_loss'))}  average {f(s.get('avg_loss'))}"
+        f"  (mean of the first 5 steps {f(s.get('first5_loss'))}, of the last 5 {f(s.get('last5_loss'))})",
         f"val loss         before {f(s.get('val_loss_before'))} (ppl {f(ppl_b, '.2f')})  "
         f"after {f(s.get('val_loss'))} (ppl {f(ppl_a, '.2f')})",
         f"peak memory      {fmt_bytes(s['peak_memory_bytes'])} ({s['peak_memory_kind']})",

@@ -243,3 +243,41 @@ def test_config_round_trips_through_json():
     assert cfg.lora_targets == ("wq", "wk", "w2") and cfg.val_range == (400, 450)
     assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     assert TrainConfig().lr == 1e-5 and TrainConfig().grad_accum == 8 and TrainConfig().lora_rank == 16
+
+
+# ---------------------------------------------------------------------------------- instrument, RNG
+class CountingInstrument:
+    """forward_context around every micro-batch; saved_tensors_hooks see the activations."""
+
+    def __init__(self):
+        self.entered, self.saved_bytes, self.before, self.after = 0, 0, [], []
+
+    def forward_context(self):
+        self.entered += 1
+
+        def pack(t):
+            self.saved_bytes += t.numel() * t.element_size()
+            return t
+
+        return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+
+    def before_step(self, model, optimizer, step):
+        self.before.append(step)
+
+    def after_step(self, model, optimizer, step):
+        self.after.append(step)
+
+
+def test_instrument_hooks_are_called(tmp_path, data):
+    inst = CountingInstrument()
+    finetune(tiny_config(tmp_path, data, max_steps=3), model=tiny_model(), tokenizer=WordTokenizer(), instrument=inst)
+    assert inst.entered == 3 * 2  # steps x grad_accum
+    assert inst.before == inst.after == [1, 2, 3]
+    assert inst.saved_bytes > 0
+
+
+def test_finetune_leaves_the_global_rng_alone(tmp_path, data):
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    finetune(tiny_config(tmp_path, data, max_steps=2, lora_dropout=0.2), model=tiny_model(), tokenizer=WordTokenizer())
+    assert torch.equal(torch.get_rng_state(), state)

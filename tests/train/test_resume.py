@@ -133,3 +133,18 @@ def test_trainer_state_loads_with_weights_only(tmp_path, data):
     state = torch.load(tmp_path / "run" / "checkpoints" / "step-000002" / "trainer_state.pt", weights_only=True)
     assert state["step"] == 2 and set(state["data"]) == {"epoch", "index"}
     assert {"optimizer", "scheduler", "scaler", "rng", "tokens"} <= state.keys()
+
+
+def test_ctrl_c_during_an_update_is_held_until_it_is_done():
+    import os
+    import signal
+
+    from solotune.train.loop import _defer_sigint
+
+    done = False
+    with pytest.raises(KeyboardInterrupt):
+        with _defer_sigint():
+            os.kill(os.getpid(), signal.SIGINT)  # delivered now, acted on only when the block ends
+            done = True
+    assert done
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
