@@ -63,6 +63,7 @@ class TrainConfig:
     skip_bad_records: bool = False
     # checkpoints
     save_every: int = 0  # also checkpoint every N optimizer steps (0 = only at the end / on Ctrl-C)
+    save: bool = True  # False: no checkpoints and no final/ at all (benchmarks)
     resume: str | None = None  # an output dir (its latest checkpoint) or one checkpoint folder
     overwrite: bool = False  # start fresh in an output_dir that holds an earlier run (its outputs are deleted)
     # runtime
@@ -70,7 +71,7 @@ class TrainConfig:
     random_init: bool = False  # random weights of the named architecture (benchmarks)
     n_layers: int | None = None  # keep only the first N layers (random_init only)
     log_every: int = 1  # print a log line every N steps when the progress bar is off
-    generate_samples: bool = True  # greedy generations on fixed prompts before and after
+    generate_samples: bool = True  # greedy generations on fixed prompts before and after (never for random_init)
     progress: bool = True  # tqdm progress bar
 
     def __post_init__(self) -> None:

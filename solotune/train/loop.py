@@ -154,6 +154,7 @@ def _finetune(cfg: TrainConfig, device: torch.device, model: nn.Module | None, t
     stream = DataStream(len(train_set), cfg.seed, cfg.batch_size,
                         epochs=None if cfg.max_steps is not None else cfg.epochs)
     step, tokens, target_tokens, runtime_s = 0, 0, 0, 0.0
+    generate = cfg.generate_samples and not cfg.random_init  # random weights only babble
     val_before: float | None = None
     gens_before: list[str] = []
     if ckpt is not None:  # ---- resume: every piece of state the next step depends on
@@ -169,7 +170,7 @@ def _finetune(cfg: TrainConfig, device: torch.device, model: nn.Module | None, t
         gens_before = list(ckpt.trainer.get("generations_before", []))
         say(f"resumed from {ckpt.path} at step {step}")
     else:  # ---- baseline before any update: validation loss and sample generations
-        if cfg.generate_samples:
+        if generate:
             gens_before = sample_generations(model, tokenizer, say, "before tuning")
         val_before = evaluate(model, val_set, policy, device, cfg.eval_batch_size, pad_id)
         if val_before is not None:
@@ -241,25 +242,29 @@ def _finetune(cfg: TrainConfig, device: torch.device, model: nn.Module | None, t
                 progress.write(f"step {step}: non-finite gradients, update skipped (loss scale now {scaler.get_scale():g})")
             if after_step:
                 after_step(model, optimizer, step)
-            if cfg.save_every and step % cfg.save_every == 0:
+            if cfg.save and cfg.save_every and step % cfg.save_every == 0:
                 last_saved = save(step)
     except KeyboardInterrupt:
         progress.close()
         log.close()
-        path = save(step)
-        print(f"\ninterrupted: saved a checkpoint of step {step} to {path}\n"
-              f"continue with: solotune finetune --resume {out}", file=sys.stderr)
+        if cfg.save:
+            path = save(step)
+            print(f"\ninterrupted: saved a checkpoint of step {step} to {path}\n"
+                  f"continue with: solotune finetune --resume {out}", file=sys.stderr)
         raise
     progress.close()
     log.close()
     peak = peak_memory_bytes(device)
-    if last_saved is None or list_checkpoints(out)[-1][0] != step:
-        last_saved = save(step)
-    final_dir = save_final(out / FINAL, model, cfg, tokenizer)
+    final_dir = None
+    if cfg.save:
+        saved = list_checkpoints(out)
+        if not saved or saved[-1][0] != step:
+            last_saved = save(step)
+        final_dir = save_final(out / FINAL, model, cfg, tokenizer)
 
     # ---- after: validation loss, generations, summary
     val_after = evaluate(model, val_set, policy, device, cfg.eval_batch_size, pad_id)
-    gens_after = sample_generations(model, tokenizer, say, "after tuning") if cfg.generate_samples else []
+    gens_after = sample_generations(model, tokenizer, say, "after tuning") if generate else []
     losses = [r["loss"] for r in log.records]
     result = TrainResult(
         final_loss=losses[-1] if losses else None, val_loss=val_after, val_loss_before=val_before,

@@ -281,3 +281,21 @@ def test_finetune_leaves_the_global_rng_alone(tmp_path, data):
     state = torch.get_rng_state()
     finetune(tiny_config(tmp_path, data, max_steps=2, lora_dropout=0.2), model=tiny_model(), tokenizer=WordTokenizer())
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_benchmark_knobs_no_saving_no_validation(tmp_path, data):
+    res = finetune(tiny_config(tmp_path, data, max_steps=2, save=False, val_samples=0, max_samples=8),
+                   model=tiny_model(), tokenizer=WordTokenizer())
+    out = tmp_path / "run"
+    assert res.val_loss is None and res.val_loss_before is None and res.final_dir is None
+    assert not (out / "checkpoints").exists() and not (out / "final").exists()
+    assert (out / "metrics.jsonl").is_file() and (out / "summary.json").is_file()
+    assert res.tokens > 0
+
+
+def test_resuming_a_finished_run_into_a_new_dir(tmp_path, data):
+    cfg = tiny_config(tmp_path, data, max_steps=2)
+    finetune(cfg, model=tiny_model(), tokenizer=WordTokenizer())
+    res = finetune(cfg.replace(resume=str(tmp_path / "run"), output_dir=str(tmp_path / "again")),
+                   model=tiny_model(), tokenizer=WordTokenizer())
+    assert res.steps == 2 and (tmp_path / "again" / "checkpoints" / "step-000002").is_dir()
