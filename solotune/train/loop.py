@@ -143,7 +143,8 @@ def _finetune(cfg: TrainConfig, device: torch.device, model: nn.Module | None, t
     say(trainable_summary(model))
     train_set, val_set = load_data(cfg, tokenizer, say)
     # Any id works: right padding is never attended to by real tokens, and its labels are ignored.
-    pad_id = int(getattr(tokenizer, "pad_id", None) or tokenizer.eos_id)
+    pad_id = getattr(tokenizer, "pad_id", None)
+    pad_id = int(tokenizer.eos_id if pad_id is None else pad_id)
 
     # ---- optimizer, schedule, loss scaler, data order
     params = [p for p in model.parameters() if p.requires_grad]
@@ -187,7 +188,8 @@ def _finetune(cfg: TrainConfig, device: torch.device, model: nn.Module | None, t
         return save_checkpoint(out, at_step, trainable_state(model, cfg.use_lora), trainer_state(), cfg.to_dict())
 
     # ---- the loop
-    log = MetricsLog(out, resume_step=step if ckpt is not None else None)
+    log = MetricsLog(out, resume_step=step if ckpt is not None else None,
+                     earlier=ckpt.path.parent.parent / METRICS if ckpt is not None else None)
     progress = Progress(total_steps, step, cfg.progress, cfg.log_every)
     fwd_ctx = getattr(instrument, "forward_context", None)
     before_step = getattr(instrument, "before_step", None)
@@ -233,9 +235,10 @@ def _finetune(cfg: TrainConfig, device: torch.device, model: nn.Module | None, t
                 runtime_s += dt
                 committed_data, committed_rng = stream.state_dict(), capture_rng(device)
             recent = [r["loss"] for r in log.records[-4:]] + [loss]
-            rec = {"step": step, "loss": loss, "loss_avg5": sum(recent) / len(recent), "lr": lr, "tokens": tokens, "target_tokens": target_tokens,
-                   "tokens_per_s": n_tokens / dt, "grad_norm": grad_norm, "peak_mem": peak_memory_bytes(device),
-                   "epoch": stream.epoch, "skipped": not took_step, "time_s": runtime_s}
+            rec = {"step": step, "loss": loss, "loss_avg5": sum(recent) / len(recent), "lr": lr, "tokens": tokens,
+                   "target_tokens": target_tokens, "tokens_per_s": n_tokens / dt, "grad_norm": grad_norm,
+                   "peak_mem": peak_memory_bytes(device), "epoch": stream.epoch, "skipped": not took_step,
+                   "time_s": runtime_s}
             log.write(rec)
             progress.update(rec)
             if not took_step:

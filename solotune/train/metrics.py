@@ -55,14 +55,16 @@ class MetricsLog:
     """``OUTPUT_DIR/metrics.jsonl``: one JSON object per optimizer step, flushed as it is written.
 
     A fresh run starts an empty file; a resumed run keeps the lines up to its checkpoint's step
-    (dropping any logged after it by the interrupted run) and appends from there.
+    (dropping any logged after it by the interrupted run) and appends from there. Resuming into
+    another output directory starts from the ``earlier`` run's file (the checkpoint's run).
     """
 
-    def __init__(self, output_dir: Path, resume_step: int | None) -> None:
+    def __init__(self, output_dir: Path, resume_step: int | None, earlier: Path | None = None) -> None:
         self.path = output_dir / METRICS
         self.records: list[dict[str, Any]] = []
-        if resume_step is not None and self.path.is_file():
-            for line in self.path.read_text().splitlines():
+        source = self.path if self.path.is_file() else earlier
+        if resume_step is not None and source is not None and source.is_file():
+            for line in source.read_text().splitlines():
                 if line.strip():
                     rec = json.loads(line)
                     if rec.get("step", 0) <= resume_step:

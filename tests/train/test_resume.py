@@ -89,6 +89,7 @@ def test_resume_from_a_periodic_checkpoint_folder(tmp_path, data):
              model=resumed, tokenizer=WordTokenizer())
     for k, v in _state(straight).items():
         assert torch.equal(v, resumed.state_dict()[k]), k
+    assert _losses(tmp_path / "b") == _losses(tmp_path / "a")  # steps 1-3 carried over from the first run
 
 
 def test_fp16_amp_resume_restores_the_loss_scale(tmp_path, data):
