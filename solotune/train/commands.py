@@ -84,12 +84,30 @@ def add_finetune_args(p: argparse.ArgumentParser) -> None:
                    help="skip the before/after sample generations")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS,
                    help="log lines instead of a progress bar")
+    p.add_argument("--no-save", dest="save", action="store_false", default=argparse.SUPPRESS,
+                   help="write no checkpoints and no final/ (benchmarks)")
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = _profiles_text()
+
+
+def _profiles_text() -> str:
+    """The values behind every flag you do not pass, per profile (for --help)."""
+    quick, course = TrainConfig.profile("quickstart"), TrainConfig.profile("course")
+    shown = ("model", "data", "output_dir", "max_steps", "epochs", "lr", "warmup_steps", "lr_schedule", "batch_size",
+             "grad_accum", "precision", "grad_checkpoint", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets",
+             "max_seq_len", "train_range", "val_range", "val_samples", "weight_decay", "max_grad_norm", "seed")
+    rows = [f"  {'setting':<16}{'quickstart (default)':<24}course"]
+    for f in shown:
+        a, b = getattr(quick, f), getattr(course, f)
+        fmt = lambda v: ",".join(v) if f == "lora_targets" else (f"{v[0]}:{v[1]}" if f.endswith("_range") else str(v))
+        rows.append(f"  {f:<16}{fmt(a):<24}{fmt(b)}{'' if a == b else '   <-'}")
+    return "defaults by profile (flags you pass override them):\n" + "\n".join(rows)
 
 
 def finetune_config(args: argparse.Namespace) -> TrainConfig:
     """Profile / config file / resumed checkpoint's config, then the flags actually given."""
     given = {dest: getattr(args, dest) for dest, _ in _FINETUNE_FLAGS.values() if hasattr(args, dest)}
-    for dest in ("generate_samples", "progress"):
+    for dest in ("generate_samples", "progress", "save"):
         if hasattr(args, dest):
             given[dest] = getattr(args, dest)
     if given.get("max_grad_norm") == 0:

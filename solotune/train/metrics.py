@@ -184,7 +184,7 @@ def format_summary(s: dict[str, Any]) -> str:
         f"after {f(s.get('val_loss'))} (ppl {f(ppl_a, '.2f')})",
         f"peak memory      {fmt_bytes(s['peak_memory_bytes'])} ({s['peak_memory_kind']})",
         f"runtime          {s['runtime_s']:.1f} s training ({s['tokens_per_s']:.0f} tokens/s), "
-        f"{s['total_runtime_s']:.1f} s in all",
+        f"{s['total_runtime_s']:.1f} s wall in this process (load, validation, saving included)",
         f"output           {s['output_dir']}",
     ]
     return "\n".join(lines)
