@@ -10,9 +10,10 @@
 * autocast weight copies: the saved tensors that are 16-bit copies of weights (a transposed 2-D
   view of a weight's shape, in autocast's dtype): frozen weights are cast per call and kept by
   backward; trainable ones come from autocast's cache;
-* autocast's cache during the forward: the 16-bit copies of trainable fp32 weights that were
-  cast (counted at each matmul module's call). Reported beside the anatomy, not in it: it dies
-  when the forward leaves autocast, unless backward keeps the copy (then it is a weight copy).
+* autocast's cache during the forward: one 16-bit copy of every trainable fp32 matmul weight
+  (autocast caches casts of leaf tensors that require grad), counted from the model when a forward
+  starts under autocast. Reported beside the anatomy, not in it: it dies when the forward leaves
+  autocast, unless backward keeps the copy (then it is a weight copy).
 
 The anatomy is taken for the phase that set the run's peak (the peak counter only grows, so the
 last phase that raised it holds the peak): for a forward/backward phase the components are the
@@ -159,6 +160,9 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return storage_bytes(v for state in optimizer.state.values() for v in state.values())
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def _in_backward() -> bool:
     task = getattr(torch._C, "_current_graph_task_id", None)
     return task is not None and task() != -1
@@ -215,43 +219,49 @@ class AnatomyInstrument:
     _micro_in_window: int = 0
     _saved: dict[int, int] = field(default_factory=dict)
     _copies: dict[int, int] = field(default_factory=dict)
-    _cache: dict[int, int] = field(default_factory=dict)
     _hooks: list[Any] = field(default_factory=list)
     _shape: tuple[int, int] = (0, 0)
+    _params: list[nn.Parameter] = field(default_factory=list)
+    _device_type: str = "cpu"
+    _trainable: list[nn.Parameter] = field(default_factory=list)
+    _params_by_dtype: dict[str, int] = field(default_factory=dict)
+    _cache_numel: int = 0
+    _cache_now: int = 0
     _ready: bool = False
 
     # ---------------------------------------------------------------- set-up
     def _setup(self) -> None:
         """After finetune() has applied LoRA and frozen what it freezes: the parameter storages,
-        the shapes of matmul weights, and a pre-hook on every matmul module for the autocast cache."""
-        self._param_storages = {p.untyped_storage()._cdata for p in self.model.parameters()}
-        self._hooks.append(self.model.register_forward_pre_hook(self._note_shape, with_kwargs=True))
+        the shapes of matmul weights, the trainable fp32 matmul weights (what autocast caches), and
+        one pre-hook on the model (per-module hooks would slow a launch-bound batch-1 loop down)."""
+        params = list(self.model.parameters())  # unique (tied weights once)
+        self._params = params
+        self._device_type = params[0].device.type if params else "cpu"
+        self._trainable = [p for p in params if p.requires_grad]
+        self._param_storages = {p.untyped_storage()._cdata for p in params}
+        self._params_by_dtype = params_by_dtype(self.model)
+        cached: dict[int, int] = {}
         for m in self.model.modules():
-            mats = [p for p in m.parameters(recurse=False) if p.ndim == 2]
             if isinstance(m, nn.Embedding):
                 continue
-            for p in mats:
-                self._weight_shapes.add(tuple(p.shape))
-            if mats:
-                self._hooks.append(m.register_forward_pre_hook(self._count_cache(mats)))
+            for p in m.parameters(recurse=False):
+                if p.ndim == 2:
+                    self._weight_shapes.add(tuple(p.shape))
+                    if p.requires_grad and p.dtype == torch.float32:
+                        cached[p.untyped_storage()._cdata] = p.numel()
+        self._cache_numel = sum(cached.values())
+        self._hooks.append(self.model.register_forward_pre_hook(self._on_forward, with_kwargs=True))
         self._ready = True
 
-    def _note_shape(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
-        """(batch, seq_len) of the token ids the model is called with (positional, or HF's input_ids=)."""
+    def _on_forward(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        """Per micro-batch: (batch, seq_len) of the token ids (positional, or HF's input_ids=), and
+        autocast's cache: every trainable fp32 matmul weight gets one 16-bit copy in this forward."""
         ids = args[0] if args else kwargs.get("input_ids")
         if isinstance(ids, torch.Tensor) and ids.dim() == 2:
             self._shape = (int(ids.shape[0]), int(ids.shape[1]))
-
-    def _count_cache(self, mats: list[nn.Parameter]):
-        def hook(module: nn.Module, args: Any) -> None:
-            dev = mats[0].device.type
-            if not (torch.is_grad_enabled() and torch.is_autocast_enabled(dev)):
-                return
-            lp = torch.get_autocast_dtype(dev)
-            for p in mats:
-                if p.requires_grad and p.dtype == torch.float32:
-                    self._cache[p.untyped_storage()._cdata] = p.numel() * torch.finfo(lp).bits // 8
-        return hook
+            dev = ids.device.type
+            if torch.is_grad_enabled() and torch.is_autocast_enabled(dev):
+                self._cache_now = self._cache_numel * torch.finfo(torch.get_autocast_dtype(dev)).bits // 8
 
     def close(self) -> None:
         for h in self._hooks:
@@ -260,14 +270,14 @@ class AnatomyInstrument:
 
     # -------------------------------------------------------- saved tensors
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        if _in_backward() or t.device.type == "meta":
-            return t
+        if t.device.type != self._device_type or _in_backward():
+            return t  # e.g. attention's RNG seed/offset scalars kept on the CPU by CUDA kernels
         st = t.untyped_storage()
         key = st._cdata
         if key in self._param_storages:
             return t  # a parameter kept for backward costs nothing extra
         n = st.nbytes()
-        if (t.dtype in (torch.float16, torch.bfloat16) and t.dim() == 2 and t.stride() == (1, t.shape[0])
+        if (t.dtype in _HALF and t.dim() == 2 and t.stride() == (1, t.shape[0])
                 and (t.shape[1], t.shape[0]) in self._weight_shapes and n == t.numel() * t.element_size()):
             self._copies[key] = n  # W.t() of a 16-bit copy of a weight: autocast's doing
         else:
@@ -279,31 +289,31 @@ class AnatomyInstrument:
     def forward_context(self) -> Iterator[None]:
         if not self._ready:
             self._setup()
-        grads_live = grad_bytes(self.model)
+        grads_live = storage_bytes(p.grad for p in self._trainable if p.grad is not None)
         peak_before = self.meter.peak()
-        self._saved, self._copies, self._cache = {}, {}, {}
+        self._saved, self._copies, self._cache_now = {}, {}, 0
         with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
             yield
         acts, copies = sum(self._saved.values()), sum(self._copies.values())
         self.max_activations = max(self.max_activations, acts)
         self.max_weight_copies = max(self.max_weight_copies, copies)
-        self.autocast_cache = max(self.autocast_cache, sum(self._cache.values()))
+        self.autocast_cache = max(self.autocast_cache, self._cache_now)
         rec = PhaseRecord("forward/backward", self.steps + 1, self._micro_in_window, self.meter.peak(),
-                          params_by_dtype(self.model), grads_live, self._optimizer, acts, copies, self._shape)
+                          dict(self._params_by_dtype), grads_live, self._optimizer, acts, copies, self._shape)
         self._note(rec, peak_before)
         self._micro_in_window += 1
         self.micro_batches += 1
         self._saved, self._copies = {}, {}
 
     def before_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
-        self._step_grads = grad_bytes(model)
+        self._step_grads = storage_bytes(p.grad for p in self._trainable if p.grad is not None)
         self.grads_total = max(self.grads_total, self._step_grads)
         self._step_peak_before = self.meter.peak()
 
     def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
         self._optimizer = optimizer_state_bytes(optimizer)
         self.optimizer_total = max(self.optimizer_total, self._optimizer)
-        rec = PhaseRecord("optimizer step", step, -1, self.meter.peak(), params_by_dtype(model),
+        rec = PhaseRecord("optimizer step", step, -1, self.meter.peak(), dict(self._params_by_dtype),
                           self._step_grads, self._optimizer, 0, 0)
         self._note(rec, self._step_peak_before)
         self.steps = step

@@ -61,6 +61,7 @@ class CellSpec:
     seed: int = 0
     device: str = "auto"
     time_budget_s: float | None = None  # stop after the optimizer step that crosses it; runtime is extrapolated
+    sdpa: str = "no-cudnn"  # "no-cudnn": flash / mem-efficient attention only; "auto": torch's choice
     matmul_tflops: float | None = None  # measured bf16 rate of the device, for MFU
     command: str = ""  # the bench command line that asked for this cell
 
@@ -70,6 +71,8 @@ class CellSpec:
             raise ValueError(f"cell method {self.method!r}: expected one of {METHODS}")
         if self.impl not in IMPLS:
             raise ValueError(f"cell impl {self.impl!r}: expected one of {IMPLS}")
+        if self.sdpa not in ("no-cudnn", "auto"):
+            raise ValueError(f"cell sdpa {self.sdpa!r}: expected no-cudnn or auto")
 
     @property
     def cell_id(self) -> str:
@@ -179,15 +182,35 @@ def cell_tokenizer(vocab_size: int, tok: Any) -> Any:
     return tok if vocab_size >= tok_vocab else FoldedTokenizer(tok, vocab_size)
 
 
-def train_lengths(spec: CellSpec, tokenizer: Any) -> list[int]:
-    """Token counts of the cell's training examples (after truncation), in record order."""
-    from ..data import AlpacaDataset, load_records
+def prepare_data(spec: CellSpec, tokenizer: Any, workdir: str) -> tuple[str, list[int]]:
+    """Write the cell's training records (Alpaca records 0..samples-1) to ``workdir/data.json``;
+    returns (path, token counts after truncation, in file order).
 
-    recs = load_records("alpaca-sample")
-    if spec.samples > 200:
-        raise ValueError(f"--samples {spec.samples}: the course's training split has 200 records")
-    ds = AlpacaDataset(recs[: spec.samples], tokenizer, spec.seq_len)
-    return [len(e.input_ids) for e in ds]
+    With a time budget the cell sees only the first steps, so the longest example is swapped to the
+    position the loop's (seeded) order reaches in the second optimizer step: the peak, which the
+    longest micro-batch sets, is then measured in steady state (optimizer state allocated, and with
+    accumulation the window's gradients alive) however early the budget stops the cell.
+    """
+    import dataclasses as dc
+
+    from ..data import AlpacaDataset, epoch_order, load_records
+
+    if not 1 <= spec.samples <= 200:
+        raise ValueError(f"--samples {spec.samples}: must be 1..200 (the course's training split)")
+    recs = list(load_records("alpaca-sample")[: spec.samples])
+    lengths = [len(e.input_ids) for e in AlpacaDataset(recs, tokenizer, spec.seq_len)]
+    if spec.time_budget_s:
+        micro = spec.grad_accum + 1 if spec.grad_accum > 1 else 1  # 2nd step, and not its first micro-batch
+        pos = micro * spec.micro_batch
+        if pos < len(recs):
+            target = epoch_order(len(recs), spec.seed, 0)[pos]
+            longest = max(range(len(recs)), key=lambda i: lengths[i])
+            recs[target], recs[longest] = recs[longest], recs[target]
+            lengths[target], lengths[longest] = lengths[longest], lengths[target]
+    path = os.path.join(workdir, "data.json")
+    with open(path, "w") as f:
+        json.dump([dc.asdict(r) for r in recs], f)
+    return path, lengths
 
 
 def planner_setup(spec: CellSpec, cfg: Any, seq_len: int, device: torch.device):
@@ -230,6 +253,15 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
     from .plan import predict, train_flops
 
     device = resolve_device(spec.device)
+    t_start = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[cell {spec.cell_id} +{time.perf_counter() - t_start:.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    if device.type == "cuda" and spec.sdpa == "no-cudnn":
+        # cuDNN attention builds an execution plan for every new sequence length; with one example
+        # per micro-batch every step has a new length and the plan building dominates the runtime.
+        torch.backends.cuda.enable_cudnn_sdp(False)
     result: dict[str, Any] = {
         "model": spec.model, "layers": spec.layers, "seq_len": spec.seq_len, "micro_batch": spec.micro_batch,
         "grad_accum": spec.grad_accum, "grad_checkpoint": spec.grad_checkpoint, "precision": spec.precision,
@@ -242,7 +274,8 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
         "command": spec.command, "peak_kind": None, "weights": None, "matmul_tflops": spec.matmul_tflops,
         "lora": {"rank": spec.lora_rank, "alpha": spec.lora_alpha, "dropout": spec.lora_dropout,
                  "targets": list(spec.lora_targets)} if spec.method == "lora" else None,
-        "max_seq_len_data": None, "max_seq_len_seen": None,
+        "max_seq_len_data": None, "max_seq_len_seen": None, "sdpa": spec.sdpa if device.type == "cuda" else None,
+        "device_memory_bytes": torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None,
     }
     meter = make_meter(device)
     result["peak_kind"] = meter.kind
@@ -261,9 +294,10 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
             random_init = True
         else:
             model, tokenizer, cfg, random_init = load_cell_model(spec, device)
+        log(f"model built ({sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters)")
         result["layers"] = cfg.n_layers
         result["weights"] = "random init" if random_init else "checkpoint"
-        lengths = train_lengths(spec, tokenizer)
+        data_path, lengths = prepare_data(spec, tokenizer, workdir)
         result["max_seq_len_data"] = max(lengths)
         n_micro = math.ceil(len(lengths) / spec.micro_batch)
         n_steps = math.ceil(n_micro / spec.grad_accum)
@@ -271,6 +305,7 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
         pred = predict(setup)
         result["predicted"] = pred.to_dict()
         result["predicted_peak_bytes"] = pred.peak
+        log(f"planner: peak {pred.peak / 2**30:.2f} GiB for the longest example ({max(lengths)} tokens)")
         inst = AnatomyInstrument(model, meter, stop_after=n_steps)
         instrument: Any = _BudgetInstrument(inst, spec.time_budget_s) if spec.time_budget_s else inst
         if _wants_injected_oom(spec):
@@ -279,10 +314,11 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
             if spec.impl == "hf":
                 from .hf_cell import train_hf
 
-                log = train_hf(spec, model, tokenizer, device, instrument, n_steps)
+                steps = train_hf(spec, model, tokenizer, device, instrument, n_steps, data_path)
             else:
-                log = _train_solotune(spec, model, tokenizer, device, instrument, workdir)
-        _fill_success(result, spec, log, inst, lengths, device, setup, train_flops)
+                steps = _train_solotune(spec, model, tokenizer, device, instrument, workdir, data_path)
+        log(f"trained {len(steps)} steps")
+        _fill_success(result, spec, steps, inst, lengths, device, setup, train_flops)
     except torch.OutOfMemoryError as e:
         msg = str(e).strip()
         result.update(status="oom", error=msg.splitlines()[0][:500] if msg else "out of memory",
@@ -307,10 +343,11 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
 
 
 class _BudgetInstrument:
-    """Stop training after the optimizer step that crosses ``budget_s`` seconds of training."""
+    """Stop training after the optimizer step that crosses ``budget_s`` seconds of training (never
+    before step ``min_steps``, which holds the longest example: see :func:`prepare_data`)."""
 
-    def __init__(self, inner: Any, budget_s: float) -> None:
-        self.inner, self.budget_s = inner, budget_s
+    def __init__(self, inner: Any, budget_s: float, min_steps: int = 2) -> None:
+        self.inner, self.budget_s, self.min_steps = inner, budget_s, min_steps
         self.t0: float | None = None
 
     def forward_context(self):
@@ -323,20 +360,20 @@ class _BudgetInstrument:
 
     def after_step(self, model: Any, optimizer: Any, step: int) -> None:
         self.inner.after_step(model, optimizer, step)
-        if self.t0 is not None and time.perf_counter() - self.t0 > self.budget_s:
+        if step >= self.min_steps and self.t0 is not None and time.perf_counter() - self.t0 > self.budget_s:
             from .anatomy import StopTraining
 
             raise StopTraining(step)
 
 
 def _train_solotune(spec: CellSpec, model: Any, tokenizer: Any, device: torch.device, instrument: Any,
-                    workdir: str) -> list[dict[str, Any]]:
+                    workdir: str, data_path: str) -> list[dict[str, Any]]:
     """Run solotune's own training loop; returns its per-step metrics records."""
     from ..train import TrainConfig, finetune
     from .anatomy import StopTraining
 
     cfg = TrainConfig(
-        model=spec.model, data="alpaca-sample", output_dir=os.path.join(workdir, "run"), epochs=1, lr=spec.lr,
+        model=spec.model, data=data_path, output_dir=os.path.join(workdir, "run"), epochs=1, lr=spec.lr,
         batch_size=spec.micro_batch, grad_accum=spec.grad_accum, grad_checkpoint=spec.grad_checkpoint,
         precision=spec.precision, full=spec.method == "full", lora_rank=spec.lora_rank if spec.method == "lora" else 0,
         lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout, lora_targets=spec.lora_targets,
@@ -374,9 +411,14 @@ def _fill_success(result: dict[str, Any], spec: CellSpec, log: list[dict[str, An
         result["predicted"] = pred.to_dict()
         result["predicted_peak_bytes"] = pred.peak
     if done < len(lengths):
-        # Stopped by the time budget: scale the runtime by tokens (the full run's / the measured part's).
+        # Stopped by the time budget. Step 1 carries the one-off warm-up (kernel selection, allocator
+        # growth): keep it as measured and scale the later steps by tokens to the whole data.
         result["runtime_extrapolated"] = True
-        result["runtime_s"] = runtime * sum(lengths) / max(tokens, 1)
+        t1, k1 = float(log[0]["time_s"]), int(log[0]["tokens"])
+        rate = (runtime - t1) / max(tokens - k1, 1) if steps > 1 else runtime / max(tokens, 1)
+        base, base_tokens = (t1, k1) if steps > 1 else (0.0, 0)
+        result["runtime_s"] = base + rate * (sum(lengths) - base_tokens)
+        result["tokens_total"] = sum(lengths)
     else:
         result["runtime_s"] = runtime
     flops = sum(train_flops(setup, [t] * b) for b, t in rows)

@@ -34,6 +34,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-budget", type=float, default=None,
                    help="per-cell training seconds; a cell stops after the step that crosses it and its runtime "
                         "is extrapolated to all samples (marked in the report)")
+    p.add_argument("--sdpa", choices=["no-cudnn", "auto"], default="no-cudnn",
+                   help="attention kernels on CUDA: no-cudnn (flash / memory-efficient; cuDNN re-plans for every new "
+                        "sequence length) or auto (torch's choice)")
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--lora-alpha", type=float, default=32.0)
     p.add_argument("--lora-dropout", type=float, default=0.05)
@@ -54,7 +57,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                      precision_on=args.precision_on, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                      lora_dropout=args.lora_dropout, lora_targets=args.lora_targets, lr=args.lr, seed=args.seed,
                      reference=args.reference, device=args.device, out=out, cell_timeout_s=args.cell_timeout,
-                     time_budget_s=args.time_budget, command=command)
+                     time_budget_s=args.time_budget, sdpa=args.sdpa, command=command)
     from .plan import model_config
 
     model_config(args.model, args.layers)  # fail fast on a bad model name/path

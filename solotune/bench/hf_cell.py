@@ -82,13 +82,13 @@ def build_hf_model(spec: Any, device: torch.device) -> tuple[nn.Module, Any, Any
 
 
 def train_hf(spec: Any, model: nn.Module, tokenizer: Any, device: torch.device, instrument: Any,
-             n_steps: int) -> list[dict[str, Any]]:
+             n_steps: int, data_path: str) -> list[dict[str, Any]]:
     """One epoch over the cell's samples; returns per-step records like solotune's metrics.jsonl."""
     from ..data import IGNORE_INDEX, AlpacaDataset, collate, epoch_order, load_records
     from ..train.loop import token_loss_sum
     from .anatomy import StopTraining
 
-    recs = load_records("alpaca-sample")[: spec.samples]
+    recs = list(load_records(data_path))
     data = AlpacaDataset(recs, tokenizer, spec.seq_len)
     order = epoch_order(len(data), spec.seed, 0)  # the order solotune's loop uses
     pad_id = int(getattr(tokenizer, "pad_id", None) or tokenizer.eos_id)

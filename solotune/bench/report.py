@@ -402,12 +402,17 @@ def render(results: Sequence[dict[str, Any]], bc: Any) -> str:
              f"`{bc.gc_on}` when on, mixed precision = `{bc.precision_on}` when on (fp32 when off), LoRA r={bc.lora_rank} "
              f"α={bc.lora_alpha:g} dropout {bc.lora_dropout:g} on {','.join(bc.lora_targets)} (full fine-tuning when off), "
              f"AdamW lr {bc.lr:g}.")
+    if any(r.get("sdpa") == "no-cudnn" for r in results):
+        L.append("- Attention: flash / memory-efficient SDPA kernels (cuDNN attention off: it builds a new execution "
+                 "plan for every new sequence length, and at one example per micro-batch nearly every step has one).")
     kinds = sorted({r.get("peak_kind") for r in results if r.get("peak_kind")})
     L.append(f"- Peak memory: {', '.join(kinds) or 'n/a'} (tensors; the allocator's reserve is in cells.csv). Each cell ran "
              "in its own process.")
     if any(r.get("runtime_extrapolated") for r in results):
         L.append(f"- \\* Runtime extrapolated: the cell stopped after the optimizer step that crossed the "
-                 f"{bc.time_budget_s:g} s budget, and its measured time was scaled by (all tokens / tokens processed).")
+                 f"{bc.time_budget_s:g} s budget (never before step 2); step 1 (warm-up) counts as measured and the "
+                 "later steps' time per token is scaled to all the tokens of the samples. The longest example was "
+                 "moved to step 2 so the peak still includes it.")
     L.append("")
 
     # ---- Table 2

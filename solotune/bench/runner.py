@@ -54,6 +54,7 @@ class BenchConfig:
     out: str = "benchmarks/results/bench"
     cell_timeout_s: float = 1200.0
     time_budget_s: float | None = None
+    sdpa: str = "no-cudnn"
     command: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -97,7 +98,8 @@ def matrix(bc: BenchConfig) -> list[CellSpec]:
         cells.append(CellSpec(model=bc.model, layers=bc.layers, samples=bc.samples, seq_len=bc.seq_len,
                               micro_batch=bc.micro_batch, lora_rank=bc.lora_rank, lora_alpha=bc.lora_alpha,
                               lora_dropout=bc.lora_dropout, lora_targets=bc.lora_targets, lr=bc.lr, seed=bc.seed,
-                              device=bc.device, time_budget_s=bc.time_budget_s, command=bc.command, **kw))
+                              device=bc.device, time_budget_s=bc.time_budget_s, sdpa=bc.sdpa, command=bc.command,
+                              **kw))
     return cells
 
 

@@ -145,3 +145,19 @@ def test_hf_reference_cell_runs_on_cpu():
     assert hf["trainable_params"] == ours["trainable_params"]  # same adapters (r16 on q/v)
     assert hf["tokens"] == ours["tokens"]  # same data
     assert hf["anatomy"]["weight_copies"] > 0 and hf["anatomy"]["rest"] >= 0
+
+
+def test_time_budget_extrapolates_and_still_sees_the_longest_example():
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        r = run_cell(CellSpec(model="tiny", samples=12, seq_len=64, grad_accum=2, time_budget_s=1e-6, device="cpu"))
+    finally:
+        torch.set_num_threads(n)
+    assert r["status"] == "ok", r["error"]
+    assert r["steps"] == 2 and r["samples_done"] == 4  # stopped at the first chance: after step 2
+    assert r["runtime_extrapolated"] and r["runtime_s"] > r["runtime_measured_s"]
+    assert r["tokens_total"] > r["tokens"]
+    assert r["max_seq_len_seen"] == r["max_seq_len_data"]  # the longest example was moved into step 2
