@@ -169,7 +169,7 @@ def _load_base(args: argparse.Namespace, dtype: Any, default: str | None = None)
 def _model_and_adapter(args: argparse.Namespace, dtype: Any):
     """(model with the adapter attached or None, tokenizer, adapter). The adapter's recorded base
     model is the default for --model; a PEFT folder is read against the loaded base's config."""
-    from .loop import attach_adapter, load_adapter
+    from .weights import attach_adapter, load_adapter
 
     if not args.adapter:
         model, tok = _load_base(args, dtype)
@@ -248,7 +248,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     from ..checkpoint.hf import save_hf
     from ..peft import merge_lora
-    from .loop import trainable_state, write_tokenizer
+    from .weights import trainable_state, write_tokenizer
 
     model, tokenizer, adapter = _model_and_adapter(args, torch.float32)
     merge_lora(model)
@@ -277,7 +277,7 @@ def cmd_export_peft(args: argparse.Namespace) -> int:
     from ..config import ModelConfig
     from ..model import Transformer
     from ..peft import export_peft
-    from .loop import ADAPTER_CONFIG, attach_adapter, load_adapter
+    from .weights import ADAPTER_CONFIG, attach_adapter, load_adapter
 
     adapter = load_adapter(args.adapter)
     base = args.model or adapter.base_model

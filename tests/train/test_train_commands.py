@@ -17,7 +17,7 @@ from solotune.config import ModelConfig
 from solotune.model import build_model
 from solotune.train import TrainConfig
 from solotune.train.commands import add_finetune_args, finetune_config
-from solotune.train.loop import attach_adapter, load_adapter
+from solotune.train.weights import attach_adapter, load_adapter
 
 from train_fixtures import write_records
 
