@@ -9,7 +9,8 @@ weight a short answer's tokens more than a long one's).
 
 Reading order: :func:`finetune` (set-up, evaluation, the loop, saving) -> :func:`token_loss_sum`
 (the loss) -> :func:`make_optimizer` / :func:`make_schedule` -> :class:`DataStream` (order and resume
-position) -> checkpoint helpers.
+position). What gets written: ``state.py`` (checkpoints), ``weights.py`` (final/, adapters),
+``metrics.py`` (metrics.jsonl, loss.png, summary).
 """
 
 from __future__ import annotations
