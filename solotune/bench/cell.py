@@ -411,13 +411,13 @@ def _fill_success(result: dict[str, Any], spec: CellSpec, log: list[dict[str, An
         result["predicted"] = pred.to_dict()
         result["predicted_peak_bytes"] = pred.peak
     if done < len(lengths):
-        # Stopped by the time budget. Step 1 carries the one-off warm-up (kernel selection, allocator
-        # growth): keep it as measured and scale the later steps by tokens to the whole data.
+        # Stopped by the time budget: keep what was measured and add the unseen tokens at the rate of
+        # the steady-state steps (after step 2: step 1 carries the warm-up, step 2 the longest example).
+        first = 2 if steps > 2 else 1 if steps > 1 else 0
+        t0, k0 = (float(log[first - 1]["time_s"]), int(log[first - 1]["tokens"])) if first else (0.0, 0)
+        rate = (runtime - t0) / max(tokens - k0, 1)
         result["runtime_extrapolated"] = True
-        t1, k1 = float(log[0]["time_s"]), int(log[0]["tokens"])
-        rate = (runtime - t1) / max(tokens - k1, 1) if steps > 1 else runtime / max(tokens, 1)
-        base, base_tokens = (t1, k1) if steps > 1 else (0.0, 0)
-        result["runtime_s"] = base + rate * (sum(lengths) - base_tokens)
+        result["runtime_s"] = runtime + rate * (sum(lengths) - tokens)
         result["tokens_total"] = sum(lengths)
     else:
         result["runtime_s"] = runtime

@@ -20,8 +20,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=int, default=200, help="Alpaca training records per cell (1..200)")
     p.add_argument("--seq-len", type=int, default=512, help="truncate examples to this many tokens")
     p.add_argument("--micro-batch", type=int, default=1, help="examples per micro-batch (course: 1)")
-    p.add_argument("--axes", type=_csv, default=("ga", "gc", "precision", "lora"),
-                   help="techniques to switch on/off, from ga,gc,precision,lora (default: all four = 16 cells)")
+    p.add_argument("--axes", type=_csv, default=("ga", "precision", "lora", "gc"),
+                   help="techniques to switch on/off, from ga,precision,lora,gc (default: all four = 16 cells)")
     p.add_argument("--precision-on", default="fp16-amp", choices=["fp16-amp", "bf16-amp", "bf16"],
                    help="what 'mixed precision on' means (off = fp32); the course used fp16 AMP")
     p.add_argument("--ga-on", type=int, default=8, help="accumulation steps when GA is on")

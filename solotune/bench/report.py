@@ -19,8 +19,8 @@ from typing import Any, Iterable, Sequence
 
 from .plan import GiB
 
-TECHNIQUES = {"ga": "Gradient accumulation", "gc": "Gradient checkpointing", "precision": "Mixed precision",
-              "lora": "LoRA"}
+TECHNIQUES = {"ga": "Gradient accumulation", "precision": "Mixed precision", "lora": "LoRA",
+              "gc": "Gradient checkpointing"}
 THRESHOLD = 0.05  # |relative change| below this is "–"
 
 # (label, measured anatomy key, predicted key) of the components Table 1 compares
@@ -115,14 +115,14 @@ def state(r: dict[str, Any]) -> dict[str, bool]:
 
 
 def describe(r: dict[str, Any]) -> str:
-    parts = [f"GA {r['grad_accum']}", f"checkpointing {r['grad_checkpoint']}", r["precision"],
-             "LoRA" if r["method"] == "lora" else "full fine-tuning"]
+    parts = [f"GA {r['grad_accum']}", r["precision"], "LoRA" if r["method"] == "lora" else "full fine-tuning",
+             f"checkpointing {r['grad_checkpoint']}"]
     return ", ".join(parts)
 
 
 def label(r: dict[str, Any]) -> str:
     s = state(r)
-    flags = [n for n, k in (("GA", "ga"), ("GC", "gc"), ("MP", "precision"), ("LoRA", "lora")) if s[k]]
+    flags = [n for n, k in (("GA", "ga"), ("MP", "precision"), ("LoRA", "lora"), ("GC", "gc")) if s[k]]
     base = "+".join(flags) if flags else "none"
     return base + (" (HF)" if r["impl"] == "hf" else "")
 
@@ -170,10 +170,11 @@ def arrow(changes: list[float]) -> str:
 
 
 def _rel(a: float | None, b: float | None) -> float | None:
-    if a is None or b is None:
+    """Relative change a -> b; None when unknown or when both are zero (the pair says nothing)."""
+    if a is None or b is None or (a == 0 and b == 0):
         return None
     if a == 0:
-        return 0.0 if b == 0 else math.inf
+        return math.inf
     return b / a - 1.0
 
 
@@ -187,9 +188,13 @@ def table1(results: Sequence[dict[str, Any]], techniques: Iterable[str]) -> list
         ok_pairs = pairs(results, tech)
         cells = []
         for _, mkey, pkey in COMPONENTS:
-            ch = [c for off, on in ok_pairs if (c := _rel(_measured(off, mkey), _measured(on, mkey))) is not None]
+            vals = [(_measured(off, mkey), _measured(on, mkey)) for off, on in ok_pairs]
+            ch = [c for a, b in vals if (c := _rel(a, b)) is not None]
             if ch:
                 cells.append(arrow(ch))
+                continue
+            if vals and all(a == b == 0 for a, b in vals):
+                cells.append("– (none)")
                 continue
             pp = pairs(results, tech, need_ok=False)
             ch = [c for off, on in pp if (c := _rel(_predicted(off, pkey), _predicted(on, pkey))) is not None]
@@ -380,8 +385,15 @@ def write_report(out: Path, results: Sequence[dict[str, Any]], bc: Any) -> Path:
     return out / "report.md"
 
 
+def table_order(r: dict[str, Any]) -> tuple:
+    """Rows in the course's column order: GA, mixed precision, LoRA, then checkpointing (off first)."""
+    s = state(r)
+    return (s["ga"], s["precision"], s["lora"], s["gc"], r["impl"] != "solotune")
+
+
 def render(results: Sequence[dict[str, Any]], bc: Any) -> str:
     u = units_for(results)
+    results = sorted(results, key=table_order)
     sol = [r for r in results if r["impl"] == "solotune"]
     hf = {_key(r, ""): r for r in results if r["impl"] == "hf"}
     first = next((r for r in results if r.get("device")), results[0] if results else {})
@@ -389,13 +401,13 @@ def render(results: Sequence[dict[str, Any]], bc: Any) -> str:
     mm = (getattr(bc, "extra", {}) or {}).get("matmul") or {}
     L: list[str] = []
     layers = next((r["layers"] for r in sol if r.get("layers")), bc.layers)
-    L.append(f"# solotune bench: {bc.model} ({layers} layers)")
+    L.append(f"# solotune bench: {bc.model} ({layers} layer{'' if layers == 1 else 's'})")
     L.append("")
     L.append(f"- Command: `{bc.command}`")
     L.append(f"- Device: {first.get('device')}; torch {first.get('torch')}; {first.get('date')}"
              + (f"; measured bf16 matmul rate {mm['matmul_tflops']:.0f} TFLOP/s" if mm.get("matmul_tflops") else ""))
     weights = next((r.get("weights") for r in sol if r.get("weights")), "random init")
-    L.append(f"- Model: {bc.model}, {layers} layers, **{weights}** weights (memory and speed do not depend on the values). "
+    L.append(f"- Model: {bc.model}, {layers} layer{'' if layers == 1 else 's'}, **{weights}** weights (memory and speed do not depend on the values). "
              f"Data: Alpaca records 0–{bc.samples - 1} (bundled sample), prompt template + masked labels, cut at "
              f"{bc.seq_len} tokens; longest sample {next((r.get('max_seq_len_data') for r in sol if r.get('max_seq_len_data')), '?')} tokens.")
     L.append(f"- Course hyperparameters: micro-batch {bc.micro_batch}, accumulation {bc.ga_on} when on, checkpointing "
@@ -421,7 +433,7 @@ def render(results: Sequence[dict[str, Any]], bc: Any) -> str:
     L.append(f"Runtime: wall time of the training loop over the {bc.samples} samples (s). Memory in {u.name}. "
              "OOM cells show the planner's predicted requirement.")
     L.append("")
-    head = f"| Gradient accumulation | Gradient checkpointing | Mixed precision | LoRA | Peak memory ({u.name}) | Runtime (s) | Predicted ({u.name}) |"
+    head = f"| Gradient accumulation | Mixed precision | LoRA | Gradient checkpointing | Peak memory ({u.name}) | Runtime (s) | Predicted ({u.name}) |"
     sep = "|---|---|---|---|---:|---:|---:|"
     if has_hf:
         head += f" HF peak ({u.name}) | HF runtime (s) | memory ratio | speed-up |"
@@ -430,7 +442,7 @@ def render(results: Sequence[dict[str, Any]], bc: Any) -> str:
     for r in sol:
         s = state(r)
         peak, rt = _status_cell(r, u)
-        row = (f"| {onoff(s['ga'])} | {onoff(s['gc'])} | {onoff(s['precision'])} | {onoff(s['lora'])} | {peak} | {rt} | "
+        row = (f"| {onoff(s['ga'])} | {onoff(s['precision'])} | {onoff(s['lora'])} | {onoff(s['gc'])} | {peak} | {rt} | "
                f"{u(r.get('predicted_peak_bytes'))} |")
         if has_hf:
             h = hf.get(("hf",) + _key(r, "")[1:])
@@ -455,7 +467,7 @@ def render(results: Sequence[dict[str, Any]], bc: Any) -> str:
              "state: their full size; activations and weight copies: the largest micro-batch). "
              "ᵖ: no such pair ran, so the arrow comes from the planner's predictions for the cells.")
     L.append("")
-    L += table1(results, [t for t in ("ga", "gc", "precision", "lora") if t in bc.axes])
+    L += table1(results, [t for t in ("ga", "precision", "lora", "gc") if t in bc.axes])
     L.append("")
 
     # ---- anatomy
@@ -500,9 +512,11 @@ def render(results: Sequence[dict[str, Any]], bc: Any) -> str:
             e = r["predicted_peak_bytes"] / r["peak_alloc_bytes"] - 1
             errs.append(abs(e))
             err = f"{100 * e:+.1f}%"
-        L.append(f"| {label(r)} | {r['status']} | {u(r.get('predicted_peak_bytes'))} | {u(r.get('peak_alloc_bytes'))} | "
-                 f"{err} | {u(p.get('activations'))} | {u(a.get('max_activations'))} | "
-                 f"{u(p.get('weight_copies'))} | {u(a.get('max_weight_copies'))} |")
+        ok = r["status"] == "ok"  # an OOM cell's partial anatomy is not comparable
+        L.append(f"| {label(r)} | {r['status']} | {u(r.get('predicted_peak_bytes'))} | "
+                 f"{u(r.get('peak_alloc_bytes')) + ('' if ok else ' (at OOM)')} | {err} | {u(p.get('activations'))} | "
+                 f"{u(a.get('max_activations') if ok else None)} | {u(p.get('weight_copies'))} | "
+                 f"{u(a.get('max_weight_copies') if ok else None)} |")
     if errs:
         L.append("")
         L.append(f"Largest |error| over cells that ran: {100 * max(errs):.1f}% ({len(errs)} cells).")

@@ -1,8 +1,8 @@
 """The benchmark matrix: every on/off combination of the chosen techniques, one subprocess per cell.
 
-Axes (each on/off): ``ga`` gradient accumulation (1 / ``ga_on``), ``gc`` gradient checkpointing
-(off / ``gc_on``), ``precision`` (fp32 / ``precision_on``, fp16 AMP by default as in the course),
-``lora`` (full fine-tuning / LoRA). An axis left out of ``axes`` stays at its fixed value: off for
+Axes (each on/off): ``ga`` gradient accumulation (1 / ``ga_on``), ``precision`` (fp32 /
+``precision_on``, fp16 AMP by default as in the course), ``lora`` (full fine-tuning / LoRA), ``gc``
+gradient checkpointing (off / ``gc_on``). An axis left out of ``axes`` stays at its fixed value: off for
 ga, gc and precision, on for LoRA (the product's default method).
 
 With ``reference="hf"`` every solotune cell that ran is followed by the same cell in HF
@@ -29,7 +29,7 @@ from typing import Any, Callable, TextIO
 from .cell import CellSpec
 from .plan import GiB, PRECISIONS
 
-AXES = ("ga", "gc", "precision", "lora")
+AXES = ("ga", "precision", "lora", "gc")  # the course's columns (GA, mixed precision, LoRA) + checkpointing
 
 
 @dataclass
@@ -86,7 +86,8 @@ FIXED = {"ga": False, "gc": False, "precision": False, "lora": True}
 
 
 def matrix(bc: BenchConfig) -> list[CellSpec]:
-    """The solotune cells in the course's table order: GA, checkpointing, precision, LoRA (off before on)."""
+    """The solotune cells in the course's table order: GA, mixed precision, LoRA, then checkpointing
+    (off before on, the last axis varying fastest)."""
     cells = []
     for combo in itertools.product((False, True), repeat=len(AXES)):
         state = dict(zip(AXES, combo))

@@ -66,6 +66,9 @@ def test_matrix_order_and_fixed_axes():
     assert len(full) == 16 and len({c.cell_id for c in full}) == 16
     assert (full[0].grad_accum, full[0].grad_checkpoint, full[0].precision, full[0].method) == (1, "off", "fp32", "full")
     assert (full[-1].grad_accum, full[-1].grad_checkpoint, full[-1].precision, full[-1].method) == (8, "all", "fp16-amp", "lora")
+    # the course's column order (GA, mixed precision, LoRA) with checkpointing varying fastest
+    assert [(c.grad_accum, c.precision, c.method, c.grad_checkpoint) for c in full[:4]] == [
+        (1, "fp32", "full", "off"), (1, "fp32", "full", "all"), (1, "fp32", "lora", "off"), (1, "fp32", "lora", "all")]
     two = matrix(BenchConfig(model="tiny", axes=("ga", "precision"), precision_on="bf16"))
     assert len(two) == 4
     assert {c.method for c in two} == {"lora"} and {c.grad_checkpoint for c in two} == {"off"}
