@@ -82,8 +82,7 @@ class TrainResult:
     skipped_steps: int  # fp16-amp steps skipped by the loss scaler
     avg_loss: float | None = None  # mean of the per-step training losses
     first_loss: float | None = None
-    first5_loss: float | None = None  # mean training loss of the first / last 5 steps (less batch noise)
-    last5_loss: float | None = None
+    val_curve: list[float] = field(default_factory=list)  # before, every eval_every steps, after
     losses: list[float] = field(default_factory=list)
     final_dir: Path | None = None
     last_checkpoint: Path | None = None
@@ -237,6 +236,9 @@ def _finetune(cfg: TrainConfig, device: torch.device, model: nn.Module | None, t
                    "target_tokens": target_tokens, "tokens_per_s": n_tokens / dt, "grad_norm": grad_norm,
                    "peak_mem": peak_memory_bytes(device), "epoch": stream.epoch, "skipped": not took_step,
                    "time_s": runtime_s}
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+                rec["val_loss"] = evaluate(model, val_set, policy, device, cfg.eval_batch_size, pad_id)
+                model.train()  # eval mode draws no random numbers: resume stays bit-exact
             log.write(rec)
             progress.update(rec)
             if not took_step:
@@ -273,8 +275,7 @@ def _finetune(cfg: TrainConfig, device: torch.device, model: nn.Module | None, t
         runtime_s=runtime_s, tokens_per_s=tokens / runtime_s if runtime_s > 0 else 0.0,
         trainable_params=trainable_params, total_params=total_params, skipped_steps=scaler.skipped_steps,
         avg_loss=sum(losses) / len(losses) if losses else None, first_loss=losses[0] if losses else None,
-        first5_loss=sum(losses[:5]) / len(losses[:5]) if losses else None,
-        last5_loss=sum(losses[-5:]) / len(losses[-5:]) if losses else None,
+        val_curve=[v for v in [val_before, *(r.get("val_loss") for r in log.records), val_after] if v is not None],
         losses=losses, final_dir=final_dir, last_checkpoint=last_saved, generations_before=gens_before,
         generations_after=gens_after, resumed_from=ckpt.path if ckpt else None,
     )

@@ -96,8 +96,12 @@ class Progress:
             self.bar = tqdm(total=total, initial=initial, unit="step", desc="finetune", dynamic_ncols=True)
 
     def update(self, rec: dict[str, Any]) -> None:
-        text = (f"loss={rec['loss']:.4f} avg5={rec['loss_avg5']:.4f} tok/s={rec['tokens_per_s']:.0f} lr={rec['lr']:.2e} "
-                f"mem={fmt_bytes(rec['peak_mem'])}" + (" SKIPPED" if rec.get("skipped") else ""))
+        text = (f"loss={rec['loss']:.4f} avg5={rec['loss_avg5']:.4f} tok/s={rec['tokens_per_s']:.0f} "
+                f"lr={rec['lr']:.2e} mem={fmt_bytes(rec['peak_mem'])}"
+                + (" SKIPPED" if rec.get("skipped") else "")
+                + (f" val_loss={rec['val_loss']:.4f}" if rec.get("val_loss") is not None else ""))
+        if rec.get("val_loss") is not None and self.bar is not None:
+            self.bar.write(f"step {rec['step']}: val loss {rec['val_loss']:.4f}")
         if self.bar is not None:
             self.bar.set_postfix_str(text, refresh=False)
             self.bar.update(1)
@@ -132,10 +136,13 @@ def plot_loss(records: Iterable[dict[str, Any]], path: Path, val_before: float |
     if len(losses) >= 4:  # each step sees new examples: the per-step loss is mostly batch-to-batch noise
         ax.plot(steps, running_mean(losses, 5), lw=2, color="C0", label="train loss (mean of last 5 steps)")
     last = steps[-1] if steps else 1
-    if val_before is not None:
-        ax.scatter([0], [val_before], color="C3", zorder=3, label=f"val loss before ({val_before:.3f})")
-    if val_after is not None:
-        ax.scatter([last], [val_after], color="C2", marker="s", zorder=3, label=f"val loss after ({val_after:.3f})")
+    # Validation curve: before (step 0), every eval_every steps, after (last step).
+    val = [(0, val_before)] if val_before is not None else []
+    val += [(r["step"], r["val_loss"]) for r in recs if r.get("val_loss") is not None]
+    val += [(last, val_after)] if val_after is not None else []
+    if val:
+        ax.plot([s for s, _ in val], [v for _, v in val], marker="s", color="C3", lw=1.5, zorder=3,
+                label="val loss" + (f" ({val[0][1]:.3f} -> {val[-1][1]:.3f})" if len(val) > 1 else ""))
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (nats / target token)")
     ax.set_title(title)
@@ -179,9 +186,10 @@ def format_summary(s: dict[str, Any]) -> str:
         f"steps            {s['steps']}  ({s['tokens']:,} tokens, {s['target_tokens']:,} target tokens, "
         f"{s['skipped_steps']} skipped)",
         f"train loss       first {f(s.get('first_loss'))}  last {f(s.get('final_loss'))}  average {f(s.get('avg_loss'))}"
-        f"  (mean of the first 5 steps {f(s.get('first5_loss'))}, of the last 5 {f(s.get('last5_loss'))})",
+        "  (per step: each step sees new examples)",
         f"val loss         before {f(s.get('val_loss_before'))} (ppl {f(ppl_b, '.2f')})  "
-        f"after {f(s.get('val_loss'))} (ppl {f(ppl_a, '.2f')})",
+        f"after {f(s.get('val_loss'))} (ppl {f(ppl_a, '.2f')})"
+        + (f"  [{' -> '.join(f'{v:.3f}' for v in s['val_curve'])}]" if len(s.get("val_curve") or []) > 2 else ""),
         f"peak memory      {fmt_bytes(s['peak_memory_bytes'])} ({s['peak_memory_kind']})",
         f"runtime          {s['runtime_s']:.1f} s training ({s['tokens_per_s']:.0f} tokens/s), "
         f"{s['total_runtime_s']:.1f} s wall in this process (load, validation, saving included)",

@@ -187,11 +187,13 @@ def test_epochs_mode_runs_whole_passes(tmp_path, data):
 
 # ----------------------------------------------------------------------------------- output layout
 def test_output_layout(tmp_path, data):
-    res = finetune(tiny_config(tmp_path, data, max_steps=5, save_every=2), model=tiny_model(),
+    res = finetune(tiny_config(tmp_path, data, max_steps=5, save_every=2, eval_every=2), model=tiny_model(),
                    tokenizer=WordTokenizer())
     out = tmp_path / "run"
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in recs if "val_loss" in r] == [2, 4]
+    assert res.val_curve == [res.val_loss_before, recs[1]["val_loss"], recs[3]["val_loss"], res.val_loss]
     for r in recs:
         assert {"step", "loss", "lr", "tokens", "tokens_per_s", "grad_norm", "peak_mem"} <= r.keys()
         assert math.isfinite(r["loss"]) and r["tokens_per_s"] > 0

@@ -50,7 +50,7 @@ def _losses(out):
 # weight decay, and 10 steps of 4 examples over 32 records: the run crosses an epoch boundary
 # after the interruption.
 CASES = {
-    "lora": dict(lora_dropout=0.1, warmup_steps=2, weight_decay=0.1),
+    "lora": dict(lora_dropout=0.1, warmup_steps=2, weight_decay=0.1, eval_every=3),
     "full": dict(full=True, lr=3e-3, warmup_steps=2, weight_decay=0.1),
     "lora-every2-ckpt": dict(lora_dropout=0.1, grad_checkpoint="every:2", lora_targets=("wq", "wk", "w1")),
 }
