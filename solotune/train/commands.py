@@ -62,6 +62,7 @@ _FINETUNE_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--val-samples": ("val_samples", dict(type=_opt_int, help="first N records of the val range (all)")),
     "--max-samples": ("max_samples", dict(type=_opt_int, help="first N records of the train range (all)")),
     "--eval-batch-size": ("eval_batch_size", dict(type=int)),
+    "--eval-every": ("eval_every", dict(type=int, help="val loss every N steps too (0 = before/after only)")),
     "--skip-bad-records": ("skip_bad_records", dict(action="store_true")),
     "--save-every": ("save_every", dict(type=int, help="checkpoint every N steps (0 = only at the end)")),
     "--resume": ("resume", dict(metavar="DIR", help="an output dir (its latest checkpoint) or a checkpoint folder")),
@@ -95,7 +96,7 @@ def _profiles_text() -> str:
     quick, course = TrainConfig.profile("quickstart"), TrainConfig.profile("course")
     shown = ("model", "data", "output_dir", "max_steps", "epochs", "lr", "warmup_steps", "lr_schedule", "batch_size",
              "grad_accum", "precision", "grad_checkpoint", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets",
-             "max_seq_len", "train_range", "val_range", "val_samples", "weight_decay", "max_grad_norm", "seed")
+             "max_seq_len", "train_range", "val_range", "val_samples", "eval_every", "weight_decay", "max_grad_norm", "seed")
     rows = [f"  {'setting':<16}{'quickstart (default)':<24}course"]
     for f in shown:
         a, b = getattr(quick, f), getattr(course, f)
