@@ -249,7 +249,7 @@ def _wants_injected_oom(spec: CellSpec) -> bool:
 def run_cell(spec: CellSpec) -> dict[str, Any]:
     """Run one cell; never raises for OOM or training errors (they become the status)."""
     from ..api import resolve_device
-    from .anatomy import AnatomyInstrument, StopTraining, make_meter
+    from .anatomy import AnatomyInstrument, make_meter
     from .plan import predict, train_flops
 
     device = resolve_device(spec.device)

@@ -295,28 +295,37 @@ def plot_anatomy(results: Sequence[dict[str, Any]], path: Path, u: Units) -> Non
 
     cells = [r for r in results if r["status"] in ("ok", "oom") and (r["status"] == "ok" or r.get("predicted"))]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(cells) + 2), 5.0))
+    labelled: set[str] = set()
+
+    def once(name: str) -> str | None:  # each legend entry once, whichever cell comes first
+        if name in labelled:
+            return None
+        labelled.add(name)
+        return name
+
     for i, r in enumerate(cells):
         if r["status"] == "ok" and r.get("anatomy"):
             a, bottom = r["anatomy"], 0.0
             for k in PARTS:
                 v = max(a.get(k) or 0, 0) / u.size
-                ax.bar(i, v, bottom=bottom, color=COLORS[k], label=PART_LABELS[k] if i == 0 else None)
+                ax.bar(i, v, bottom=bottom, color=COLORS[k], label=once(PART_LABELS[k]))
                 bottom += v
         else:  # OOM: the planner's prediction, hatched
-            p = r["predicted"]
             bottom = 0.0
             for k, pk in (("params_total", "params"), ("grads", "grads"), ("optimizer", "optimizer"),
                           ("activations", "activations"), ("weight_copies", "weight_copies")):
                 v = (_predicted(r, pk) or 0) / u.size
-                ax.bar(i, v, bottom=bottom, color=COLORS[k], alpha=0.35, hatch="//", edgecolor="grey")
+                ax.bar(i, v, bottom=bottom, color=COLORS[k], alpha=0.35, hatch="//", edgecolor="grey",
+                       label=once("OOM: predicted components"))
                 bottom += v
             ax.text(i, bottom, "OOM", ha="center", va="bottom", fontsize=7, rotation=90)
         if r.get("predicted_peak_bytes") and r["status"] == "ok":
             ax.plot([i - 0.4, i + 0.4], [r["predicted_peak_bytes"] / u.size] * 2, color="black", lw=1.2,
-                    label="predicted peak" if i == 0 else None)
-    handles, labels = ax.get_legend_handles_labels()
-    uniq = dict(zip(labels, handles))
-    ax.legend(uniq.values(), uniq.keys(), fontsize=7, loc="upper left")
+                    label=once("predicted peak"))
+    mem = next((r.get("device_memory_bytes") for r in cells if r.get("device_memory_bytes")), None)
+    if mem:
+        ax.axhline(mem / u.size, color="red", lw=0.8, ls="--", label=once("device memory"))
+    ax.legend(fontsize=7, loc="upper left")
     ax.set_xticks(range(len(cells)))
     ax.set_xticklabels([label(r) for r in cells], rotation=60, ha="right", fontsize=7)
     ax.set_ylabel(f"{u.name} at the peak")
@@ -339,8 +348,8 @@ def plot_memory_runtime(results: Sequence[dict[str, Any]], path: Path, u: Units)
             continue
         ax.scatter([r["runtime_s"] for r in pts], [r["peak_alloc_bytes"] / u.size for r in pts], marker=marker,
                    color=color, label="solotune" if impl == "solotune" else "HF transformers + peft")
-        for r in pts:
-            ax.annotate(label(r).replace(" (HF)", ""), (r["runtime_s"], r["peak_alloc_bytes"] / u.size), fontsize=6,
+        for r in pts if impl == "solotune" else []:  # HF points sit next to theirs: one label each
+            ax.annotate(label(r), (r["runtime_s"], r["peak_alloc_bytes"] / u.size), fontsize=6,
                         xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("runtime for the samples (s)")
     ax.set_ylabel(f"peak memory ({u.name})")
@@ -378,6 +387,7 @@ def write_report(out: Path, results: Sequence[dict[str, Any]], bc: Any) -> Path:
     out = Path(out)
     write_json(out / "cells.json", results)
     write_csv(out / "cells.csv", results)
+    results = sorted(results, key=table_order)
     u = units_for(results)
     plot_anatomy(results, out / "anatomy.png", u)
     plot_memory_runtime(results, out / "memory_runtime.png", u)

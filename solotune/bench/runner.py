@@ -104,12 +104,6 @@ def matrix(bc: BenchConfig) -> list[CellSpec]:
     return cells
 
 
-def technique_state(r: dict[str, Any], bc: BenchConfig | None = None) -> dict[str, bool]:
-    """Which techniques a cell result has on."""
-    return {"ga": r["grad_accum"] > 1, "gc": r["grad_checkpoint"] != "off", "precision": r["precision"] != "fp32",
-            "lora": r["method"] == "lora"}
-
-
 # ------------------------------------------------------------------------------ running
 def run_cell_subprocess(spec: CellSpec, timeout_s: float, log: TextIO) -> dict[str, Any]:
     """Run one cell in a fresh Python process; a crash or timeout becomes an error result."""
