@@ -9,9 +9,9 @@ caught and reported as ``status: "oom"`` with the size of the allocation that fa
 ``python -m solotune.bench.cell --matmul`` prints the device's measured bf16 matmul rate (the MFU
 denominator) as JSON.
 
-Weights are random (the architecture's preset, or the checkpoint given as a path); the data are
-the first ``samples`` records of the bundled Alpaca sample, tokenised with the model's tokenizer
-(presets: the bundled LLaMA-2 SentencePiece model).
+Weights: random for a preset architecture (memory and speed do not depend on the values), or the
+checkpoint's when ``model`` is a path. Data: the first ``samples`` records of the bundled Alpaca
+sample, tokenised with the model's tokenizer (presets: the bundled LLaMA-2 SentencePiece model).
 """
 
 from __future__ import annotations
