@@ -22,6 +22,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--micro-batch", type=int, default=1, help="examples per micro-batch (course: 1)")
     p.add_argument("--axes", type=_csv, default=("ga", "precision", "lora", "gc"),
                    help="techniques to switch on/off, from ga,precision,lora,gc (default: all four = 16 cells)")
+    p.add_argument("--fix", type=_csv, default=(),
+                   help="pin axes left out of --axes, e.g. ga=on,precision=on (default: ga/gc/precision off, lora on)")
     p.add_argument("--precision-on", default="fp16-amp", choices=["fp16-amp", "bf16-amp", "bf16"],
                    help="what 'mixed precision on' means (off = fp32); the course used fp16 AMP")
     p.add_argument("--ga-on", type=int, default=8, help="accumulation steps when GA is on")
@@ -53,7 +55,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     argv = sys.argv[1:]
     command = "solotune " + shlex.join(argv) if argv[:1] == ["bench"] else "solotune bench " + shlex.join(_bench_argv(args, out))
     bc = BenchConfig(model=args.model, layers=args.layers, samples=args.samples, seq_len=args.seq_len,
-                     micro_batch=args.micro_batch, axes=args.axes, ga_on=args.ga_on, gc_on=args.gc_on,
+                     micro_batch=args.micro_batch, axes=tuple(a for a in args.axes if a != "none"),
+                     fixed=_parse_fix(args.fix), ga_on=args.ga_on, gc_on=args.gc_on,
                      precision_on=args.precision_on, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                      lora_dropout=args.lora_dropout, lora_targets=args.lora_targets, lr=args.lr, seed=args.seed,
                      reference=args.reference, device=args.device, out=out, cell_timeout_s=args.cell_timeout,
@@ -65,12 +68,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0 if any(r["status"] == "ok" for r in results) else 1
 
 
+def _parse_fix(items: tuple[str, ...]) -> dict[str, bool]:
+    out = {}
+    for item in items:
+        name, _, val = item.partition("=")
+        if val not in ("on", "off"):
+            raise ValueError(f"--fix {item!r}: expected AXIS=on or AXIS=off")
+        out[name] = val == "on"
+    return out
+
+
 def _bench_argv(args: argparse.Namespace, out: str) -> list[str]:
     argv = ["--model", args.model]
     if args.layers:
         argv += ["--layers", str(args.layers)]
     argv += ["--samples", str(args.samples), "--seq-len", str(args.seq_len), "--axes", ",".join(args.axes),
              "--precision-on", args.precision_on]
+    if args.fix:
+        argv += ["--fix", ",".join(args.fix)]
     if args.reference:
         argv += ["--reference", args.reference]
     if args.time_budget:

@@ -3,7 +3,8 @@
 Axes (each on/off): ``ga`` gradient accumulation (1 / ``ga_on``), ``precision`` (fp32 /
 ``precision_on``, fp16 AMP by default as in the course), ``lora`` (full fine-tuning / LoRA), ``gc``
 gradient checkpointing (off / ``gc_on``). An axis left out of ``axes`` stays at its fixed value: off for
-ga, gc and precision, on for LoRA (the product's default method).
+ga, gc and precision, on for LoRA (the product's default method), unless ``fixed`` pins it
+(``--fix ga=on``); ``--axes none --fix ...`` runs a single cell.
 
 With ``reference="hf"`` every solotune cell that ran is followed by the same cell in HF
 transformers + peft (when both are importable); cells that ran out of memory in solotune, and
@@ -40,6 +41,7 @@ class BenchConfig:
     seq_len: int = 512
     micro_batch: int = 1
     axes: tuple[str, ...] = AXES
+    fixed: dict[str, bool] = field(default_factory=dict)  # pins for axes left out (default: FIXED)
     ga_on: int = 8
     gc_on: str = "all"
     precision_on: str = "fp16-amp"
@@ -61,8 +63,11 @@ class BenchConfig:
     def __post_init__(self) -> None:
         self.axes = tuple(dict.fromkeys(self.axes))
         bad = [a for a in self.axes if a not in AXES]
-        if bad or not self.axes:
-            raise ValueError(f"--axes {','.join(self.axes)}: choose from {','.join(AXES)}")
+        if bad:
+            raise ValueError(f"--axes {','.join(self.axes)}: choose from {','.join(AXES)} (or none)")
+        clash = [a for a in self.fixed if a not in AXES or a in self.axes]
+        if clash:
+            raise ValueError(f"--fix {','.join(clash)}: pin only axes that --axes leaves out ({','.join(AXES)})")
         if self.precision_on not in PRECISIONS or self.precision_on == "fp32":
             raise ValueError(f"--precision-on {self.precision_on!r}: choose from fp16-amp, bf16-amp, bf16")
         if self.reference not in (None, "hf"):
@@ -91,7 +96,8 @@ def matrix(bc: BenchConfig) -> list[CellSpec]:
     cells = []
     for combo in itertools.product((False, True), repeat=len(AXES)):
         state = dict(zip(AXES, combo))
-        if any(state[a] != FIXED[a] for a in AXES if a not in bc.axes):
+        fixed = {**FIXED, **bc.fixed}
+        if any(state[a] != fixed[a] for a in AXES if a not in bc.axes):
             continue
         kw: dict[str, Any] = {}
         for a in AXES:
