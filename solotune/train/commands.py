@@ -68,6 +68,10 @@ _FINETUNE_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--resume": ("resume", dict(metavar="DIR", help="an output dir (its latest checkpoint) or a checkpoint folder")),
     "--overwrite": ("overwrite", dict(action="store_true", help="start over in an output dir holding a run")),
     "--device": ("device", dict(help="auto | cpu | cuda | cuda:N")),
+    "--distributed": ("distributed", dict(choices=["none", "fsdp"],
+                                          help="fsdp: shard model and optimizer over the processes of "
+                                               "`torchrun --nproc-per-node N -m solotune finetune ...`; "
+                                               "--batch-size is then the global micro-batch")),
     "--random-init": ("random_init", dict(action="store_true", help="random weights of the named architecture")),
     "--n-layers": ("n_layers", dict(type=int, help="keep the first N layers (with --random-init)")),
     "--log-every": ("log_every", dict(type=int)),

@@ -21,6 +21,7 @@ from ..model import checkpoint_policy
 PRECISIONS = ("fp32", "fp16-amp", "bf16-amp", "bf16", "fp64")  # fp64: numerical reference for tests
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 LR_SCHEDULES = ("cosine", "constant")
+DISTRIBUTED = ("none", "fsdp")  # solotune.dist: one process, or FSDP2 over torchrun's processes
 
 
 @dataclass
@@ -68,7 +69,9 @@ class TrainConfig:
     resume: str | None = None  # an output dir (its latest checkpoint) or one checkpoint folder
     overwrite: bool = False  # start fresh in an output_dir that holds an earlier run (its outputs are deleted)
     # runtime
-    device: str = "auto"  # auto = cuda when available
+    device: str = "auto"  # auto = cuda when available (under distributed=fsdp: this rank's GPU)
+    # none | fsdp: shard over the processes torchrun starts (batch_size is then the global micro-batch)
+    distributed: str = "none"
     random_init: bool = False  # random weights of the named architecture (benchmarks)
     n_layers: int | None = None  # keep only the first N layers (random_init only)
     log_every: int = 1  # print a log line every N steps when the progress bar is off
@@ -95,6 +98,8 @@ class TrainConfig:
 
         if self.precision not in PRECISIONS:
             bad("precision", f"{self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if self.distributed not in DISTRIBUTED:
+            bad("distributed", f"{self.distributed!r} is not one of {', '.join(DISTRIBUTED)}")
         if self.lr_schedule not in LR_SCHEDULES:
             bad("lr_schedule", f"{self.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
         try:

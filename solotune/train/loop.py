@@ -11,6 +11,11 @@ Reading order: :func:`finetune` (set-up, evaluation, the loop, saving) -> :func:
 (the loss) -> :func:`make_optimizer` / :func:`make_schedule` -> :class:`DataStream` (order and resume
 position). What gets written: ``state.py`` (checkpoints), ``weights.py`` (final/, adapters),
 ``metrics.py`` (metrics.jsonl, loss.png, summary).
+
+The same loop runs on N processes under ``torchrun`` (``distributed="fsdp"``): whatever differs is
+asked of the parallel context ``par`` (``solotune/dist``; one process: no-ops). ``batch_size`` is
+then the global micro-batch, each rank computes its share, and token counts and losses are summed
+over ranks, so the curve is the single-process one.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data import IGNORE_INDEX, AlpacaDataset, Example, Record, collate, epoch_order, format_prompt, load_records, split
+from ..dist import SingleProcess, make_parallel
 from ..peft import apply_lora, count_parameters, trainable_summary
 from .config import TRAJECTORY_FIELDS, TrainConfig
 from .metrics import (
@@ -40,8 +46,8 @@ from .metrics import (
     write_json,
 )
 from .precision import PrecisionPolicy, get_policy
-from .weights import FINAL, load_trainable_state, save_final, trainable_state
-from .state import CHECKPOINTS, capture_rng, list_checkpoints, load_checkpoint, restore_rng, save_checkpoint
+from .weights import FINAL
+from .state import CHECKPOINTS, capture_rng, list_checkpoints, load_checkpoint
 
 
 # Fixed prompts for the before/after generations (none of them is in the default train split).
@@ -89,6 +95,8 @@ class TrainResult:
     generations_before: list[str] = field(default_factory=list)
     generations_after: list[str] = field(default_factory=list)
     resumed_from: Path | None = None
+    world_size: int = 1  # processes that trained (distributed="fsdp"); tokens and tokens_per_s are totals
+    peak_memory_bytes_per_rank: list[int] = field(default_factory=list)  # peak_memory_bytes is their max
 
     @property
     def val_perplexity(self) -> float | None:
@@ -106,29 +114,34 @@ def finetune(cfg: TrainConfig, *, model: nn.Module | None = None, tokenizer: Any
     """
     from ..api import resolve_device
 
-    device = resolve_device(cfg.device)
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.default_generator.manual_seed(cfg.seed)
-        if device.type == "cuda":
-            with torch.cuda.device(device):
-                torch.cuda.manual_seed(cfg.seed)
-        return _finetune(cfg, device, model, tokenizer, instrument)
+    with make_parallel(cfg.distributed, resolve_device(cfg.device)) as par:
+        device = par.device
+        devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            # Dropout draws: one stream per rank (rank 0's is the single-process one).
+            torch.default_generator.manual_seed(cfg.seed + par.rank)
+            if device.type == "cuda":
+                with torch.cuda.device(device):
+                    torch.cuda.manual_seed(cfg.seed + par.rank)
+            return _finetune(cfg, device, model, tokenizer, instrument, par)
 
 
 def _finetune(cfg: TrainConfig, device: torch.device, model: nn.Module | None, tokenizer: Any,
-              instrument: Any) -> TrainResult:
+              instrument: Any, par: Any = None) -> TrainResult:
     t_start = time.perf_counter()
+    par = par if par is not None else SingleProcess(device)
     policy = get_policy(cfg.precision)
     out = Path(cfg.output_dir)
     ckpt = load_checkpoint(cfg.resume) if cfg.resume else None
     if ckpt is not None:
         check_resume_config(cfg, ckpt.config, ckpt.path)
-    _prepare_output_dir(out, resuming=ckpt is not None, overwrite=cfg.overwrite)
-    say = print
+    # Every rank checks (so all raise alike); only rank 0 deletes and creates.
+    _prepare_output_dir(out, resuming=ckpt is not None, overwrite=cfg.overwrite, write=par.is_main)
+    par.barrier()
+    say = print if par.is_main else _quiet
 
     # ---- model, adapters, data
-    model, tokenizer = _load_model(cfg, policy, device, model, tokenizer)
+    model, tokenizer = par.load_model(cfg, policy, model, tokenizer, _load_model)
     if cfg.use_lora:
         gen = torch.Generator(device="cpu").manual_seed(cfg.seed)  # A matrices, same on CPU and CUDA
         apply_lora(model, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
@@ -138,6 +151,7 @@ def _finetune(cfg: TrainConfig, device: torch.device, model: nn.Module | None, t
     model.set_grad_checkpointing(cfg.grad_checkpoint)
     trainable_params, total_params = count_parameters(model)
     say(trainable_summary(model))
+    model = par.wrap(model, cfg, policy)  # FSDP: shard (after LoRA, before the optimizer sees the parameters)
     train_set, val_set = load_data(cfg, tokenizer, say)
     # Any id works: right padding is never attended to by real tokens, and its labels are ignored.
     pad_id = getattr(tokenizer, "pad_id", None)
@@ -148,20 +162,20 @@ def _finetune(cfg: TrainConfig, device: torch.device, model: nn.Module | None, t
     optimizer = make_optimizer(model, cfg, device)
     total_steps = planned_steps(cfg, len(train_set))
     scheduler = make_schedule(optimizer, cfg, total_steps)
-    scaler = policy.make_scaler(device.type)
+    scaler = par.make_scaler(policy, device.type)
     stream = DataStream(len(train_set), cfg.seed, cfg.batch_size,
                         epochs=None if cfg.max_steps is not None else cfg.epochs)
     step, tokens, target_tokens, runtime_s = 0, 0, 0, 0.0
-    generate = cfg.generate_samples and not cfg.random_init  # random weights only babble
+    # Random weights only babble; sharded generation is not supported (generate from final/ instead).
+    generate = cfg.generate_samples and not cfg.random_init and par.kind == "none"
     val_before: float | None = None
     gens_before: list[str] = []
     if ckpt is not None:  # ---- resume: every piece of state the next step depends on
-        load_trainable_state(model, ckpt.weights, cfg.use_lora, ckpt.path)
-        optimizer.load_state_dict(ckpt.trainer["optimizer"])
+        par.load_checkpoint(ckpt, model, optimizer, cfg.use_lora)  # weights + optimizer state
         scheduler.load_state_dict(ckpt.trainer["scheduler"])
         scaler.load_state_dict(ckpt.trainer["scaler"])
         stream.load_state_dict(ckpt.trainer["data"])
-        restore_rng(ckpt.trainer["rng"], device)
+        par.restore_rng(ckpt.trainer, cfg.seed)
         step, tokens, target_tokens = ckpt.step, int(ckpt.trainer["tokens"]), int(ckpt.trainer["target_tokens"])
         runtime_s = float(ckpt.trainer["runtime_s"])
         val_before = ckpt.trainer.get("val_loss_before")
@@ -170,24 +184,28 @@ def _finetune(cfg: TrainConfig, device: torch.device, model: nn.Module | None, t
     else:  # ---- baseline before any update: validation loss and sample generations
         if generate:
             gens_before = sample_generations(model, tokenizer, say, "before tuning")
-        val_before = evaluate(model, val_set, policy, device, cfg.eval_batch_size, pad_id)
+        val_before = evaluate(model, val_set, policy, device, cfg.eval_batch_size, pad_id, par)
         if val_before is not None:
             say(f"val loss before: {val_before:.4f} (ppl {math.exp(val_before):.2f}) on {len(val_set)} records")
 
     def trainer_state() -> dict[str, Any]:
-        """Everything besides the weights that the next step depends on, as of the last completed step."""
-        return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        """Everything besides the weights and the optimizer that the next step depends on, as of the
+        last completed step (the parallel context saves weights and optimizer: whole or sharded)."""
+        return {"scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "data": committed_data, "rng": committed_rng,
                 "tokens": tokens, "target_tokens": target_tokens, "runtime_s": runtime_s,
                 "val_loss_before": val_before, "generations_before": gens_before}
 
     def save(at_step: int) -> Path:
-        return save_checkpoint(out, at_step, trainable_state(model, cfg.use_lora), trainer_state(), cfg.to_dict())
+        return par.save_checkpoint(out, at_step, model, optimizer, cfg.use_lora, trainer_state(), cfg.to_dict())
 
     # ---- the loop
-    log = MetricsLog(out, resume_step=step if ckpt is not None else None,
-                     earlier=ckpt.path.parent.parent / METRICS if ckpt is not None else None)
-    progress = Progress(total_steps, step, cfg.progress, cfg.log_every)
+    if par.is_main:
+        log: Any = MetricsLog(out, resume_step=step if ckpt is not None else None,
+                              earlier=ckpt.path.parent.parent / METRICS if ckpt is not None else None)
+        progress: Any = Progress(total_steps, step, cfg.progress, cfg.log_every)
+    else:  # only rank 0 writes metrics and progress
+        log, progress = _RecordsOnly(), _RecordsOnly()
     fwd_ctx = getattr(instrument, "forward_context", None)
     before_step = getattr(instrument, "before_step", None)
     after_step = getattr(instrument, "after_step", None)
@@ -195,78 +213,86 @@ def _finetune(cfg: TrainConfig, device: torch.device, model: nn.Module | None, t
     last_saved: Path | None = None
     reset_peak_memory(device)
     model.train()
-    try:
-        while step < total_steps:
-            t0 = time.perf_counter()
-            window = [collate([train_set[i] for i in idx], pad_id) for idx in stream.take_window(cfg.grad_accum)]
-            if not window:
-                break  # data exhausted (epochs mode ends on a partial window)
-            n_targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in window)
-            n_tokens = sum(int(b["attention_mask"].sum()) for b in window)
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            for batch in window:
-                input_ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
-                with fwd_ctx() if fwd_ctx else contextlib.nullcontext():
-                    with policy.autocast(device.type):
-                        logits = model(input_ids)
-                    micro = token_loss_sum(logits, labels)  # fp32 sum over this micro-batch's targets
-                    # Normalise by the whole window's target count: k micro-batches == one batch of k.
-                    scaler.scale(micro / max(n_targets, 1)).backward()
-                loss_sum += micro.detach()
-                del logits, micro
-            loss = loss_sum.item() / max(n_targets, 1)
-            scaler.check_finite(loss, step + 1)
-            if before_step:
-                before_step(model, optimizer, step + 1)
-            lr = optimizer.param_groups[0]["lr"]
-            with _defer_sigint():  # an update and its bookkeeping are never cut in half by Ctrl-C
-                scaler.unscale_(optimizer)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf))
-                took_step = scaler.step(optimizer)
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                tokens += n_tokens
-                target_tokens += n_targets
-                dt = time.perf_counter() - t0
-                runtime_s += dt
-                committed_data, committed_rng = stream.state_dict(), capture_rng(device)
-            recent = [r["loss"] for r in log.records[-4:]] + [loss]
-            rec = {"step": step, "loss": loss, "loss_avg5": sum(recent) / len(recent), "lr": lr, "tokens": tokens,
-                   "target_tokens": target_tokens, "tokens_per_s": n_tokens / dt, "grad_norm": grad_norm,
-                   "peak_mem": peak_memory_bytes(device), "epoch": stream.epoch, "skipped": not took_step,
-                   "time_s": runtime_s}
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-                rec["val_loss"] = evaluate(model, val_set, policy, device, cfg.eval_batch_size, pad_id)
-                model.train()  # eval mode draws no random numbers: resume stays bit-exact
-            log.write(rec)
-            progress.update(rec)
-            if not took_step:
-                progress.write(f"step {step}: non-finite gradients, update skipped (loss scale now {scaler.get_scale():g})")
-            if after_step:
-                after_step(model, optimizer, step)
-            if cfg.save and cfg.save_every and step % cfg.save_every == 0:
-                last_saved = save(step)
-    except KeyboardInterrupt:
-        progress.close()
-        log.close()
-        if cfg.save:
-            path = save(step)
-            print(f"\ninterrupted: saved a checkpoint of step {step} to {path}\n"
-                  f"continue with: solotune finetune --resume {out}", file=sys.stderr)
-        raise
+    with par.interrupts():  # N ranks: Ctrl-C becomes a flag, checked after each step
+        try:
+            while step < total_steps:
+                t0 = time.perf_counter()
+                window = [_collate_share([train_set[i] for i in par.share(idx)], pad_id)
+                          for idx in stream.take_window(cfg.grad_accum)]
+                if not window:
+                    break  # data exhausted (epochs mode ends on a partial window)
+                n_targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in window)
+                n_tokens = sum(int(b["attention_mask"].sum()) for b in window)
+                n_targets, n_tokens = (int(v) for v in par.all_reduce_sum(n_targets, n_tokens))  # over all ranks
+                loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+                for j, batch in enumerate(window):
+                    input_ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+                    with fwd_ctx() if fwd_ctx else contextlib.nullcontext(), par.accumulate(model, last=j == len(window) - 1):
+                        with policy.autocast(device.type):
+                            logits = model(input_ids)
+                        micro = token_loss_sum(logits, labels)  # fp32 sum over this micro-batch's targets
+                        # Normalise by the whole window's target count: k micro-batches == one batch of k.
+                        # (grad_sum_factor: FSDP averages the ranks' gradients; this makes it their sum.)
+                        share = micro * par.grad_sum_factor if par.grad_sum_factor != 1 else micro
+                        scaler.scale(share / max(n_targets, 1)).backward()
+                    loss_sum += micro.detach()
+                    del logits, micro
+                loss = par.all_reduce_sum(loss_sum.item())[0] / max(n_targets, 1)
+                scaler.check_finite(loss, step + 1)
+                if before_step:
+                    before_step(model, optimizer, step + 1)
+                lr = optimizer.param_groups[0]["lr"]
+                with _defer_sigint():  # an update and its bookkeeping are never cut in half by Ctrl-C
+                    scaler.unscale_(optimizer)
+                    grad_norm = par.clip_grad_norm(params, cfg.max_grad_norm)
+                    took_step = scaler.step(optimizer)
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    step += 1
+                    tokens += n_tokens
+                    target_tokens += n_targets
+                    dt = time.perf_counter() - t0
+                    runtime_s += dt
+                    committed_data, committed_rng = stream.state_dict(), capture_rng(device)
+                recent = [r["loss"] for r in log.records[-4:]] + [loss]
+                rec = {"step": step, "loss": loss, "loss_avg5": sum(recent) / len(recent), "lr": lr, "tokens": tokens,
+                       "target_tokens": target_tokens, "tokens_per_s": n_tokens / dt, "grad_norm": grad_norm,
+                       "peak_mem": peak_memory_bytes(device), "epoch": stream.epoch, "skipped": not took_step,
+                       "time_s": runtime_s}
+                if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+                    rec["val_loss"] = evaluate(model, val_set, policy, device, cfg.eval_batch_size, pad_id, par)
+                    model.train()  # eval mode draws no random numbers: resume stays bit-exact
+                log.write(rec)
+                progress.update(rec)
+                if not took_step:
+                    progress.write(f"step {step}: non-finite gradients, update skipped (loss scale now {scaler.get_scale():g})")
+                if after_step:
+                    after_step(model, optimizer, step)
+                par.check_interrupt()  # N ranks: a Ctrl-C on any of them stops all after this same step
+                if cfg.save and cfg.save_every and step % cfg.save_every == 0:
+                    last_saved = save(step)
+        except KeyboardInterrupt:
+            progress.close()
+            log.close()
+            if cfg.save:
+                path = save(step)
+                if par.is_main:
+                    print(f"\ninterrupted: saved a checkpoint of step {step} to {path}\n"
+                          f"continue with: solotune finetune --resume {out}", file=sys.stderr)
+            raise
     progress.close()
     log.close()
-    peak = peak_memory_bytes(device)
+    peaks = [int(p) for p in par.gather(peak_memory_bytes(device))]
+    peak = max(peaks)
     final_dir = None
     if cfg.save:
         saved = list_checkpoints(out)
         if not saved or saved[-1][0] != step:
             last_saved = save(step)
-        final_dir = save_final(out / FINAL, model, cfg, tokenizer)
+        final_dir = par.save_final(out / FINAL, model, cfg, tokenizer)
 
     # ---- after: validation loss, generations, summary
-    val_after = evaluate(model, val_set, policy, device, cfg.eval_batch_size, pad_id)
+    val_after = evaluate(model, val_set, policy, device, cfg.eval_batch_size, pad_id, par)
     gens_after = sample_generations(model, tokenizer, say, "after tuning") if generate else []
     losses = [r["loss"] for r in log.records]
     result = TrainResult(
@@ -278,7 +304,10 @@ def _finetune(cfg: TrainConfig, device: torch.device, model: nn.Module | None, t
         val_curve=[v for v in [val_before, *(r.get("val_loss") for r in log.records), val_after] if v is not None],
         losses=losses, final_dir=final_dir, last_checkpoint=last_saved, generations_before=gens_before,
         generations_after=gens_after, resumed_from=ckpt.path if ckpt else None,
+        world_size=par.world_size, peak_memory_bytes_per_rank=peaks,
     )
+    if not par.is_main:
+        return result
     summary = summary_dict(result, cfg, device, time.perf_counter() - t_start)
     write_json(out / SUMMARY, summary)
     try:
@@ -305,20 +334,36 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, examples: Sequence[Example], policy: PrecisionPolicy, device: torch.device,
-             batch_size: int, pad_id: int) -> float | None:
+             batch_size: int, pad_id: int, par: Any = None) -> float | None:
     """Mean next-token loss over all target tokens of ``examples`` (None when there are none).
-    Leaves the model in eval mode."""
+    Leaves the model in eval mode. With a parallel context of N ranks each rank evaluates its own
+    ``batch_size`` examples of every N * ``batch_size`` and the sums are added up."""
     if not len(examples):
         return None
+    rank, world = (par.rank, par.world_size) if par is not None else (0, 1)
     model.eval()
     total, count = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        b = collate(list(examples[i:i + batch_size]), pad_id)
+    for i in range(0, len(examples), batch_size * world):
+        lo = min(i + rank * batch_size, len(examples))
+        b = _collate_share(list(examples[lo:min(lo + batch_size, len(examples))]), pad_id)
         with policy.autocast(device.type):
             logits = model(b["input_ids"].to(device))
         total += float(token_loss_sum(logits, b["labels"].to(device)).double())
         count += int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
+    if par is not None:
+        total, count = par.all_reduce_sum(total, count)
     return total / count if count else None
+
+
+def _collate_share(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """``collate``; an empty share (a rank's part of a micro-batch that has fewer examples than
+    ranks) becomes one padding row without targets: the rank still takes part in the forward and
+    backward (FSDP's collectives need every rank) and adds exactly zero loss and gradient."""
+    if examples:
+        return collate(examples, pad_id)
+    return {"input_ids": torch.full((1, 2), pad_id, dtype=torch.long),
+            "labels": torch.full((1, 2), IGNORE_INDEX, dtype=torch.long),
+            "attention_mask": torch.zeros((1, 2), dtype=torch.bool)}
 
 
 # ====================================================================== optimizer + schedule
@@ -441,7 +486,8 @@ def load_data(cfg: TrainConfig, tokenizer: Any, say=print) -> tuple[AlpacaDatase
     return train, val
 
 
-def _prepare_output_dir(out: Path, resuming: bool, overwrite: bool) -> None:
+def _prepare_output_dir(out: Path, resuming: bool, overwrite: bool, write: bool = True) -> None:
+    """Refuse to mix two runs' checkpoints; ``write=False`` only checks (ranks other than 0)."""
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"output_dir {out} exists and is not a directory")
     if not resuming and list_checkpoints(out):
@@ -450,11 +496,14 @@ def _prepare_output_dir(out: Path, resuming: bool, overwrite: bool) -> None:
             raise FileExistsError(f"output_dir {out} already holds a run's checkpoints: pass resume={str(out)!r} "
                                   f"(--resume {out}) to continue it, overwrite=True (--overwrite) to start over, "
                                   f"or choose another output_dir")
+        if not write:
+            return
         for name in (CHECKPOINTS, FINAL):  # only what a run writes; anything else in the folder stays
             shutil.rmtree(out / name, ignore_errors=True)
         for name in (METRICS, SUMMARY, LOSS_PNG):
             (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
 
 
 def check_resume_config(cfg: TrainConfig, saved: dict[str, Any], path: Path) -> None:
@@ -493,12 +542,33 @@ def summary_dict(r: TrainResult, cfg: TrainConfig, device: torch.device, total_s
     d = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(r).items()}
     d.pop("losses")
     d.update({
-        "model": cfg.model, "mode": f"LoRA r={cfg.lora_rank} on {','.join(cfg.lora_targets)}" if cfg.use_lora else "full",
+        "distributed": cfg.distributed, "model": cfg.model, "mode": f"LoRA r={cfg.lora_rank} on {','.join(cfg.lora_targets)}" if cfg.use_lora else "full",
         "precision": cfg.precision, "grad_checkpoint": cfg.grad_checkpoint, "device": str(device),
         "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS",
         "val_perplexity": r.val_perplexity, "total_runtime_s": total_s, "config": cfg.to_dict(),
     })
     return d
+
+
+def _quiet(*args: Any, **kw: Any) -> None:
+    """``say`` on ranks other than 0."""
+
+
+class _RecordsOnly:
+    """Metrics log and progress bar of ranks other than 0: keeps the records, writes nothing."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+
+    def write(self, record: Any) -> None:
+        if isinstance(record, dict):
+            self.records.append(record)
+
+    def update(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 @contextlib.contextmanager
@@ -515,4 +585,9 @@ def _defer_sigint() -> Iterator[None]:
         # getsignal() is None for a handler installed outside Python: fall back to Python's default.
         signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
         if caught:
-            raise KeyboardInterrupt
+            # Hand the held Ctrl-C to the handler that was there (Python's raises KeyboardInterrupt;
+            # a distributed run's sets the flag all ranks agree on).
+            if callable(previous):
+                previous(*caught[0])
+            else:
+                raise KeyboardInterrupt

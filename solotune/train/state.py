@@ -8,7 +8,9 @@ Layout of one checkpoint (``OUTPUT_DIR/checkpoints/step-000040/``)::
     config.json           the TrainConfig of the run
 
 The folder is written under a temporary name and renamed into place, so a crash (or a second
-Ctrl-C) never leaves a half-written checkpoint that ``--resume`` would pick up. ``trainer_state.pt``
+Ctrl-C) never leaves a half-written checkpoint that ``--resume`` would pick up. A run on N ranks
+(``distributed="fsdp"``) writes ``sharded/`` (DCP) instead of ``weights.safetensors`` and keeps the
+optimizer there (see ``solotune/dist/checkpoint.py``). ``trainer_state.pt``
 holds only tensors, numbers, strings and containers, and is read with ``weights_only=True``.
 """
 
@@ -24,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..checkpoint.common import atomic_dir
+from ..dist.checkpoint import SHARDED, is_sharded_checkpoint
 
 CHECKPOINTS = "checkpoints"
 WEIGHTS = "weights.safetensors"
@@ -59,9 +62,10 @@ class TrainingCheckpoint:
 
     path: Path
     step: int
-    weights: dict[str, torch.Tensor]
+    weights: dict[str, torch.Tensor]  # empty for a sharded checkpoint (its tensors are read by DCP)
     trainer: dict[str, Any]
     config: dict[str, Any]
+    sharded: Path | None = None  # the DCP folder of a checkpoint written by N ranks (solotune.dist.checkpoint)
 
 
 def save_checkpoint(output_dir: str | Path, step: int, weights: dict[str, torch.Tensor],
@@ -84,7 +88,7 @@ def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
     found = []
     for d in root.iterdir():
         m = _STEP_DIR.match(d.name)
-        if m and d.is_dir() and (d / TRAINER_STATE).is_file() and (d / WEIGHTS).is_file():
+        if m and d.is_dir() and (d / TRAINER_STATE).is_file() and ((d / WEIGHTS).is_file() or is_sharded_checkpoint(d)):
             found.append((int(m.group(1)), d))
     return sorted(found)
 
@@ -115,10 +119,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         config = json.loads((d / CONFIG).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{d / CONFIG}: cannot read the run's config: {e}") from None
+    if not isinstance(trainer, dict) or "step" not in trainer:
+        raise ValueError(f"{d / TRAINER_STATE}: not a solotune trainer state (no 'step')")
+    if not (d / WEIGHTS).is_file() and is_sharded_checkpoint(d):
+        return TrainingCheckpoint(path=d, step=int(trainer["step"]), weights={}, trainer=trainer, config=config,
+                                  sharded=d / SHARDED)
     try:
         weights = load_file(str(d / WEIGHTS))
     except Exception as e:
         raise ValueError(f"{d / WEIGHTS}: cannot be read as safetensors: {e}") from None
-    if not isinstance(trainer, dict) or "step" not in trainer:
-        raise ValueError(f"{d / TRAINER_STATE}: not a solotune trainer state (no 'step')")
     return TrainingCheckpoint(path=d, step=int(trainer["step"]), weights=weights, trainer=trainer, config=config)

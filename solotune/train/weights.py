@@ -57,21 +57,25 @@ def adapter_config(cfg: TrainConfig, model: nn.Module) -> dict[str, Any]:
             "train_config": cfg.to_dict()}
 
 
-def save_final(path: Path, model: nn.Module, cfg: TrainConfig, tokenizer: Any) -> Path:
+def save_final(path: Path, model: nn.Module, cfg: TrainConfig, tokenizer: Any,
+               state: dict[str, torch.Tensor] | None = None) -> Path:
     """``final/``: the adapter (``adapter.safetensors`` + ``adapter.json``) or, for full
     fine-tuning, the whole model as an HF directory with its tokenizer (loadable by
-    ``solotune.load`` and by transformers)."""
+    ``solotune.load`` and by transformers). ``state``: the trainable weights to write instead of
+    reading them from ``model`` (a sharded run gathers them first)."""
     from safetensors.torch import save_file
 
     from ..checkpoint.common import atomic_dir
 
+    if state is None:
+        state = trainable_state(model, cfg.use_lora)
     if cfg.use_lora:
         with atomic_dir(path) as tmp:
-            save_file({k: v.contiguous().cpu() for k, v in lora_state_dict(model).items()}, str(tmp / ADAPTER_WEIGHTS),
+            save_file({k: v.contiguous().cpu() for k, v in state.items()}, str(tmp / ADAPTER_WEIGHTS),
                       metadata={"format": "pt"})
             (tmp / ADAPTER_CONFIG).write_text(json.dumps(adapter_config(cfg, model), indent=2) + "\n")
         return path
-    return save_hf_with_tokenizer(model.config, trainable_state(model, lora=False), path, tokenizer)
+    return save_hf_with_tokenizer(model.config, state, path, tokenizer)
 
 
 def save_hf_with_tokenizer(model_cfg: Any, sd: dict[str, torch.Tensor], path: Path, tokenizer: Any) -> Path:
@@ -156,8 +160,14 @@ def load_adapter(path: str | Path, model_cfg: Any = None) -> Adapter:
     cfg = TrainConfig.from_dict(json.loads((d / CONFIG).read_text()))
     if not cfg.use_lora:
         raise ValueError(f"{d}: this checkpoint is of a full fine-tuning run, not a LoRA adapter")
-    return Adapter(load_file(str(d / WEIGHTS)), cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets,
-                   cfg.model, d, cfg.to_dict())
+    if (d / WEIGHTS).is_file():
+        weights = load_file(str(d / WEIGHTS))
+    else:  # written by N ranks: reassemble the adapter from the DCP shards
+        from ..dist.checkpoint import SHARDED, read_sharded_weights
+
+        weights = read_sharded_weights(d / SHARDED)
+    return Adapter(weights, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, cfg.model, d,
+                   cfg.to_dict())
 
 
 def attach_adapter(model: nn.Module, adapter: Adapter, dropout: float | None = None) -> nn.Module:
