@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -37,7 +38,10 @@ RTOL = 2e-6  # fp32: the ranks' sums of partial batches round differently from o
 RUNS = {
     "lora": dict(max_steps=None, epochs=1, max_samples=31, batch_size=3, grad_accum=2, eval_every=2,
                  lora_targets=("wq", "wv", "w2")),
-    "full": dict(full=True, lr=3e-3, max_steps=4, weight_decay=0.1, warmup_steps=1),
+    "full": dict(full=True, lr=3e-3, max_steps=4, weight_decay=0.1, warmup_steps=1, grad_checkpoint="all"),
+    # Low precision: bf16 bases + fp32 adapters in one FSDP group; fp16 with the sharded loss scaler.
+    "bf16": dict(precision="bf16", max_steps=3, batch_size=4),
+    "fp16-amp": dict(precision="fp16-amp", max_steps=3, batch_size=4),
     "nodrop": dict(max_steps=6, batch_size=4, lora_targets=("wq", "wk", "w1")),  # cut at 3 -> resumed on 1
     "drop": dict(max_steps=6, batch_size=4, lora_dropout=0.1),  # cut at 3 -> resumed on 2, bit for bit
 }
@@ -52,6 +56,17 @@ class CtrlCAfter:
     def after_step(self, model, optimizer, step):
         if step == self.n:
             raise KeyboardInterrupt
+
+
+class SigintOnRank:
+    """Rank ``rank`` gets a real SIGINT after optimizer step ``n`` (the other rank does not)."""
+
+    def __init__(self, rank: int, me: int, n: int) -> None:
+        self.rank, self.me, self.n = rank, me, n
+
+    def after_step(self, model, optimizer, step):
+        if step == self.n and self.me == self.rank:
+            os.kill(os.getpid(), signal.SIGINT)
 
 
 class GradsAfterEachMicroBatch:
@@ -102,7 +117,14 @@ def _scenarios(rank: int, root: Path) -> None:
     finetune(_cfg(root, "lora", **dist_kw), model=model, tokenizer=tok, instrument=probe)
     if rank == 0:
         (root / "grads-seen.json").write_text(json.dumps(probe.seen))
-    finetune(_cfg(root, "full", **dist_kw), model=tiny_model(), tokenizer=tok)
+    for name in ("full", "bf16", "fp16-amp"):
+        finetune(_cfg(root, name, **dist_kw), model=tiny_model(), tokenizer=tok)
+    # A real Ctrl-C on rank 1 only: both ranks stop after the same step and write one checkpoint.
+    try:
+        finetune(_cfg(root, "nodrop", output_dir=str(root / "sigint"), **dist_kw), model=tiny_model(), tokenizer=tok,
+                 instrument=SigintOnRank(1, rank, 2))
+    except KeyboardInterrupt:
+        (root / f"sigint-rank{rank}.txt").write_text("interrupted")
     # 2 ranks, cut after step 3 (checkpoint written by both ranks); the main process resumes it on 1.
     with contextlib.suppress(KeyboardInterrupt):
         finetune(_cfg(root, "nodrop", output_dir=str(root / "nodrop-cut2"), **dist_kw), model=tiny_model(),
@@ -207,6 +229,28 @@ def test_two_ranks_follow_the_single_process_curve(ranks, tmp_path, name):
             torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["bf16", "fp16-amp"])
+def test_low_precision_two_ranks_stay_close_to_one_process(ranks, tmp_path, name):
+    """bf16 rounding happens at different points (FSDP casts whole shards, one process casts per
+    op), so the curves agree to bf16 accuracy, not fp32's."""
+    finetune(_cfg(ranks, name, output_dir=str(tmp_path / "one")), model=tiny_model(), tokenizer=WordTokenizer())
+    one, two = _losses(tmp_path / "one"), _losses(ranks / name)
+    assert len(two) == 3 and two == pytest.approx(one, rel=2e-3)
+    summary = json.loads((ranks / name / "summary.json").read_text())
+    assert summary["skipped_steps"] == 0 and summary["precision"] == name
+
+
+def test_mixed_precision_policy_per_precision():
+    from solotune.dist.fsdp import mixed_precision
+
+    mp = {name: mixed_precision(_policy(name)) for name in ("fp32", "fp64", "bf16-amp", "fp16-amp", "bf16")}
+    assert (mp["fp32"].param_dtype, mp["fp32"].reduce_dtype) == (None, None)
+    assert (mp["fp64"].param_dtype, mp["fp64"].reduce_dtype) == (None, None)
+    assert (mp["bf16-amp"].param_dtype, mp["bf16-amp"].reduce_dtype) == (torch.bfloat16, torch.float32)
+    assert (mp["fp16-amp"].param_dtype, mp["fp16-amp"].reduce_dtype) == (torch.float16, torch.float32)
+    assert (mp["bf16"].param_dtype, mp["bf16"].reduce_dtype) == (None, torch.float32)
+
+
 def test_accumulation_reduce_scatters_once_per_window(ranks):
     """grad_accum=2: the first micro-batch's backward leaves the sharded gradients unset (no
     reduce-scatter), the window's last one sets them all. (The 6th window holds one micro-batch.)"""
@@ -268,6 +312,27 @@ def test_single_process_checkpoint_resumes_on_two_ranks(ranks, tmp_path):
     a, b = _adapter(tmp_path / "straight"), _adapter(ranks / "nodrop-1to2")
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+
+
+def test_ctrl_c_on_one_rank_stops_all_after_the_same_step(ranks):
+    assert (ranks / "sigint-rank0.txt").is_file() and (ranks / "sigint-rank1.txt").is_file()
+    assert [s for s, _ in list_checkpoints(ranks / "sigint")] == [2]
+    assert len(_losses(ranks / "sigint")) == 2
+
+
+def test_held_ctrl_c_goes_to_the_flag_handler_not_a_raise():
+    """Inside a distributed run SIGINT sets a flag; the loop's update guard must hand a Ctrl-C
+    it held to that handler instead of raising on this rank alone."""
+    from solotune.train.loop import _defer_sigint
+
+    flagged = []
+    previous = signal.signal(signal.SIGINT, lambda *a: flagged.append(a))
+    try:
+        with _defer_sigint():
+            os.kill(os.getpid(), signal.SIGINT)
+        assert len(flagged) == 1
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_adapter_can_be_read_from_a_sharded_checkpoint(ranks):
