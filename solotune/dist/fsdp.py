@@ -53,6 +53,12 @@ block by block.
 Rank 0 alone prints, writes metrics, summaries, checkpoint metadata and ``final/`` (gathered to
 full tensors: the same files as a single-GPU run). Sample generations are skipped.
 
+Ctrl-C: torchrun hands SIGINT to every rank, not at the same instant. During the loop it only sets
+a flag; after each optimizer step the ranks agree on it (one tiny all-reduce) and all stop after
+the same step, write one checkpoint and exit. torchrun kills workers that are still running 30 s
+after the signal, so a long step plus its checkpoint may not make it: ``--save-every`` is the
+safety net for big models.
+
 Every process keeps NVLink SHARP / multicast off (``NCCL_NVLS_ENABLE=0``,
 ``TORCH_SYMM_MEM_DISABLE_MULTICAST=1``, ``NVSHMEM_DISABLE_NVLS=1``; set unless already set).
 """
@@ -61,6 +67,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import math
 import os
 import signal
@@ -145,8 +152,14 @@ class FSDPContext:
         self.mesh = init_device_mesh(self.device.type, (self.world_size,))
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
         if self._owns_group and dist.is_initialized():
+            # The sharded model is garbage now (FSDP's state and modules reference each other):
+            # collect it while the interpreter is alive, so no pending gloo/NCCL work holding
+            # tensors is left to be destroyed at interpreter exit (a SIGABRT with gloo).
+            gc.collect()
+            if exc_type is None:
+                dist.barrier()  # leave together: no rank tears down while another still talks
             dist.destroy_process_group()
             self._owns_group = False
 

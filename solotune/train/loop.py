@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data import IGNORE_INDEX, AlpacaDataset, Example, Record, collate, epoch_order, format_prompt, load_records, split
-from ..dist import SingleProcess, make_parallel
+from ..dist import make_parallel
 from ..peft import apply_lora, count_parameters, trainable_summary
 from .config import TRAJECTORY_FIELDS, TrainConfig
 from .metrics import (
@@ -127,9 +127,8 @@ def finetune(cfg: TrainConfig, *, model: nn.Module | None = None, tokenizer: Any
 
 
 def _finetune(cfg: TrainConfig, device: torch.device, model: nn.Module | None, tokenizer: Any,
-              instrument: Any, par: Any = None) -> TrainResult:
+              instrument: Any, par: Any) -> TrainResult:
     t_start = time.perf_counter()
-    par = par if par is not None else SingleProcess(device)
     policy = get_policy(cfg.precision)
     out = Path(cfg.output_dir)
     ckpt = load_checkpoint(cfg.resume) if cfg.resume else None

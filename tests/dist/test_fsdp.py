@@ -10,6 +10,7 @@ same global batch (fp32 tolerance), LoRA and full; (b) checkpoints move between 
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import json
 import os
@@ -44,7 +45,9 @@ RUNS = {
     "fp16-amp": dict(precision="fp16-amp", max_steps=3, batch_size=4),
     "nodrop": dict(max_steps=6, batch_size=4, lora_targets=("wq", "wk", "w1")),  # cut at 3 -> resumed on 1
     "drop": dict(max_steps=6, batch_size=4, lora_dropout=0.1),  # cut at 3 -> resumed on 2, bit for bit
+    "tied": dict(full=True, lr=3e-3, max_steps=4),  # full FT, tied embeddings: cut at 2 -> resumed on 1
 }
+TIED = TINY.replace(tie_embeddings=True)
 
 
 class CtrlCAfter:
@@ -129,6 +132,9 @@ def _scenarios(rank: int, root: Path) -> None:
     with contextlib.suppress(KeyboardInterrupt):
         finetune(_cfg(root, "nodrop", output_dir=str(root / "nodrop-cut2"), **dist_kw), model=tiny_model(),
                  tokenizer=tok, instrument=CtrlCAfter(3))
+    with contextlib.suppress(KeyboardInterrupt):
+        finetune(_cfg(root, "tied", output_dir=str(root / "tied-cut2"), **dist_kw), model=tiny_model(cfg=TIED),
+                 tokenizer=tok, instrument=CtrlCAfter(2))
     # 2 ranks with dropout: straight, and cut + resumed on the same 2 ranks.
     finetune(_cfg(root, "drop", output_dir=str(root / "drop-straight2"), **dist_kw), model=tiny_model(), tokenizer=tok)
     cut = _cfg(root, "drop", output_dir=str(root / "drop-cut2"), **dist_kw)
@@ -171,6 +177,7 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
             _scenarios(rank, Path(root))
     finally:
         (Path(root) / f"stdout-rank{rank}.txt").write_text(out.getvalue())
+        gc.collect()  # free the sharded models (and any gloo work they hold) before the group goes
         dist.barrier()
         dist.destroy_process_group()
 
@@ -296,6 +303,23 @@ def test_save_on_two_ranks_resume_on_one(ranks, tmp_path, how):
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
     assert abs(straight.losses[-1] - straight.losses[0]) > 1e-3
+
+
+def test_full_tied_model_saved_on_two_ranks_resumes_on_one(ranks, tmp_path):
+    """Full fine-tuning of a tied-embedding model (SmolLM2's layout): the shared weight goes
+    through DCP and back, and final/ holds no output head."""
+    from safetensors.torch import load_file
+
+    finetune(_cfg(ranks, "tied", output_dir=str(tmp_path / "straight")), model=tiny_model(cfg=TIED),
+             tokenizer=WordTokenizer())
+    finetune(_cfg(ranks, "tied", output_dir=str(tmp_path / "resumed"), resume=str(ranks / "tied-cut2")),
+             model=tiny_model(cfg=TIED), tokenizer=WordTokenizer())
+    assert _losses(tmp_path / "resumed") == pytest.approx(_losses(tmp_path / "straight"), rel=RTOL)
+    a = load_file(str(tmp_path / "straight" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "final" / "model.safetensors"))
+    assert a.keys() == b.keys() and "lm_head.weight" not in a
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
 
 
 def test_resume_on_the_same_two_ranks_is_bitwise_with_dropout(ranks):
