@@ -15,7 +15,11 @@
 # WARMUP steps, world_size, per-rank peaks, scaling).
 #
 # Overridable (environment): PRECISION (bf16: bf16 weights, fp32 LoRA adapters), BATCH_7B and
-# BATCH_70B (per GPU), GRAD_ACCUM, STEPS_7B, STEPS_70B, WARMUP, SEQ, GC_70B, NPROC, DEVICE.
+# BATCH_70B (per GPU), GRAD_ACCUM, STEPS_7B, STEPS_70B, WARMUP, SEQ, GC_70B, NPROC, DEVICE,
+# CELL_TIMEOUT (s), CELLS (space-separated glob patterns of cell names, default all: the estimate
+# for all 7 cells is ~6 min on 2 x H200; to stay inside a 10-minute command, run e.g.
+# CELLS='7b-lora-*' then CELLS='7b-full-*' then CELLS='70b-*' into the same OUT: every call
+# re-collects all cells present in OUT).
 # DRY_RUN=1: the same commands on the CPU with gloo and 1-layer models, a few steps (checks the
 # code path, measures nothing).
 set -uo pipefail
@@ -40,9 +44,11 @@ SEQ=${SEQ:-512}
 GC_70B=${GC_70B:-all}
 NPROC=${NPROC:-2}
 DEVICE=${DEVICE:-cuda}
+CELL_TIMEOUT=${CELL_TIMEOUT:-900}
+CELLS=${CELLS:-*}
 LAYERS=()
 if [[ "${DRY_RUN:-0}" == 1 ]]; then
-  DEVICE=cpu; LAYERS=(--n-layers 1); BATCH_7B=1; BATCH_70B=1; STEPS_7B=3; STEPS_70B=2; WARMUP=1; SEQ=24
+  DEVICE=cpu; LAYERS=(--n-layers 1); BATCH_7B=1; BATCH_70B=1; STEPS_7B=3; STEPS_70B=2; WARMUP=1; SEQ=128
   export OMP_NUM_THREADS=1
 fi
 
@@ -59,6 +65,13 @@ torch.cuda.nccl.version() if torch.cuda.is_available() else None)" >> "$OUT/gpu.
 # torchrun with that many processes and --distributed fsdp.
 cell() {
   local name=$1 nproc=$2; shift 2
+  local pattern wanted=0 patterns
+  read -r -a patterns <<< "$CELLS"  # split on spaces without expanding the globs against files
+  for pattern in "${patterns[@]}"; do
+    # shellcheck disable=SC2053  # glob match on purpose
+    [[ $name == $pattern ]] && wanted=1
+  done
+  [[ $wanted == 1 ]] || return 0
   local dir="$OUT/$name"
   rm -rf "$dir"; mkdir -p "$dir"
   local cmd
@@ -71,7 +84,7 @@ cell() {
   echo "== $name: ${cmd[*]}" | tee -a "$OUT/bench.log"
   printf '%s\n' "${cmd[*]}" > "$dir/cmd.txt"
   local t0=$SECONDS
-  "${cmd[@]}" > "$dir/log.txt" 2>&1
+  timeout --signal=INT --kill-after=60 "$CELL_TIMEOUT" "${cmd[@]}" > "$dir/log.txt" 2>&1
   local rc=$?
   echo "$rc" > "$dir/rc.txt"
   echo "   rc=$rc in $((SECONDS - t0)) s; last lines:" | tee -a "$OUT/bench.log"

@@ -79,6 +79,10 @@ class SingleProcess:
         """``value`` of every rank, in rank order."""
         return [value]
 
+    def broadcast(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank."""
+        return value
+
     def barrier(self) -> None:
         pass
 

@@ -48,6 +48,7 @@ RUNS = {
     "tied": dict(full=True, lr=3e-3, max_steps=4),  # full FT, tied embeddings: cut at 2 -> resumed on 1
 }
 TIED = TINY.replace(tie_embeddings=True)
+ODD = TINY.replace(vocab_size=129)  # the embedding's rows split 65 / 64 over the 2 ranks
 
 
 class CtrlCAfter:
@@ -148,7 +149,7 @@ def _scenarios(rank: int, root: Path) -> None:
     # Random init on the meta device, materialised shard by shard == build_model(seed) + apply_lora.
     with FSDPContext(torch.device("cpu")) as par:
         with torch.device("meta"):
-            meta = Transformer(TINY)
+            meta = Transformer(ODD)
         apply_lora(meta, ("wq", "wv"), 4, 8, 0.0)
         cfg = _cfg(root, "lora", seed=7)
         sharded = par.wrap(meta, cfg, policy=_policy("fp32"))
@@ -269,7 +270,7 @@ def test_random_init_on_shards_equals_the_single_device_init(ranks):
     from solotune.model import build_model
     from solotune.peft import apply_lora
 
-    ref = build_model(TINY, seed=7)
+    ref = build_model(ODD, seed=7)
     apply_lora(ref, ("wq", "wv"), 4, 8, 0.0, generator=torch.Generator().manual_seed(7))
     got = torch.load(ranks / "meta-init.pt", weights_only=True)
     want = ref.state_dict()
@@ -417,3 +418,55 @@ def test_torchrun_cli_matches_one_process(tmp_path):
     assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), rel=RTOL)
     assert two.stdout.count("solotune finetune summary") == 1  # rank 0 only
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["world_size"] == 2
+
+
+# ====================================================================== benchmark collector
+def test_fsdp_cells_scaling_and_failures(tmp_path):
+    """benchmarks/fsdp_cells.py: steady-state rate after the warm-up steps, scaling against the
+    plain 1-GPU cell of the same per-GPU configuration, an OOM cell reported as such."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "fsdp_cells", Path(__file__).resolve().parents[2] / "benchmarks" / "fsdp_cells.py")
+    cells_mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cells_mod)
+
+    def fake(name: str, world: int, distributed: str, batch: int, step_s: float, tokens_per_step: int) -> None:
+        d = tmp_path / name
+        (d / "run").mkdir(parents=True)
+        (d / "cmd.txt").write_text("cmd\n")
+        (d / "rc.txt").write_text("0\n")
+        # step 1 is slow (warm-up), the rest take step_s each
+        recs, t, n = [], 0.0, 0
+        for s in range(1, 11):
+            t += 5.0 if s == 1 else step_s
+            n += tokens_per_step
+            recs.append({"step": s, "time_s": t, "tokens": n})
+        (d / "run" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+        cfg = {"model": "llama2-7b", "n_layers": None, "full": False, "lora_rank": 16, "precision": "bf16",
+               "grad_checkpoint": "off", "distributed": distributed, "batch_size": batch, "grad_accum": 1,
+               "max_seq_len": 512}
+        (d / "run" / "summary.json").write_text(json.dumps({
+            "config": cfg, "world_size": world, "steps": 10, "tokens_per_s": n / t, "tokens": n, "runtime_s": t,
+            "peak_memory_bytes": 2**30, "peak_memory_bytes_per_rank": [2**30] * world, "trainable_params": 1,
+            "total_params": 2, "avg_loss": 1.0, "device": "cuda:0"}))
+
+    fake("a-1gpu", 1, "none", 8, 0.5, 1000)  # 2000 tok/s
+    fake("a-fsdp1", 1, "fsdp", 8, 0.6, 1000)
+    fake("a-fsdp2", 2, "fsdp", 16, 0.52, 2000)  # 3846 tok/s: 1.923x
+    fake("b-fsdp2", 2, "fsdp", 16, 1.0, 2000)  # another 2-GPU cell of the same configuration
+    (tmp_path / "c-oom").mkdir()
+    (tmp_path / "c-oom" / "cmd.txt").write_text("cmd\n")
+    (tmp_path / "c-oom" / "rc.txt").write_text("1\n")
+    (tmp_path / "c-oom" / "log.txt").write_text("...\ntorch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2 GiB\n")
+    assert cells_mod.main([str(tmp_path), "--warmup", "1"]) == 0
+    cells = {c["cell"]: c for c in json.loads((tmp_path / "cells.json").read_text())}
+    assert cells["a-1gpu"]["tokens_per_s"] == pytest.approx(2000.0)
+    assert cells["a-1gpu"]["scaling"] == pytest.approx(1.0)
+    assert cells["a-fsdp2"]["scaling"] == pytest.approx(2000 / 0.52 / 2000)
+    assert cells["a-fsdp2"]["scaling_efficiency"] == pytest.approx(2000 / 0.52 / 2000 / 2)
+    assert cells["a-fsdp2"]["scaling_vs_fsdp1"] == pytest.approx((2000 / 0.52) / (1000 / 0.6))
+    assert cells["a-fsdp2"]["per_gpu_batch"] == 8 and cells["a-fsdp2"]["world_size"] == 2
+    assert cells["b-fsdp2"]["baseline_cell"] == "a-1gpu"
+    assert cells["c-oom"]["status"] == "oom" and cells["c-oom"]["scaling"] is None
+    assert "| a-fsdp2 | ok | 2 (fsdp) | 8 |" in (tmp_path / "results.md").read_text()
