@@ -104,6 +104,17 @@ class TrainResult:
 
 
 # ================================================================================== the loop
+def attention_kernels(device: torch.device) -> contextlib.AbstractContextManager:
+    """On CUDA, SDPA without cuDNN attention: cuDNN builds a new execution plan for every new sequence
+    length, and with dynamic padding at batch 1 nearly every step has one (measured on an H100 with
+    torch 2.11: 13.1 s instead of 2.25 s for one 7B cell). Flash / memory-efficient kernels don't."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 def finetune(cfg: TrainConfig, *, model: nn.Module | None = None, tokenizer: Any = None,
              instrument: Instrument | Any = None) -> TrainResult:
     """Fine-tune per ``cfg``; write metrics, checkpoints, ``final/`` and the summary to ``cfg.output_dir``.
@@ -117,7 +128,7 @@ def finetune(cfg: TrainConfig, *, model: nn.Module | None = None, tokenizer: Any
     with make_parallel(cfg.distributed, resolve_device(cfg.device)) as par:
         device = par.device
         devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices), attention_kernels(device):
             # Dropout draws: one stream per rank (rank 0's is the single-process one).
             torch.default_generator.manual_seed(cfg.seed + par.rank)
             if device.type == "cuda":
