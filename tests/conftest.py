@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 ASSETS = Path(__file__).parent / "assets"
 REPO = Path(__file__).resolve().parents[1]
@@ -43,3 +44,16 @@ def smollm2_gguf() -> Path:
         return smollm2_gguf_path(download=True)
     except (RuntimeError, OSError) as e:
         pytest.skip(f"SmolLM2 GGUF unavailable: {e}")
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread(request):
+    """Tiny models run fastest on one intra-op thread, and torch's pool is far slower on a busy 2-core
+    machine; tests marked ``slow`` (the real 135M model) keep torch's default."""
+    if request.node.get_closest_marker("slow") is not None:
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -17,15 +17,6 @@ TINY = ModelConfig.from_name("tiny")  # vocab 256, GQA 4/2
 PROMPTS = [[1, 5, 7, 9, 11, 13], [1, 3], [1, 100, 200, 30], [7]]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and a shared CPU makes more threads far slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     return build_model(TINY, seed=0).eval()

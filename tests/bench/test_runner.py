@@ -133,17 +133,10 @@ def test_cell_reports_errors_instead_of_raising():
 @pytest.mark.skipif(not __import__("solotune.bench.hf_cell", fromlist=["available"]).available(),
                     reason="transformers/peft not installed")
 def test_hf_reference_cell_runs_on_cpu():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        hf = run_cell(CellSpec(model="tiny", samples=2, seq_len=24, impl="hf", method="lora", precision="bf16-amp",
-                               device="cpu"))
-        ours = run_cell(CellSpec(model="tiny", samples=2, seq_len=24, impl="solotune", method="lora",
-                                 precision="bf16-amp", device="cpu"))
-    finally:
-        torch.set_num_threads(n)
+    hf = run_cell(CellSpec(model="tiny", samples=2, seq_len=24, impl="hf", method="lora", precision="bf16-amp",
+                           device="cpu"))
+    ours = run_cell(CellSpec(model="tiny", samples=2, seq_len=24, impl="solotune", method="lora",
+                             precision="bf16-amp", device="cpu"))
     assert hf["status"] == "ok", hf["error"]
     assert hf["trainable_params"] == ours["trainable_params"]  # same adapters (r16 on q/v)
     assert hf["tokens"] == ours["tokens"]  # same data
@@ -151,14 +144,7 @@ def test_hf_reference_cell_runs_on_cpu():
 
 
 def test_time_budget_extrapolates_and_still_sees_the_longest_example():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        r = run_cell(CellSpec(model="tiny", samples=12, seq_len=64, grad_accum=2, time_budget_s=1e-6, device="cpu"))
-    finally:
-        torch.set_num_threads(n)
+    r = run_cell(CellSpec(model="tiny", samples=12, seq_len=64, grad_accum=2, time_budget_s=1e-6, device="cpu"))
     assert r["status"] == "ok", r["error"]
     assert r["steps"] == 2 and r["samples_done"] == 4  # stopped at the first chance: after step 2
     assert r["runtime_extrapolated"] and r["runtime_s"] > r["runtime_measured_s"]

@@ -18,15 +18,6 @@ from solotune.train.loop import DataStream, lr_factor, token_loss_sum
 from train_fixtures import WordTokenizer, tiny_config, tiny_model, write_records
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny ops on 2 shared cores: torch's thread pool only adds contention.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def data(tmp_path):
     return write_records(tmp_path / "records.json")

@@ -24,14 +24,6 @@ TARGETS = ("wq", "wk", "wv", "w2")  # wq/wk exercise the RoPE row permutation of
 HF_TARGET = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "w2": "down_proj"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class InitialAdapters:
     def before_step(self, model, optimizer, step):
         if step == 1:  # gradients exist, weights are still the initial ones

@@ -14,14 +14,6 @@ from solotune.train.state import list_checkpoints, load_checkpoint
 from train_fixtures import WordTokenizer, tiny_config, tiny_model, write_records
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def data(tmp_path):
     return write_records(tmp_path / "records.json")

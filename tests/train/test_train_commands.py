@@ -26,14 +26,6 @@ CFG = ModelConfig(name="tiny-llama2-vocab", dim=32, n_layers=2, n_heads=4, n_kv_
                   hidden_dim=64, max_seq_len=256)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
     if not TOKENIZER.is_file():
