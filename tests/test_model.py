@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from solotune.checkpoint.names import HF_TO_CANONICAL, hf_rows_to_meta, rename
+from solotune.checkpoint.hf import hf_to_canonical
 from solotune.config import PRESETS, ModelConfig
 from solotune.model import build_model, checkpoint_policy
 
@@ -30,24 +30,11 @@ def hf_model(cfg: ModelConfig, seed: int = 0):
     return model
 
 
-def hf_to_canonical(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for k, v in sd.items():
-        name = rename(k, HF_TO_CANONICAL)
-        assert name is not None, k
-        if name.endswith("attention.wq.weight"):
-            v = hf_rows_to_meta(v, cfg.n_heads)
-        elif name.endswith("attention.wk.weight"):
-            v = hf_rows_to_meta(v, cfg.n_kv_heads)
-        out[name] = v
-    return out
-
-
 @pytest.mark.parametrize("kind", sorted(CONFIGS))
 def test_logits_match_hf(kind: str) -> None:
     cfg = CONFIGS[kind]
     hf = hf_model(cfg)
-    ours = build_model(cfg, hf_to_canonical(cfg, hf.state_dict())).eval()
+    ours = build_model(cfg, hf_to_canonical(hf.state_dict(), cfg, "hf-model")).eval()
     tokens = torch.randint(0, cfg.vocab_size, (2, 19), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         diff = (ours(tokens) - hf(tokens).logits).abs().max().item()
