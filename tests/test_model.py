@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hf_reference import random_hf_llama
 
 from solotune.checkpoint.hf import hf_to_canonical
 from solotune.config import PRESETS, ModelConfig
@@ -19,21 +20,10 @@ CONFIGS = {
 }
 
 
-def hf_model(cfg: ModelConfig, seed: int = 0):
-    torch.manual_seed(seed)
-    kw = {k: v for k, v in cfg.to_hf_config().items() if k not in ("architectures", "model_type", "torch_dtype")}
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw)).eval()
-    with torch.no_grad():  # HF initialises norms to 1: perturb them so the test sees their weights
-        for n, p in model.named_parameters():
-            if "norm" in n:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
-
-
 @pytest.mark.parametrize("kind", sorted(CONFIGS))
 def test_logits_match_hf(kind: str) -> None:
     cfg = CONFIGS[kind]
-    hf = hf_model(cfg)
+    hf = random_hf_llama(cfg)
     ours = build_model(cfg, hf_to_canonical(hf.state_dict(), cfg, "hf-model")).eval()
     tokens = torch.randint(0, cfg.vocab_size, (2, 19), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hf_reference import random_hf_llama
 from ckpt_helpers import CONFIGS, random_model, same_arch, tokens
 
 from solotune.checkpoint import load_checkpoint, save_hf
@@ -20,22 +21,11 @@ CASES = {
 }
 
 
-def hf_model(cfg, seed: int = 0):
-    torch.manual_seed(seed)
-    kw = {k: v for k, v in cfg.to_hf_config().items() if k not in ("architectures", "model_type", "torch_dtype")}
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw)).eval()
-    with torch.no_grad():  # HF initialises norms to 1: perturb them so the test sees them load
-        for n, p in model.named_parameters():
-            if "norm" in n:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
-
-
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("shard", [None, "20KB"])
 def test_load_transformers_save_pretrained(tmp_path, case, shard):
     cfg = CASES[case]
-    ref = hf_model(cfg)
+    ref = random_hf_llama(cfg)
     kw = {"max_shard_size": shard} if shard else {}
     ref.save_pretrained(tmp_path, **kw)
     if shard:

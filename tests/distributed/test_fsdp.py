@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
 
-from train_fixtures import TINY, WordTokenizer, tiny_config, tiny_model, write_records  # noqa: E402
+from train_fixtures import TINY, CtrlCAfter, WordTokenizer, tiny_config, tiny_model, write_records  # noqa: E402
 
 from solotune.dist.fsdp import NVLS_OFF  # noqa: E402
 from solotune.train import finetune  # noqa: E402
@@ -49,17 +49,6 @@ RUNS = {
 }
 TIED = TINY.replace(tie_embeddings=True)
 ODD = TINY.replace(vocab_size=129)  # the embedding's rows split 65 / 64 over the 2 ranks
-
-
-class CtrlCAfter:
-    """Raises KeyboardInterrupt right after optimizer step ``n`` (on every rank), as Ctrl-C would."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def after_step(self, model, optimizer, step):
-        if step == self.n:
-            raise KeyboardInterrupt
 
 
 class SigintOnRank:

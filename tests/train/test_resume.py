@@ -11,23 +11,12 @@ import torch
 from solotune.train import finetune
 from solotune.train.state import list_checkpoints, load_checkpoint
 
-from train_fixtures import WordTokenizer, tiny_config, tiny_model, write_records
+from train_fixtures import CtrlCAfter, WordTokenizer, tiny_config, tiny_model, write_records
 
 
 @pytest.fixture
 def data(tmp_path):
     return write_records(tmp_path / "records.json")
-
-
-class CtrlCAfter:
-    """Raises KeyboardInterrupt right after optimizer step ``n``, as a Ctrl-C there would."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def after_step(self, model, optimizer, step):
-        if step == self.n:
-            raise KeyboardInterrupt
 
 
 def _state(model):

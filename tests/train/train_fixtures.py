@@ -60,3 +60,14 @@ def tiny_config(tmp_path: Path, data: Path, **kw) -> TrainConfig:
                 progress=False, device="cpu", seed=0, eval_batch_size=8)
     base.update(kw)
     return TrainConfig(**base)
+
+
+class CtrlCAfter:
+    """Instrument that raises KeyboardInterrupt right after optimizer step ``n``, as a Ctrl-C there would."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def after_step(self, model, optimizer, step):
+        if step == self.n:
+            raise KeyboardInterrupt
