@@ -85,7 +85,7 @@ def train_hf(spec: Any, model: nn.Module, tokenizer: Any, device: torch.device, 
              n_steps: int, data_path: str) -> list[dict[str, Any]]:
     """One epoch over the cell's samples; returns per-step records like solotune's metrics.jsonl."""
     from ..data import IGNORE_INDEX, AlpacaDataset, collate, epoch_order, load_records
-    from ..train.loop import token_loss_sum
+    from ..train.loss import token_loss_sum
     from .anatomy import StopTraining
 
     recs = list(load_records(data_path))

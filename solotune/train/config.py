@@ -44,6 +44,7 @@ class TrainConfig:
     lr_schedule: str = "cosine"  # cosine decays to min_lr_ratio * lr at the last step
     min_lr_ratio: float = 0.0
     max_grad_norm: float | None = 1.0  # None or 0 = no clipping
+    optimizer: str = "adamw"  # a name in solotune.train.optim.OPTIMIZERS
     seed: int = 0
     # memory / speed techniques
     grad_checkpoint: str = "off"  # off | all | every:K
@@ -100,6 +101,10 @@ class TrainConfig:
             bad("precision", f"{self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if self.distributed not in DISTRIBUTED:
             bad("distributed", f"{self.distributed!r} is not one of {', '.join(DISTRIBUTED)}")
+        from .optim import OPTIMIZERS
+
+        if self.optimizer not in OPTIMIZERS:
+            bad("optimizer", f"{self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
         if self.lr_schedule not in LR_SCHEDULES:
             bad("lr_schedule", f"{self.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
         try:
@@ -190,7 +195,7 @@ class TrainConfig:
 # Fields whose change alters the training trajectory: a resumed run must agree on them.
 TRAJECTORY_FIELDS = (
     "model", "data", "lr", "batch_size", "grad_accum", "weight_decay", "warmup_steps", "lr_schedule",
-    "min_lr_ratio", "max_grad_norm", "seed", "precision", "full", "lora_rank", "lora_alpha",
+    "min_lr_ratio", "max_grad_norm", "optimizer", "seed", "precision", "full", "lora_rank", "lora_alpha",
     "lora_dropout", "lora_targets", "max_seq_len", "train_range", "max_samples", "skip_bad_records",
     "random_init", "n_layers", "epochs", "max_steps",
 )

@@ -7,8 +7,8 @@ contributes ``sum of its token losses / target tokens in the window``, so k micr
 example give exactly the gradient of one batch of k examples (plain per-micro-batch means would
 weight a short answer's tokens more than a long one's).
 
-Reading order: :func:`finetune` (set-up, evaluation, the loop, saving) -> :func:`token_loss_sum`
-(the loss) -> :func:`make_optimizer` / :func:`make_schedule` -> :class:`DataStream` (order and resume
+Reading order: :func:`finetune` (set-up, evaluation, the loop, saving) -> ``loss.py``
+(the loss) -> ``optim.py`` / :func:`make_schedule` -> :class:`DataStream` (order and resume
 position). What gets written: ``state.py`` (checkpoints), ``weights.py`` (final/, adapters),
 ``metrics.py`` (metrics.jsonl, loss.png, summary).
 
@@ -45,6 +45,8 @@ from .metrics import (
     LOSS_PNG, METRICS, SUMMARY, MetricsLog, Progress, format_summary, peak_memory_bytes, plot_loss, reset_peak_memory,
     write_json,
 )
+from .loss import token_loss_sum
+from .optim import make_optimizer
 from .precision import PrecisionPolicy, get_policy
 from .weights import FINAL
 from .state import CHECKPOINTS, capture_rng, list_checkpoints, load_checkpoint
@@ -169,7 +171,7 @@ def _finetune(cfg: TrainConfig, device: torch.device, model: nn.Module | None, t
 
     # ---- optimizer, schedule, loss scaler, data order
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(model, cfg, device)
+    optimizer = make_optimizer(cfg.optimizer, model, lr=cfg.lr, weight_decay=cfg.weight_decay, device=device)
     total_steps = planned_steps(cfg, len(train_set))
     scheduler = make_schedule(optimizer, cfg, total_steps)
     scaler = par.make_scaler(policy, device.type)
@@ -328,20 +330,6 @@ def _finetune(cfg: TrainConfig, device: torch.device, model: nn.Module | None, t
     return result
 
 
-# ================================================================================ the loss
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token cross-entropies over target positions, in fp32.
-
-    logits [B, T, V] (any float dtype), labels [B, T] aligned with the inputs (``labels[t]`` is
-    the token at position t, IGNORE_INDEX on prompt/padding): position t predicts ``labels[t+1]``.
-    Shifting the labels instead of slicing the logits avoids a copy of the [B, T, V] tensor.
-    """
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # [B, T]; the last position predicts nothing
-    logits = logits.flatten(0, 1)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp16/bf16 -> fp32; fp64 stays
-    return F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, examples: Sequence[Example], policy: PrecisionPolicy, device: torch.device,
              batch_size: int, pad_id: int, par: Any = None) -> float | None:
@@ -376,21 +364,7 @@ def _collate_share(examples: Sequence[Example], pad_id: int) -> dict[str, torch.
             "attention_mask": torch.zeros((1, 2), dtype=torch.bool)}
 
 
-# ====================================================================== optimizer + schedule
-def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; weight decay on matrices only (not norms or vectors).
-    Fused kernel on CUDA (one launch for all parameters); the default foreach path elsewhere."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    fused = True if device.type == "cuda" else None
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, fused=fused)
-
-
+# ============================================================================== schedule
 def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
     """Multiplier of ``lr`` for optimizer step ``step`` (0-based): linear warmup over ``warmup``
     steps to 1, then constant or cosine towards ``min_ratio`` (reached one step after the last)."""

@@ -1,0 +1,28 @@
+"""The one error family for problems a user can fix (bad input, a wrong path, a refused run).
+
+The CLI turns any :class:`SolotuneError` into one line on stderr and exit status 2; every other
+exception is a bug and keeps its traceback. Each subclass also derives from the built-in type that
+callers of the Python API would naturally catch (``ValueError``, ``FileNotFoundError``).
+"""
+
+from __future__ import annotations
+
+
+class SolotuneError(Exception):
+    """A problem with the user's input or environment, stated in one line that names the culprit."""
+
+
+class ConfigError(SolotuneError, ValueError):
+    """A setting (flag, TrainConfig field, profile) that is invalid or inconsistent."""
+
+
+class RunDirError(SolotuneError, ValueError):
+    """An output/run directory that cannot be used as asked (holds another run, is a file, is locked)."""
+
+
+class MissingPathError(SolotuneError, FileNotFoundError):
+    """A file or directory the user named does not exist."""
+
+
+class DeviceError(SolotuneError, ValueError):
+    """A device that this machine does not have (e.g. ``--device cuda`` without CUDA)."""

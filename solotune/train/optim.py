@@ -1,0 +1,72 @@
+"""Optimizers by name: one factory the loop builds from and the planner asks for state sizes.
+
+A new optimizer (8-bit AdamW, paged or offloaded variants) is one :class:`OptimizerSpec` here:
+how to build it over the trainable parameters and how many bytes of state it keeps per parameter
+tensor. ``solotune plan`` and the measured anatomy then account for it with no other change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+import torch.nn as nn
+
+from ..errors import ConfigError
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters in two groups: weight decay on matrices only (not norms or vectors)."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def _adamw(groups: list[dict], lr: float, device: torch.device) -> torch.optim.Optimizer:
+    # Fused kernel on CUDA (one launch for all parameters); the default foreach path elsewhere.
+    fused = True if device.type == "cuda" else None
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=fused)
+
+
+def _adamw_state_bytes(numel: int, dtype: torch.dtype) -> int:
+    # exp_avg + exp_avg_sq via zeros_like (the parameter's dtype: bf16 weights get bf16 state),
+    # plus a 0-dim fp32 ``step`` tensor per parameter tensor.
+    return 2 * numel * torch.empty((), dtype=dtype).element_size() + 4
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    name: str
+    build: Callable[[list[dict], float, torch.device], torch.optim.Optimizer]
+    state_bytes: Callable[[int, torch.dtype], int]  # (numel, param dtype) of one trainable tensor -> bytes
+    description: str
+
+
+OPTIMIZERS: dict[str, OptimizerSpec] = {
+    "adamw": OptimizerSpec("adamw", _adamw, _adamw_state_bytes, "torch AdamW; two moments in the parameter's dtype"),
+}
+
+
+def get_optimizer_spec(name: str) -> OptimizerSpec:
+    try:
+        return OPTIMIZERS[name]
+    except KeyError:
+        raise ConfigError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}") from None
+
+
+def make_optimizer(name: str, model: nn.Module, *, lr: float, weight_decay: float,
+                   device: torch.device) -> torch.optim.Optimizer:
+    """The optimizer ``name`` over ``model``'s trainable parameters."""
+    return get_optimizer_spec(name).build(param_groups(model, weight_decay), lr, device)
+
+
+def optimizer_state_bytes(name: str, params: Iterable[tuple[int, torch.dtype]]) -> int:
+    """Bytes of optimizer state for trainable tensors given as (numel, dtype), after the first step."""
+    spec = get_optimizer_spec(name)
+    return sum(spec.state_bytes(n, dt) for n, dt in params)
