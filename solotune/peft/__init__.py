@@ -1,6 +1,7 @@
 """Parameter-efficient fine-tuning: solotune's own LoRA and HF-PEFT-format adapter export."""
 
 from .export import export_peft, import_peft
+from .spec import LoRASpec
 from .lora import (
     LORA_TARGETS,
     LoRALinear,
@@ -17,7 +18,7 @@ from .lora import (
 )
 
 __all__ = [
-    "LORA_TARGETS", "LoRALinear", "apply_lora", "count_parameters", "export_peft", "import_peft",
+    "LORA_TARGETS", "LoRALinear", "LoRASpec", "apply_lora", "count_parameters", "export_peft", "import_peft",
     "load_lora_state_dict", "lora_disabled", "lora_modules", "lora_parameters", "lora_state_dict", "merge_lora",
     "set_lora_merged", "trainable_summary",
 ]

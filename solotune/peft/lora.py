@@ -15,8 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Linear layers of a block that LoRA may target (Meta names; HF: q/k/v/o_proj, gate/down/up_proj).
-LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+from .spec import LORA_TARGETS, LoRASpec  # noqa: F401  (LORA_TARGETS re-exported)
 
 
 class LoRALinear(nn.Module):
