@@ -65,6 +65,8 @@ _FINETUNE_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--eval-every": ("eval_every", dict(type=int, help="val loss every N steps too (0 = before/after only)")),
     "--skip-bad-records": ("skip_bad_records", dict(action="store_true")),
     "--save-every": ("save_every", dict(type=int, help="checkpoint every N steps (0 = only at the end)")),
+    "--save-every-minutes": ("save_every_minutes", dict(type=float, help="also checkpoint after this many minutes of training since the last checkpoint (0 = off)")),
+    "--keep-checkpoints": ("keep_checkpoints", dict(type=int, help="keep the newest N checkpoints (0 = all)")),
     "--resume": ("resume", dict(metavar="DIR", help="an output dir (its latest checkpoint) or a checkpoint folder")),
     "--overwrite": ("overwrite", dict(action="store_true", help="start over in an output dir holding a run")),
     "--device": ("device", dict(help="auto | cpu | cuda | cuda:N")),

@@ -66,6 +66,8 @@ class TrainConfig:
     skip_bad_records: bool = False
     # checkpoints
     save_every: int = 0  # also checkpoint every N optimizer steps (0 = only at the end / on Ctrl-C)
+    save_every_minutes: float = 10.0  # also checkpoint when this much training time passed since the last (0 = off)
+    keep_checkpoints: int = 3  # keep the newest N periodic checkpoints (0 = all); the final one is always kept
     save: bool = True  # False: no checkpoints and no final/ at all (benchmarks)
     resume: str | None = None  # an output dir (its latest checkpoint) or one checkpoint folder
     overwrite: bool = False  # start fresh in an output_dir that holds an earlier run (its outputs are deleted)
@@ -132,6 +134,10 @@ class TrainConfig:
             bad("max_grad_norm", f"must be > 0 (or None for no clipping), got {self.max_grad_norm}")
         if self.save_every < 0:
             bad("save_every", f"must be >= 0, got {self.save_every}")
+        if not (self.save_every_minutes >= 0 and math.isfinite(self.save_every_minutes)):
+            bad("save_every_minutes", f"must be >= 0 (0 = off), got {self.save_every_minutes}")
+        if self.keep_checkpoints < 0:
+            bad("keep_checkpoints", f"must be >= 0 (0 = keep all), got {self.keep_checkpoints}")
         if self.eval_every < 0:
             bad("eval_every", f"must be >= 0, got {self.eval_every}")
         if self.lora_rank < 0:
