@@ -7,6 +7,8 @@ import importlib
 import sys
 from typing import Callable, Sequence
 
+from .errors import SolotuneError
+
 # subcommand -> (module, add-arguments function, run function, help)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "finetune": ("solotune.train.commands", "add_finetune_args", "cmd_finetune",
@@ -86,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (SolotuneError, ValueError, FileNotFoundError, KeyError) as e:
         # Bad input: one clear line, no traceback.
         print(f"solotune {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -16,7 +16,7 @@ class ConfigError(SolotuneError, ValueError):
     """A setting (flag, TrainConfig field, profile) that is invalid or inconsistent."""
 
 
-class RunDirError(SolotuneError, ValueError):
+class RunDirError(SolotuneError, FileExistsError):
     """An output/run directory that cannot be used as asked (holds another run, is a file, is locked)."""
 
 

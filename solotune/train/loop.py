@@ -23,10 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import shutil
-import signal
 import sys
-import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -49,7 +46,9 @@ from .loss import token_loss_sum
 from .optim import make_optimizer
 from .precision import PrecisionPolicy, get_policy
 from .weights import FINAL
-from .state import CHECKPOINTS, capture_rng, list_checkpoints, load_checkpoint
+from .interrupts import Terminated, deferred_signals, saving_on_exit, terminate_saves
+from .run_dir import claim_run_dir
+from .state import capture_rng, checkpoint_dir, list_checkpoints, load_checkpoint, prune_checkpoints
 
 
 # Fixed prompts for the before/after generations (none of them is in the default train split).
@@ -127,29 +126,30 @@ def finetune(cfg: TrainConfig, *, model: nn.Module | None = None, tokenizer: Any
     """
     from ..api import resolve_device
 
+    ckpt = load_checkpoint(cfg.resume) if cfg.resume else None
+    if ckpt is not None:
+        check_resume_config(cfg, ckpt.config, ckpt.path)
     with make_parallel(cfg.distributed, resolve_device(cfg.device)) as par:
         device = par.device
         devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), attention_kernels(device):
+        # Every rank checks the output dir (so all raise alike); only rank 0 creates, locks and cleans it.
+        with torch.random.fork_rng(devices=devices), attention_kernels(device), \
+                claim_run_dir(Path(cfg.output_dir), resuming=ckpt is not None, overwrite=cfg.overwrite,
+                              write=par.is_main):
+            par.barrier()
             # Dropout draws: one stream per rank (rank 0's is the single-process one).
             torch.default_generator.manual_seed(cfg.seed + par.rank)
             if device.type == "cuda":
                 with torch.cuda.device(device):
                     torch.cuda.manual_seed(cfg.seed + par.rank)
-            return _finetune(cfg, device, model, tokenizer, instrument, par)
+            return _finetune(cfg, device, model, tokenizer, instrument, par, ckpt)
 
 
 def _finetune(cfg: TrainConfig, device: torch.device, model: nn.Module | None, tokenizer: Any,
-              instrument: Any, par: Any) -> TrainResult:
+              instrument: Any, par: Any, ckpt: Any) -> TrainResult:
     t_start = time.perf_counter()
     policy = get_policy(cfg.precision)
     out = Path(cfg.output_dir)
-    ckpt = load_checkpoint(cfg.resume) if cfg.resume else None
-    if ckpt is not None:
-        check_resume_config(cfg, ckpt.config, ckpt.path)
-    # Every rank checks (so all raise alike); only rank 0 deletes and creates.
-    _prepare_output_dir(out, resuming=ckpt is not None, overwrite=cfg.overwrite, write=par.is_main)
-    par.barrier()
     say = print if par.is_main else _quiet
 
     # ---- model, adapters, data
@@ -209,7 +209,14 @@ def _finetune(cfg: TrainConfig, device: torch.device, model: nn.Module | None, t
                 "val_loss_before": val_before, "generations_before": gens_before}
 
     def save(at_step: int) -> Path:
-        return par.save_checkpoint(out, at_step, model, optimizer, cfg.use_lora, trainer_state(), cfg.to_dict())
+        nonlocal saved_at_runtime
+        path = par.save_checkpoint(out, at_step, model, optimizer, cfg.use_lora, trainer_state(), cfg.to_dict())
+        saved_at_runtime = runtime_s
+        if par.is_main:
+            prune_checkpoints(out, cfg.keep_checkpoints, at_step)
+        return path
+
+    saved_at_runtime = runtime_s
 
     # ---- the loop
     if par.is_main:
@@ -225,7 +232,7 @@ def _finetune(cfg: TrainConfig, device: torch.device, model: nn.Module | None, t
     last_saved: Path | None = None
     reset_peak_memory(device)
     model.train()
-    with par.interrupts():  # N ranks: Ctrl-C becomes a flag, checked after each step
+    with par.interrupts(), terminate_saves():  # N ranks: Ctrl-C becomes a flag, checked after each step
         try:
             while step < total_steps:
                 t0 = time.perf_counter()
@@ -254,7 +261,7 @@ def _finetune(cfg: TrainConfig, device: torch.device, model: nn.Module | None, t
                 if before_step:
                     before_step(model, optimizer, step + 1)
                 lr = optimizer.param_groups[0]["lr"]
-                with _defer_sigint():  # an update and its bookkeeping are never cut in half by Ctrl-C
+                with deferred_signals():  # an update and its bookkeeping are never cut in half by Ctrl-C
                     scaler.unscale_(optimizer)
                     grad_norm = par.clip_grad_norm(params, cfg.max_grad_norm)
                     took_step = scaler.step(optimizer)
@@ -281,16 +288,14 @@ def _finetune(cfg: TrainConfig, device: torch.device, model: nn.Module | None, t
                 if after_step:
                     after_step(model, optimizer, step)
                 par.check_interrupt()  # N ranks: a Ctrl-C on any of them stops all after this same step
-                if cfg.save and cfg.save_every and step % cfg.save_every == 0:
-                    last_saved = save(step)
-        except KeyboardInterrupt:
+                if cfg.save and par.broadcast(checkpoint_due(cfg, step, runtime_s - saved_at_runtime)):
+                    with deferred_signals():  # a periodic checkpoint is finished before Ctrl-C acts
+                        last_saved = save(step)
+        except KeyboardInterrupt as stop:
             progress.close()
             log.close()
             if cfg.save:
-                path = save(step)
-                if par.is_main:
-                    print(f"\ninterrupted: saved a checkpoint of step {step} to {path}\n"
-                          f"continue with: solotune finetune --resume {out}", file=sys.stderr)
+                save_on_exit(stop, step, last_saved, save, out, par.is_main)
             raise
     progress.close()
     log.close()
@@ -470,26 +475,6 @@ def load_data(cfg: TrainConfig, tokenizer: Any, say=print) -> tuple[AlpacaDatase
     return train, val
 
 
-def _prepare_output_dir(out: Path, resuming: bool, overwrite: bool, write: bool = True) -> None:
-    """Refuse to mix two runs' checkpoints; ``write=False`` only checks (ranks other than 0)."""
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"output_dir {out} exists and is not a directory")
-    if not resuming and list_checkpoints(out):
-        # A fresh run would interleave its checkpoints with the old run's and --resume could pick the wrong one.
-        if not overwrite:
-            raise FileExistsError(f"output_dir {out} already holds a run's checkpoints: pass resume={str(out)!r} "
-                                  f"(--resume {out}) to continue it, overwrite=True (--overwrite) to start over, "
-                                  f"or choose another output_dir")
-        if not write:
-            return
-        for name in (CHECKPOINTS, FINAL):  # only what a run writes; anything else in the folder stays
-            shutil.rmtree(out / name, ignore_errors=True)
-        for name in (METRICS, SUMMARY, LOSS_PNG):
-            (out / name).unlink(missing_ok=True)
-    if write:
-        out.mkdir(parents=True, exist_ok=True)
-
-
 def check_resume_config(cfg: TrainConfig, saved: dict[str, Any], path: Path) -> None:
     """A resumed run must agree with the checkpoint on everything that shapes the trajectory."""
     try:
@@ -501,6 +486,33 @@ def check_resume_config(cfg: TrainConfig, saved: dict[str, Any], path: Path) -> 
     if diffs:
         raise ValueError(f"cannot resume from {path}: the run's settings differ ({'; '.join(diffs)}). "
                          f"Resume with the checkpoint's settings (the CLI does this when you only pass --resume).")
+
+
+def checkpoint_due(cfg: TrainConfig, step: int, minutes_since_s: float) -> bool:
+    """A periodic checkpoint after this step: every ``save_every`` steps, or once
+    ``save_every_minutes`` of training time passed since the last one."""
+    by_steps = bool(cfg.save_every) and step % cfg.save_every == 0
+    by_time = bool(cfg.save_every_minutes) and minutes_since_s >= 60.0 * cfg.save_every_minutes
+    return by_steps or by_time
+
+
+def save_on_exit(stop: KeyboardInterrupt, step: int, last_saved: Path | None, save: Any, out: Path,
+                 is_main: bool) -> None:
+    """Ctrl-C / SIGTERM: write the last completed step (unless it was just written), then say
+    where it is, or plainly that nothing was saved when a further Ctrl-C abandoned the write."""
+    say = (lambda m: print(m, file=sys.stderr)) if is_main else _quiet
+    what = "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"
+    path = last_saved if last_saved is not None and last_saved.name == checkpoint_dir(out, step).name else None
+    if path is None:
+        try:
+            with saving_on_exit(say):
+                path = save(step)
+        except KeyboardInterrupt:
+            newest = list_checkpoints(out)
+            say(f"\n{what}: the checkpoint of step {step} was NOT saved (abandoned by a further Ctrl-C); "
+                + (f"the newest complete one is {newest[-1][1]}" if newest else "no checkpoint of this run exists"))
+            return
+    say(f"\n{what}: saved a checkpoint of step {step} to {path}\ncontinue with: solotune finetune --resume {out}")
 
 
 # ================================================================================ reporting
@@ -553,25 +565,3 @@ class _RecordsOnly:
 
     def close(self) -> None:
         pass
-
-
-@contextlib.contextmanager
-def _defer_sigint() -> Iterator[None]:
-    """Hold a Ctrl-C that arrives inside the block until the block is done (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[Any] = []
-    previous = signal.signal(signal.SIGINT, lambda *a: caught.append(a))
-    try:
-        yield
-    finally:
-        # getsignal() is None for a handler installed outside Python: fall back to Python's default.
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
-        if caught:
-            # Hand the held Ctrl-C to the handler that was there (Python's raises KeyboardInterrupt;
-            # a distributed run's sets the flag all ranks agree on).
-            if callable(previous):
-                previous(*caught[0])
-            else:
-                raise KeyboardInterrupt

@@ -17,7 +17,9 @@ holds only tensors, numbers, strings and containers, and is read with ``weights_
 from __future__ import annotations
 
 import json
+import pickle
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,11 @@ from safetensors.torch import load_file, save_file
 
 from ..checkpoint.common import atomic_dir
 from ..dist.checkpoint import SHARDED, is_sharded_checkpoint
+from ..errors import MissingPathError, RunDirError, SolotuneError
+
+
+class TrainerStateError(SolotuneError, ValueError):
+    """A checkpoint folder whose files cannot be read as a solotune checkpoint."""
 
 CHECKPOINTS = "checkpoints"
 WEIGHTS = "weights.safetensors"
@@ -93,18 +100,38 @@ def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def prune_checkpoints(output_dir: str | Path, keep: int, current_step: int) -> list[Path]:
+    """Keep the newest ``keep`` checkpoints up to ``current_step`` (0 = keep all); returns the removed
+    folders. Checkpoints *after* ``current_step`` (a run resumed from an earlier one) are never
+    touched: they are another branch of the run, not this one's history."""
+    if keep <= 0:
+        return []
+    mine = [d for step, d in list_checkpoints(output_dir) if step <= current_step]
+    removed = mine[:-keep]
+    for d in removed:
+        shutil.rmtree(d)
+    return removed
+
+
+def run_dir_of(checkpoint: Path) -> Path:
+    """The output directory a checkpoint folder belongs to (``RUN/checkpoints/step-N`` -> ``RUN``)."""
+    return checkpoint.parent.parent
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """``--resume`` argument -> one checkpoint folder: the folder itself, or the latest checkpoint
     of an output directory."""
     p = Path(path)
     if (p / TRAINER_STATE).is_file():
         return p
+    if p.exists() and not p.is_dir():
+        raise RunDirError(f"--resume {p}: is a file; pass a run's output directory or one of its checkpoint folders")
     if not p.is_dir():
-        raise FileNotFoundError(f"--resume {p}: no such directory")
+        raise MissingPathError(f"--resume {p}: no such directory")
     ckpts = list_checkpoints(p)
     if not ckpts:
-        raise FileNotFoundError(f"--resume {p}: neither a checkpoint folder (no {TRAINER_STATE}) nor an output "
-                                f"directory with checkpoints in {p / CHECKPOINTS}")
+        raise MissingPathError(f"--resume {p}: neither a checkpoint folder (no {TRAINER_STATE}) nor an output "
+                               f"directory with checkpoints in {p / CHECKPOINTS}")
     return ckpts[-1][1]
 
 
@@ -113,19 +140,26 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     d = resolve_checkpoint(path)
     try:
         trainer = torch.load(d / TRAINER_STATE, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated file, pickle with code in it, ...
-        raise ValueError(f"{d / TRAINER_STATE}: cannot be read as a solotune trainer state: {e}") from None
+    except pickle.UnpicklingError as e:
+        if "weights only" not in str(e).lower():  # truncated, corrupt
+            raise TrainerStateError(f"{d / TRAINER_STATE}: cannot be read as a solotune trainer state: {e}") from None
+        # weights_only refused a global: the file holds code or objects; it was never run.
+        raise TrainerStateError(f"{d / TRAINER_STATE}: cannot be read as a solotune trainer state: it contains "
+                                f"code or Python objects other than plain tensors and containers, and was not "
+                                f"loaded (solotune never executes pickled code)") from None
+    except Exception as e:  # truncated or not a torch file
+        raise TrainerStateError(f"{d / TRAINER_STATE}: cannot be read as a solotune trainer state: {e}") from None
     try:
         config = json.loads((d / CONFIG).read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{d / CONFIG}: cannot read the run's config: {e}") from None
+        raise TrainerStateError(f"{d / CONFIG}: cannot read the run's config: {e}") from None
     if not isinstance(trainer, dict) or "step" not in trainer:
-        raise ValueError(f"{d / TRAINER_STATE}: not a solotune trainer state (no 'step')")
+        raise TrainerStateError(f"{d / TRAINER_STATE}: not a solotune trainer state (no 'step')")
     if not (d / WEIGHTS).is_file() and is_sharded_checkpoint(d):
         return TrainingCheckpoint(path=d, step=int(trainer["step"]), weights={}, trainer=trainer, config=config,
                                   sharded=d / SHARDED)
     try:
         weights = load_file(str(d / WEIGHTS))
     except Exception as e:
-        raise ValueError(f"{d / WEIGHTS}: cannot be read as safetensors: {e}") from None
+        raise TrainerStateError(f"{d / WEIGHTS}: cannot be read as safetensors: {e}") from None
     return TrainingCheckpoint(path=d, step=int(trainer["step"]), weights=weights, trainer=trainer, config=config)

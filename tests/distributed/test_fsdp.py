@@ -338,12 +338,12 @@ def test_ctrl_c_on_one_rank_stops_all_after_the_same_step(ranks):
 def test_held_ctrl_c_goes_to_the_flag_handler_not_a_raise():
     """Inside a distributed run SIGINT sets a flag; the loop's update guard must hand a Ctrl-C
     it held to that handler instead of raising on this rank alone."""
-    from solotune.train.loop import _defer_sigint
+    from solotune.train.interrupts import deferred_signals
 
     flagged = []
     previous = signal.signal(signal.SIGINT, lambda *a: flagged.append(a))
     try:
-        with _defer_sigint():
+        with deferred_signals():
             os.kill(os.getpid(), signal.SIGINT)
         assert len(flagged) == 1
     finally:

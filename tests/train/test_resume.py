@@ -117,16 +117,21 @@ def test_trainer_state_loads_with_weights_only(tmp_path, data):
     assert {"optimizer", "scheduler", "scaler", "rng", "tokens"} <= state.keys()
 
 
-def test_ctrl_c_during_an_update_is_held_until_it_is_done():
+def test_ctrl_c_during_an_update_is_held_until_it_is_done(monkeypatch):
     import os
     import signal
 
-    from solotune.train.loop import _defer_sigint
+    from solotune.train.interrupts import deferred_signals
 
+    # Python's own Ctrl-C handler, whatever pytest was started with (a background job ignores SIGINT).
+    monkeypatch.setattr(signal, "_test_prev", signal.signal(signal.SIGINT, signal.default_int_handler), raising=False)
     done = False
-    with pytest.raises(KeyboardInterrupt):
-        with _defer_sigint():
-            os.kill(os.getpid(), signal.SIGINT)  # delivered now, acted on only when the block ends
-            done = True
-    assert done
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with deferred_signals():
+                os.kill(os.getpid(), signal.SIGINT)  # delivered now, acted on only when the block ends
+                done = True
+        assert done
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, signal._test_prev)
