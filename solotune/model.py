@@ -12,7 +12,7 @@ H query heads, Hkv key/value heads, D head dim, C model dim, V vocab.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -20,6 +20,11 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
+from .data.batch import Batch
+
+# head(hidden [B, T, C] after the final norm, output projection) -> whatever the caller wants
+# (a loss that owns the output projection: see solotune/train/loss.py).
+Head = Callable[[torch.Tensor, nn.Module], Any]
 
 
 class RMSNorm(nn.Module):
@@ -141,6 +146,21 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+def document_mask(seq_lens: tuple[tuple[int, ...], ...], T: int, device: torch.device) -> torch.Tensor:
+    """Block-diagonal causal mask [B, 1, T, T] bool for rows packed with several documents: a token
+    attends to earlier tokens of its own document only. Padding after the last document forms one
+    more block (it only sees itself and other padding, so no row of the mask is empty)."""
+    doc = torch.empty(len(seq_lens), T, dtype=torch.long)
+    for r, row in enumerate(seq_lens):
+        ids = [torch.full((n,), d) for d, n in enumerate(row)]
+        used = sum(row)
+        ids.append(torch.full((T - used,), len(row)))
+        doc[r] = torch.cat(ids)
+    doc = doc.to(device)
+    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+
+
 def checkpoint_policy(policy: str | None, n_layers: int) -> frozenset[int]:
     """Which block indices to recompute in backward: ``off`` | ``all`` | ``every:K`` (blocks 0, K, 2K, ...)."""
     if policy in (None, "", "off", "none", False):
@@ -202,24 +222,35 @@ class Transformer(nn.Module):
         return (layer.attention.kv_cache for layer in self.layers)
 
     # ----------------------------------------------------------------- forward
-    def forward(self, tokens: torch.Tensor, *, positions: torch.Tensor | None = None,
+    def forward(self, tokens: torch.Tensor | Batch, *, positions: torch.Tensor | None = None,
                 cache_pos: int | None = None, key_mask: torch.Tensor | None = None,
-                last_only: bool = False) -> torch.Tensor:
-        """tokens [B, T] long -> logits [B, T, V] (or [B, 1, V] with ``last_only``).
+                last_only: bool = False, head: Head | None = None) -> Any:
+        """tokens [B, T] long (or a :class:`Batch`) -> logits [B, T, V] ([B, 1, V] with ``last_only``),
+        or ``head(hidden [B, T, C], self.output)`` when a head is given (the loss owns the projection).
 
+        A ``Batch`` brings its own RoPE positions and document boundaries: one document per row is
+        plain causal attention (right padding is never attended to by a real token), several per
+        row are block-diagonal causal. For generation:
         positions: RoPE positions [B, T]; default ``cache_pos + arange(T)`` (left-padded batches
             pass their own so every row starts at 0).
         cache_pos: None recomputes everything (no cache); an int writes these T tokens into the KV
             cache at slots [cache_pos, cache_pos + T) and attends to slots [0, cache_pos + T).
         key_mask: [B, S'] bool with S' >= S, True where the slot holds a real token (padding = False).
         """
-        B, T = tokens.shape
-        start = cache_pos or 0
-        if positions is None:
-            positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
+        mask: torch.Tensor | None
+        if isinstance(tokens, Batch):
+            batch, tokens, positions = tokens, tokens.input_ids, tokens.positions
+            mask = document_mask(batch.seq_lens, tokens.shape[1], tokens.device) if batch.packed else None
+            B, T = tokens.shape
+            start = 0
+        else:
+            B, T = tokens.shape
+            start = cache_pos or 0
+            if positions is None:
+                positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
+            mask = self._mask(B, T, start, key_mask, tokens.device)
         h = self.tok_embeddings(tokens)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, h.dtype)
-        mask = self._mask(B, T, start, key_mask, tokens.device)
         use_ckpt = bool(self.checkpoint_layers) and torch.is_grad_enabled() and self.training
         for i, layer in enumerate(self.layers):
             if use_ckpt and i in self.checkpoint_layers:
@@ -228,7 +259,8 @@ class Transformer(nn.Module):
                 h = layer(h, cos, sin, mask, cache_pos)
         if last_only:
             h = h[:, -1:]
-        return self.output(self.norm(h))
+        h = self.norm(h)
+        return self.output(h) if head is None else head(h, self.output)
 
     @staticmethod
     def _mask(B: int, T: int, start: int, key_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:

@@ -257,6 +257,7 @@ class AnatomyInstrument:
         """Per micro-batch: (batch, seq_len) of the token ids (positional, or HF's input_ids=), and
         autocast's cache: every trainable fp32 matmul weight gets one 16-bit copy in this forward."""
         ids = args[0] if args else kwargs.get("input_ids")
+        ids = getattr(ids, "input_ids", ids)  # a solotune Batch carries them
         if isinstance(ids, torch.Tensor) and ids.dim() == 2:
             self._shape = (int(ids.shape[0]), int(ids.shape[1]))
             dev = ids.device.type

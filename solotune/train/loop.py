@@ -1,16 +1,12 @@
 """The one training loop: LoRA and full fine-tuning, every precision, gradient accumulation and
 checkpointing policy, resume and Ctrl-C, all through :func:`finetune`.
 
-One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` examples (the "window"). The loss
-is the mean next-token cross-entropy over the *target* tokens of the whole window: each micro-batch
-contributes ``sum of its token losses / target tokens in the window``, so k micro-batches of one
-example give exactly the gradient of one batch of k examples (plain per-micro-batch means would
-weight a short answer's tokens more than a long one's).
-
-Reading order: :func:`finetune` (set-up, evaluation, the loop, saving) -> ``loss.py``
-(the loss) -> ``optim.py`` / :func:`make_schedule` -> :class:`DataStream` (order and resume
-position). What gets written: ``state.py`` (checkpoints), ``weights.py`` (final/, adapters),
-``metrics.py`` (metrics.jsonl, loss.png, summary).
+Reading order: :func:`finetune` (claims the output dir) -> :func:`_finetune` (set-up, the loop,
+the end) -> ``step.py`` (one accumulation window: forward, loss, backward, update) -> ``loss.py``
+(the loss owns the output head) -> ``optim.py`` (optimizer by name, schedule). Around it:
+``run_state.py`` (counters, data position, RNG), ``saver.py`` and ``state.py`` (checkpoints),
+``run_dir.py`` (lock, refusal, clean-up), ``interrupts.py`` (Ctrl-C, SIGTERM), ``weights.py``
+(final/, adapters), ``metrics.py`` (metrics.jsonl, loss.png, summary).
 
 The same loop runs on N processes under ``torchrun`` (``distributed="fsdp"``): whatever differs is
 asked of the parallel context ``par`` (``solotune/dist``; one process: no-ops). ``batch_size`` is
@@ -22,33 +18,36 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ..data import IGNORE_INDEX, AlpacaDataset, Example, Record, collate, epoch_order, format_prompt, load_records, split
+from ..data import AlpacaDataset, Example, Record, format_prompt, load_records, split
+from ..data.batch import Batch, collate_batch, empty_batch
 from ..dist import make_parallel
 from ..peft import apply_lora, count_parameters, trainable_summary
 from .config import TRAJECTORY_FIELDS, TrainConfig
+from .interrupts import terminate_saves
+from .loss import get_loss
 from .metrics import (
     LOSS_PNG, METRICS, SUMMARY, MetricsLog, Progress, format_summary, peak_memory_bytes, plot_loss, reset_peak_memory,
     write_json,
 )
-from .loss import token_loss_sum
-from .optim import make_optimizer
+from .optim import make_optimizer, make_schedule
 from .precision import PrecisionPolicy, get_policy
-from .weights import FINAL
-from .interrupts import Terminated, deferred_signals, saving_on_exit, terminate_saves
 from .run_dir import claim_run_dir
-from .state import capture_rng, checkpoint_dir, list_checkpoints, load_checkpoint, prune_checkpoints
+from .run_state import DataStream, TrainState
+from .saver import CheckpointSaver
+from .state import load_checkpoint
+from .step import StepContext, StepResult, train_step
+from .weights import FINAL
 
 
 # Fixed prompts for the before/after generations (none of them is in the default train split).
@@ -142,300 +141,114 @@ def finetune(cfg: TrainConfig, *, model: nn.Module | None = None, tokenizer: Any
             if device.type == "cuda":
                 with torch.cuda.device(device):
                     torch.cuda.manual_seed(cfg.seed + par.rank)
-            return _finetune(cfg, device, model, tokenizer, instrument, par, ckpt)
+            return _finetune(cfg, par, ckpt, model, tokenizer, instrument)
 
 
-def _finetune(cfg: TrainConfig, device: torch.device, model: nn.Module | None, tokenizer: Any,
-              instrument: Any, par: Any, ckpt: Any) -> TrainResult:
+def _finetune(cfg: TrainConfig, par: Any, ckpt: Any, model: nn.Module | None, tokenizer: Any,
+              instrument: Any) -> TrainResult:
     t_start = time.perf_counter()
-    policy = get_policy(cfg.precision)
-    out = Path(cfg.output_dir)
+    policy, device, out = get_policy(cfg.precision), par.device, Path(cfg.output_dir)
     say = print if par.is_main else _quiet
 
-    # ---- model, adapters, data
+    # ---- model, adapters, data, optimizer, run state
     model, tokenizer = par.load_model(cfg, policy, model, tokenizer, _load_model)
-    if cfg.use_lora:
-        gen = torch.Generator(device="cpu").manual_seed(cfg.seed)  # A matrices, same on CPU and CUDA
-        apply_lora(model, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
-                   generator=gen, lora_dtype=policy.adapter_dtype)
-    else:
-        model.requires_grad_(True)
-    model.set_grad_checkpointing(cfg.grad_checkpoint)
-    trainable_params, total_params = count_parameters(model)
-    say(trainable_summary(model))
+    trainable_params, total_params = _attach_adapters(model, cfg, policy, say)
     model = par.wrap(model, cfg, policy)  # FSDP: shard (after LoRA, before the optimizer sees the parameters)
     train_set, val_set = load_data(cfg, tokenizer, say)
-    # Any id works: right padding is never attended to by real tokens, and its labels are ignored.
-    pad_id = getattr(tokenizer, "pad_id", None)
-    pad_id = int(tokenizer.eos_id if pad_id is None else pad_id)
-
-    # ---- optimizer, schedule, loss scaler, data order
-    params = [p for p in model.parameters() if p.requires_grad]
+    pad_id = pad_id_of(tokenizer)
     optimizer = make_optimizer(cfg.optimizer, model, lr=cfg.lr, weight_decay=cfg.weight_decay, device=device)
     total_steps = planned_steps(cfg, len(train_set))
-    scheduler = make_schedule(optimizer, cfg, total_steps)
-    scaler = par.make_scaler(policy, device.type)
-    stream = DataStream(len(train_set), cfg.seed, cfg.batch_size,
-                        epochs=None if cfg.max_steps is not None else cfg.epochs)
-    step, tokens, target_tokens, runtime_s = 0, 0, 0, 0.0
+    schedule = make_schedule(optimizer, warmup=cfg.warmup_steps, total=total_steps, schedule=cfg.lr_schedule,
+                             min_ratio=cfg.min_lr_ratio)
+    state = TrainState(schedule, par.make_scaler(policy, device.type),
+                       DataStream(len(train_set), cfg.seed, cfg.batch_size,
+                                  epochs=None if cfg.max_steps is not None else cfg.epochs), device)
+    ctx = StepContext(model, optimizer, [p for p in model.parameters() if p.requires_grad], policy, get_loss(),
+                      par, device, cfg.max_grad_norm, getattr(instrument, "forward_context", None),
+                      getattr(instrument, "before_step", None))
+    validate = functools.partial(evaluate, model, val_set, policy, device, cfg.eval_batch_size, pad_id, par)
     # Random weights only babble; sharded generation is not supported (generate from final/ instead).
     generate = cfg.generate_samples and not cfg.random_init and par.kind == "none"
-    val_before: float | None = None
-    gens_before: list[str] = []
-    if ckpt is not None:  # ---- resume: every piece of state the next step depends on
+
+    # ---- resume every piece of state the next step depends on, or measure the baseline
+    if ckpt is not None:
         par.load_checkpoint(ckpt, model, optimizer, cfg.use_lora)  # weights + optimizer state
-        scheduler.load_state_dict(ckpt.trainer["scheduler"])
-        scaler.load_state_dict(ckpt.trainer["scaler"])
-        stream.load_state_dict(ckpt.trainer["data"])
-        par.restore_rng(ckpt.trainer, cfg.seed)
-        step, tokens, target_tokens = ckpt.step, int(ckpt.trainer["tokens"]), int(ckpt.trainer["target_tokens"])
-        runtime_s = float(ckpt.trainer["runtime_s"])
-        val_before = ckpt.trainer.get("val_loss_before")
-        gens_before = list(ckpt.trainer.get("generations_before", []))
-        say(f"resumed from {ckpt.path} at step {step}")
-    else:  # ---- baseline before any update: validation loss and sample generations
+        state.load_state_dict(ckpt.trainer, lambda d: par.restore_rng(d, cfg.seed))
+        say(f"resumed from {ckpt.path} at step {state.step}")
+    else:
         if generate:
-            gens_before = sample_generations(model, tokenizer, say, "before tuning")
-        val_before = evaluate(model, val_set, policy, device, cfg.eval_batch_size, pad_id, par)
-        if val_before is not None:
-            say(f"val loss before: {val_before:.4f} (ppl {math.exp(val_before):.2f}) on {len(val_set)} records")
-
-    def trainer_state() -> dict[str, Any]:
-        """Everything besides the weights and the optimizer that the next step depends on, as of the
-        last completed step (the parallel context saves weights and optimizer: whole or sharded)."""
-        return {"scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "data": committed_data, "rng": committed_rng,
-                "tokens": tokens, "target_tokens": target_tokens, "runtime_s": runtime_s,
-                "val_loss_before": val_before, "generations_before": gens_before}
-
-    def save(at_step: int) -> Path:
-        nonlocal saved_at_runtime
-        path = par.save_checkpoint(out, at_step, model, optimizer, cfg.use_lora, trainer_state(), cfg.to_dict())
-        saved_at_runtime = runtime_s
-        if par.is_main:
-            prune_checkpoints(out, cfg.keep_checkpoints, at_step)
-        return path
-
-    saved_at_runtime = runtime_s
+            state.generations_before = sample_generations(model, tokenizer, say, "before tuning")
+        state.val_loss_before = validate()
+        if state.val_loss_before is not None:
+            say(f"val loss before: {state.val_loss_before:.4f} (ppl {math.exp(state.val_loss_before):.2f}) "
+                f"on {len(val_set)} records")
 
     # ---- the loop
-    if par.is_main:
-        log: Any = MetricsLog(out, resume_step=step if ckpt is not None else None,
-                              earlier=ckpt.path.parent.parent / METRICS if ckpt is not None else None)
-        progress: Any = Progress(total_steps, step, cfg.progress, cfg.log_every)
-    else:  # only rank 0 writes metrics and progress
-        log, progress = _RecordsOnly(), _RecordsOnly()
-    fwd_ctx = getattr(instrument, "forward_context", None)
-    before_step = getattr(instrument, "before_step", None)
-    after_step = getattr(instrument, "after_step", None)
-    committed_data, committed_rng = stream.state_dict(), capture_rng(device)
-    last_saved: Path | None = None
+    saver = CheckpointSaver(cfg, out, par, model, optimizer, state)
+    log, progress = _open_logs(cfg, out, par, ckpt, state.step, total_steps)
     reset_peak_memory(device)
+    state.commit()
     model.train()
     with par.interrupts(), terminate_saves():  # N ranks: Ctrl-C becomes a flag, checked after each step
         try:
-            while step < total_steps:
-                t0 = time.perf_counter()
-                window = [_collate_share([train_set[i] for i in par.share(idx)], pad_id)
-                          for idx in stream.take_window(cfg.grad_accum)]
-                if not window:
-                    break  # data exhausted (epochs mode ends on a partial window)
-                n_targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in window)
-                n_tokens = sum(int(b["attention_mask"].sum()) for b in window)
-                n_targets, n_tokens = (int(v) for v in par.all_reduce_sum(n_targets, n_tokens))  # over all ranks
-                loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-                for j, batch in enumerate(window):
-                    input_ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
-                    with fwd_ctx() if fwd_ctx else contextlib.nullcontext(), par.accumulate(model, last=j == len(window) - 1):
-                        with policy.autocast(device.type):
-                            logits = model(input_ids)
-                        micro = token_loss_sum(logits, labels)  # fp32 sum over this micro-batch's targets
-                        # Normalise by the whole window's target count: k micro-batches == one batch of k.
-                        # (grad_sum_factor: FSDP averages the ranks' gradients; this makes it their sum.)
-                        share = micro * par.grad_sum_factor if par.grad_sum_factor != 1 else micro
-                        scaler.scale(share / max(n_targets, 1)).backward()
-                    loss_sum += micro.detach()
-                    del logits, micro
-                loss = par.all_reduce_sum(loss_sum.item())[0] / max(n_targets, 1)
-                scaler.check_finite(loss, step + 1)
-                if before_step:
-                    before_step(model, optimizer, step + 1)
-                lr = optimizer.param_groups[0]["lr"]
-                with deferred_signals():  # an update and its bookkeeping are never cut in half by Ctrl-C
-                    scaler.unscale_(optimizer)
-                    grad_norm = par.clip_grad_norm(params, cfg.max_grad_norm)
-                    took_step = scaler.step(optimizer)
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    step += 1
-                    tokens += n_tokens
-                    target_tokens += n_targets
-                    dt = time.perf_counter() - t0
-                    runtime_s += dt
-                    committed_data, committed_rng = stream.state_dict(), capture_rng(device)
-                recent = [r["loss"] for r in log.records[-4:]] + [loss]
-                rec = {"step": step, "loss": loss, "loss_avg5": sum(recent) / len(recent), "lr": lr, "tokens": tokens,
-                       "target_tokens": target_tokens, "tokens_per_s": n_tokens / dt, "grad_norm": grad_norm,
-                       "peak_mem": peak_memory_bytes(device), "epoch": stream.epoch, "skipped": not took_step,
-                       "time_s": runtime_s}
-                if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-                    rec["val_loss"] = evaluate(model, val_set, policy, device, cfg.eval_batch_size, pad_id, par)
-                    model.train()  # eval mode draws no random numbers: resume stays bit-exact
-                log.write(rec)
-                progress.update(rec)
-                if not took_step:
-                    progress.write(f"step {step}: non-finite gradients, update skipped (loss scale now {scaler.get_scale():g})")
-                if after_step:
-                    after_step(model, optimizer, step)
-                par.check_interrupt()  # N ranks: a Ctrl-C on any of them stops all after this same step
-                if cfg.save and par.broadcast(checkpoint_due(cfg, step, runtime_s - saved_at_runtime)):
-                    with deferred_signals():  # a periodic checkpoint is finished before Ctrl-C acts
-                        last_saved = save(step)
+            _train(ctx, state, cfg, total_steps, lambda idx: _collate_share([train_set[i] for i in par.share(idx)], pad_id),
+                   validate, log, progress, saver, getattr(instrument, "after_step", None))
         except KeyboardInterrupt as stop:
             progress.close()
             log.close()
             if cfg.save:
-                save_on_exit(stop, step, last_saved, save, out, par.is_main)
+                saver.save_on_exit(stop)
             raise
     progress.close()
     log.close()
+
+    # ---- the end: checkpoint, final/, validation, generations, summary
     peaks = [int(p) for p in par.gather(peak_memory_bytes(device))]
-    peak = max(peaks)
     final_dir = None
     if cfg.save:
-        saved = list_checkpoints(out)
-        if not saved or saved[-1][0] != step:
-            last_saved = save(step)
+        saver.save_final()
         final_dir = par.save_final(out / FINAL, model, cfg, tokenizer)
-
-    # ---- after: validation loss, generations, summary
-    val_after = evaluate(model, val_set, policy, device, cfg.eval_batch_size, pad_id, par)
+    val_after = validate()
     gens_after = sample_generations(model, tokenizer, say, "after tuning") if generate else []
-    losses = [r["loss"] for r in log.records]
-    result = TrainResult(
-        final_loss=losses[-1] if losses else None, val_loss=val_after, val_loss_before=val_before,
-        peak_memory_bytes=peak, output_dir=out, steps=step, tokens=tokens, target_tokens=target_tokens,
-        runtime_s=runtime_s, tokens_per_s=tokens / runtime_s if runtime_s > 0 else 0.0,
-        trainable_params=trainable_params, total_params=total_params, skipped_steps=scaler.skipped_steps,
-        avg_loss=sum(losses) / len(losses) if losses else None, first_loss=losses[0] if losses else None,
-        val_curve=[v for v in [val_before, *(r.get("val_loss") for r in log.records), val_after] if v is not None],
-        losses=losses, final_dir=final_dir, last_checkpoint=last_saved, generations_before=gens_before,
-        generations_after=gens_after, resumed_from=ckpt.path if ckpt else None,
-        world_size=par.world_size, peak_memory_bytes_per_rank=peaks,
-    )
-    if not par.is_main:
-        return result
-    summary = summary_dict(result, cfg, device, time.perf_counter() - t_start)
-    write_json(out / SUMMARY, summary)
-    try:
-        plot_loss(log.records, out / LOSS_PNG, val_before, val_after, title=f"{cfg.model} ({summary['mode']})")
-    except Exception as e:  # a plotting problem must not lose a finished run
-        warnings.warn(f"could not draw {out / LOSS_PNG}: {e}")
-    say(format_summary(summary))
+    result = _result(cfg, state, log.records, out, peaks, val_after, trainable_params, total_params, final_dir,
+                     saver.last, gens_after, ckpt, par.world_size)
+    if par.is_main:
+        _write_summary(result, cfg, device, time.perf_counter() - t_start, log.records, out, say)
     return result
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, examples: Sequence[Example], policy: PrecisionPolicy, device: torch.device,
-             batch_size: int, pad_id: int, par: Any = None) -> float | None:
-    """Mean next-token loss over all target tokens of ``examples`` (None when there are none).
-    Leaves the model in eval mode. With a parallel context of N ranks each rank evaluates its own
-    ``batch_size`` examples of every N * ``batch_size`` and the sums are added up."""
-    if not len(examples):
-        return None
-    rank, world = (par.rank, par.world_size) if par is not None else (0, 1)
-    model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(examples), batch_size * world):
-        lo = min(i + rank * batch_size, len(examples))
-        b = _collate_share(list(examples[lo:min(lo + batch_size, len(examples))]), pad_id)
-        with policy.autocast(device.type):
-            logits = model(b["input_ids"].to(device))
-        total += float(token_loss_sum(logits, b["labels"].to(device)).double())
-        count += int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
-    if par is not None:
-        total, count = par.all_reduce_sum(total, count)
-    return total / count if count else None
+def _train(ctx: StepContext, state: TrainState, cfg: TrainConfig, total_steps: int, collate_share: Any,
+           validate: Any, log: Any, progress: Any, saver: CheckpointSaver, after_step: Any) -> None:
+    """Optimizer steps until ``total_steps`` (or the data ends, in epochs mode): log, evaluate,
+    checkpoint after each."""
+    while state.step < total_steps:
+        window = [collate_share(idx) for idx in state.stream.take_window(cfg.grad_accum)]
+        if not window:
+            break  # data exhausted (epochs mode ends on a partial window)
+        res = train_step(ctx, state, window)
+        rec = _record(res, state, log.records)
+        if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total_steps:
+            rec["val_loss"] = validate()
+            ctx.model.train()  # eval mode draws no random numbers: resume stays bit-exact
+        log.write(rec)
+        progress.update(rec)
+        if not res.took_step:
+            progress.write(f"step {state.step}: non-finite gradients, update skipped "
+                           f"(loss scale now {state.scaler.get_scale():g})")
+        if after_step:
+            after_step(ctx.model, ctx.optimizer, state.step)
+        ctx.par.check_interrupt()  # N ranks: a Ctrl-C on any of them stops all after this same step
+        if saver.due():
+            saver.save_periodic()
 
 
-def _collate_share(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """``collate``; an empty share (a rank's part of a micro-batch that has fewer examples than
-    ranks) becomes one padding row without targets: the rank still takes part in the forward and
-    backward (FSDP's collectives need every rank) and adds exactly zero loss and gradient."""
-    if examples:
-        return collate(examples, pad_id)
-    return {"input_ids": torch.full((1, 2), pad_id, dtype=torch.long),
-            "labels": torch.full((1, 2), IGNORE_INDEX, dtype=torch.long),
-            "attention_mask": torch.zeros((1, 2), dtype=torch.bool)}
-
-
-# ============================================================================== schedule
-def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
-    """Multiplier of ``lr`` for optimizer step ``step`` (0-based): linear warmup over ``warmup``
-    steps to 1, then constant or cosine towards ``min_ratio`` (reached one step after the last)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup) / max(1, total - warmup)
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def make_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    def factor(step: int) -> float:
-        return lr_factor(step, cfg.warmup_steps, total_steps, cfg.lr_schedule, cfg.min_lr_ratio)
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def planned_steps(cfg: TrainConfig, n_train: int) -> int:
-    """``max_steps``, or enough windows to cover ``epochs`` passes (the last window may be partial)."""
-    if cfg.max_steps is not None:
-        return cfg.max_steps
-    return math.ceil(cfg.epochs * n_train / (cfg.batch_size * cfg.grad_accum))
-
-
-# ================================================================================= data order
-class DataStream:
-    """Example indices in a seeded order, epoch after epoch; its position is two integers.
-
-    The order of epoch e is ``epoch_order(n, seed, e)``, a pure function, so resuming needs only
-    (epoch, index). With ``epochs`` set the stream ends after that many passes; otherwise it cycles.
-    """
-
-    def __init__(self, n: int, seed: int, batch_size: int, epochs: int | None) -> None:
-        self.n, self.seed, self.batch_size, self.epochs = n, seed, batch_size, epochs
-        self.epoch, self.index = 0, 0
-        self._order: list[int] | None = None
-
-    def _take(self, k: int) -> list[int]:
-        out: list[int] = []
-        while len(out) < k:
-            if self.index == self.n:
-                self.epoch, self.index, self._order = self.epoch + 1, 0, None
-            if self.epochs is not None and self.epoch >= self.epochs:
-                break
-            if self._order is None:
-                self._order = epoch_order(self.n, self.seed, self.epoch)
-            out.append(self._order[self.index])
-            self.index += 1
-        return out
-
-    def take_window(self, micro_batches: int) -> list[list[int]]:
-        """Up to ``micro_batches`` lists of ``batch_size`` indices (fewer at the very end)."""
-        window = []
-        for _ in range(micro_batches):
-            idx = self._take(self.batch_size)
-            if not idx:
-                break
-            window.append(idx)
-        return window
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.index, self._order = int(state["epoch"]), int(state["index"]), None
+def _record(res: StepResult, state: TrainState, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """One metrics.jsonl line."""
+    recent = [r["loss"] for r in records[-4:]] + [res.loss]
+    return {"step": state.step, "loss": res.loss, "loss_avg5": sum(recent) / len(recent), "lr": res.lr,
+            "tokens": state.tokens, "target_tokens": state.target_tokens, "tokens_per_s": res.tokens / res.seconds,
+            "grad_norm": res.grad_norm, "peak_mem": peak_memory_bytes(state.device), "epoch": state.stream.epoch,
+            "skipped": not res.took_step, "time_s": state.runtime_s}
 
 
 # ================================================================================== set-up
@@ -449,6 +262,33 @@ def _load_model(cfg: TrainConfig, policy: PrecisionPolicy, device: torch.device,
 
     return load(cfg.model, dtype=policy.param_dtype, device=device, random_init=cfg.random_init,
                 n_layers=cfg.n_layers, seed=cfg.seed)
+
+
+def _attach_adapters(model: nn.Module, cfg: TrainConfig, policy: PrecisionPolicy, say: Any) -> tuple[int, int]:
+    """LoRA adapters (or every weight trainable for full fine-tuning) and the checkpointing
+    policy; returns (trainable, total) parameter counts."""
+    if cfg.use_lora:
+        gen = torch.Generator(device="cpu").manual_seed(cfg.seed)  # A matrices, same on CPU and CUDA
+        apply_lora(model, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
+                   generator=gen, lora_dtype=policy.adapter_dtype)
+    else:
+        model.requires_grad_(True)
+    model.set_grad_checkpointing(cfg.grad_checkpoint)
+    say(trainable_summary(model))
+    return count_parameters(model)
+
+
+def pad_id_of(tokenizer: Any) -> int:
+    """Any id works: right padding is never attended to by real tokens, and its labels are ignored."""
+    pad_id = getattr(tokenizer, "pad_id", None)
+    return int(tokenizer.eos_id if pad_id is None else pad_id)
+
+
+def planned_steps(cfg: TrainConfig, n_train: int) -> int:
+    """``max_steps``, or enough windows to cover ``epochs`` passes (the last window may be partial)."""
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    return math.ceil(cfg.epochs * n_train / (cfg.batch_size * cfg.grad_accum))
 
 
 def load_data(cfg: TrainConfig, tokenizer: Any, say=print) -> tuple[AlpacaDataset, AlpacaDataset]:
@@ -475,6 +315,78 @@ def load_data(cfg: TrainConfig, tokenizer: Any, say=print) -> tuple[AlpacaDatase
     return train, val
 
 
+def _open_logs(cfg: TrainConfig, out: Path, par: Any, ckpt: Any, step: int, total_steps: int) -> tuple[Any, Any]:
+    """metrics.jsonl and the progress bar (rank 0; other ranks keep the records and write nothing)."""
+    if not par.is_main:
+        return _RecordsOnly(), _RecordsOnly()
+    log = MetricsLog(out, resume_step=step if ckpt is not None else None,
+                     earlier=ckpt.path.parent.parent / METRICS if ckpt is not None else None)
+    return log, Progress(total_steps, step, cfg.progress, cfg.log_every)
+
+
+# ============================================================================== evaluation
+@torch.no_grad()
+def evaluate(model: nn.Module, examples: Sequence[Example], policy: PrecisionPolicy, device: torch.device,
+             batch_size: int, pad_id: int, par: Any = None) -> float | None:
+    """Mean next-token loss over all target tokens of ``examples`` (None when there are none).
+    Leaves the model in eval mode. With a parallel context of N ranks each rank evaluates its own
+    ``batch_size`` examples of every N * ``batch_size`` and the sums are added up."""
+    if not len(examples):
+        return None
+    rank, world = (par.rank, par.world_size) if par is not None else (0, 1)
+    loss_fn = get_loss()
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size * world):
+        lo = min(i + rank * batch_size, len(examples))
+        b = _collate_share(list(examples[lo:min(lo + batch_size, len(examples))]), pad_id).to(device)
+        with policy.autocast(device.type):
+            total += float(model(b, head=functools.partial(loss_fn, labels=b.labels)).double())
+        count += b.num_targets
+    if par is not None:
+        total, count = par.all_reduce_sum(total, count)
+    return total / count if count else None
+
+
+def _collate_share(examples: Sequence[Example], pad_id: int) -> Batch:
+    """``collate_batch``; an empty share (a rank's part of a micro-batch that has fewer examples than
+    ranks) becomes one padding row without targets: the rank still takes part in the forward and
+    backward (FSDP's collectives need every rank) and adds exactly zero loss and gradient."""
+    return collate_batch(examples, pad_id) if examples else empty_batch(pad_id)
+
+
+# =============================================================================== the end
+def _result(cfg: TrainConfig, state: TrainState, records: list[dict[str, Any]], out: Path, peaks: list[int],
+            val_after: float | None, trainable: int, total: int, final_dir: Path | None, last_saved: Path | None,
+            gens_after: list[str], ckpt: Any, world_size: int) -> TrainResult:
+    losses = [r["loss"] for r in records]
+    val_before = state.val_loss_before
+    return TrainResult(
+        final_loss=losses[-1] if losses else None, val_loss=val_after, val_loss_before=val_before,
+        peak_memory_bytes=max(peaks), output_dir=out, steps=state.step, tokens=state.tokens,
+        target_tokens=state.target_tokens, runtime_s=state.runtime_s,
+        tokens_per_s=state.tokens / state.runtime_s if state.runtime_s > 0 else 0.0,
+        trainable_params=trainable, total_params=total, skipped_steps=state.scaler.skipped_steps,
+        avg_loss=sum(losses) / len(losses) if losses else None, first_loss=losses[0] if losses else None,
+        val_curve=[v for v in [val_before, *(r.get("val_loss") for r in records), val_after] if v is not None],
+        losses=losses, final_dir=final_dir, last_checkpoint=last_saved,
+        generations_before=list(state.generations_before), generations_after=gens_after,
+        resumed_from=ckpt.path if ckpt else None, world_size=world_size, peak_memory_bytes_per_rank=peaks,
+    )
+
+
+def _write_summary(result: TrainResult, cfg: TrainConfig, device: torch.device, total_s: float,
+                   records: list[dict[str, Any]], out: Path, say: Any) -> None:
+    summary = summary_dict(result, cfg, device, total_s)
+    write_json(out / SUMMARY, summary)
+    try:
+        plot_loss(records, out / LOSS_PNG, result.val_loss_before, result.val_loss,
+                  title=f"{cfg.model} ({summary['mode']})")
+    except Exception as e:  # a plotting problem must not lose a finished run
+        warnings.warn(f"could not draw {out / LOSS_PNG}: {e}")
+    say(format_summary(summary))
+
+
 def check_resume_config(cfg: TrainConfig, saved: dict[str, Any], path: Path) -> None:
     """A resumed run must agree with the checkpoint on everything that shapes the trajectory."""
     try:
@@ -486,33 +398,6 @@ def check_resume_config(cfg: TrainConfig, saved: dict[str, Any], path: Path) -> 
     if diffs:
         raise ValueError(f"cannot resume from {path}: the run's settings differ ({'; '.join(diffs)}). "
                          f"Resume with the checkpoint's settings (the CLI does this when you only pass --resume).")
-
-
-def checkpoint_due(cfg: TrainConfig, step: int, minutes_since_s: float) -> bool:
-    """A periodic checkpoint after this step: every ``save_every`` steps, or once
-    ``save_every_minutes`` of training time passed since the last one."""
-    by_steps = bool(cfg.save_every) and step % cfg.save_every == 0
-    by_time = bool(cfg.save_every_minutes) and minutes_since_s >= 60.0 * cfg.save_every_minutes
-    return by_steps or by_time
-
-
-def save_on_exit(stop: KeyboardInterrupt, step: int, last_saved: Path | None, save: Any, out: Path,
-                 is_main: bool) -> None:
-    """Ctrl-C / SIGTERM: write the last completed step (unless it was just written), then say
-    where it is, or plainly that nothing was saved when a further Ctrl-C abandoned the write."""
-    say = (lambda m: print(m, file=sys.stderr)) if is_main else _quiet
-    what = "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"
-    path = last_saved if last_saved is not None and last_saved.name == checkpoint_dir(out, step).name else None
-    if path is None:
-        try:
-            with saving_on_exit(say):
-                path = save(step)
-        except KeyboardInterrupt:
-            newest = list_checkpoints(out)
-            say(f"\n{what}: the checkpoint of step {step} was NOT saved (abandoned by a further Ctrl-C); "
-                + (f"the newest complete one is {newest[-1][1]}" if newest else "no checkpoint of this run exists"))
-            return
-    say(f"\n{what}: saved a checkpoint of step {step} to {path}\ncontinue with: solotune finetune --resume {out}")
 
 
 # ================================================================================ reporting

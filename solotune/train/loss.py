@@ -46,9 +46,12 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def full_logits_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor) -> torch.Tensor:
-    """The reference :class:`HeadLoss`: project every position to the vocabulary, then
-    :func:`token_loss_sum` (peak: the [B, T, V] logits in the compute dtype plus their fp32 copy)."""
-    return token_loss_sum(head(hidden), labels)
+    """The reference :class:`HeadLoss`: project every position to the vocabulary (in the forward's
+    autocast dtype), then :func:`token_loss_sum` outside autocast (peak: the [B, T, V] logits in the
+    compute dtype plus their fp32 copy)."""
+    logits = head(hidden)
+    with torch.autocast(hidden.device.type, enabled=False):
+        return token_loss_sum(logits, labels)
 
 
 LOSSES: dict[str, Callable[..., torch.Tensor]] = {"full-logits": full_logits_loss}

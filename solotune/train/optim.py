@@ -7,6 +7,7 @@ tensor. ``solotune plan`` and the measured anatomy then account for it with no o
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -70,3 +71,21 @@ def optimizer_state_bytes(name: str, params: Iterable[tuple[int, torch.dtype]]) 
     """Bytes of optimizer state for trainable tensors given as (numel, dtype), after the first step."""
     spec = get_optimizer_spec(name)
     return sum(spec.state_bytes(n, dt) for n, dt in params)
+
+
+# ------------------------------------------------------------------------------------ schedule
+def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
+    """Multiplier of ``lr`` for optimizer step ``step`` (0-based): linear warmup over ``warmup``
+    steps to 1, then constant or cosine towards ``min_ratio`` (reached one step after the last)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def make_schedule(optimizer: torch.optim.Optimizer, *, warmup: int, total: int, schedule: str,
+                  min_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning-rate schedule of :func:`lr_factor` over ``total`` optimizer steps."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total, schedule, min_ratio))

@@ -13,7 +13,9 @@ import torch.nn.functional as F
 from solotune.data import IGNORE_INDEX
 from solotune.peft import lora_state_dict
 from solotune.train import TrainConfig, finetune
-from solotune.train.loop import DataStream, lr_factor, token_loss_sum
+from solotune.train.loss import token_loss_sum
+from solotune.train.optim import lr_factor
+from solotune.train.run_state import DataStream
 
 from train_fixtures import WordTokenizer, tiny_config, tiny_model, write_records
 

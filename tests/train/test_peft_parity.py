@@ -12,7 +12,7 @@ from solotune.checkpoint.names import HF_MODULES, meta_rows_to_hf, rename
 from solotune.data import IGNORE_INDEX, AlpacaDataset, collate, load_records, split
 from solotune.peft import lora_state_dict
 from solotune.train import finetune
-from solotune.train.loop import DataStream
+from solotune.train.run_state import DataStream
 
 from train_fixtures import TINY, WordTokenizer, tiny_config, tiny_model, write_records
 
