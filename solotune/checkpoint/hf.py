@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 import torch
 from safetensors import safe_open
@@ -85,28 +85,21 @@ def hf_to_canonical(hf_sd: Mapping[str, torch.Tensor], cfg: ModelConfig,
     return {name: _to_meta_rows(name, t, cfg) for name, t in sd.items()}
 
 
-def _stream_hf(files: list[Path], wanted: dict[str, tuple[Path, str]], cfg: ModelConfig) -> TensorStream:
-    """One pass over the shards: each wanted tensor read by ``safe_open`` (a copy out of the file,
-    nothing else kept), Q/K rows permuted, handed out, and dropped here before the next read."""
-    by_file: dict[Path, list[tuple[str, str]]] = {f: [] for f in files}
+def _stream_hf(wanted: dict[str, tuple[Path, str]], cfg: ModelConfig) -> TensorStream:
+    """One pass over the wanted tensors, shard by shard. Each is read with its own ``safe_open``:
+    safetensors hands out views of a private memory map that lives as long as any of its tensors,
+    so a handle kept open for a whole shard would keep every page read from it resident; this way
+    a source tensor's pages go when the tensor does (after ``build_model`` has cast or moved it).
+    Q/K rows are permuted to Meta's layout on the way."""
     for canon, (f, hf_name) in wanted.items():
-        by_file[f].append((canon, hf_name))
-    for f, names in by_file.items():
-        if not names:
-            continue
-        try:
-            handle = safe_open(str(f), framework="pt", device="cpu")
-        except Exception as e:
-            raise CheckpointError(f, f"cannot be read as safetensors: {e}") from None
-        with handle:
-            for canon, hf_name in names:
-                # a temporary, not a local: a local would keep this tensor alive while the next is read
-                yield canon, _to_meta_rows(canon, _get_tensor(handle, f, hf_name), cfg)
+        # a temporary, not a local: a local would keep this tensor alive while the next is read
+        yield canon, _to_meta_rows(canon, _get_tensor(f, hf_name), cfg)
 
 
-def _get_tensor(handle: Any, f: Path, hf_name: str) -> torch.Tensor:
+def _get_tensor(f: Path, hf_name: str) -> torch.Tensor:
     try:
-        return handle.get_tensor(hf_name)
+        with safe_open(str(f), framework="pt", device="cpu") as handle:
+            return handle.get_tensor(hf_name)
     except Exception as e:
         raise CheckpointError(f, f"cannot be read as safetensors: {e}", tensor=hf_name) from None
 
@@ -146,7 +139,7 @@ def load_hf(path: str | os.PathLike[str]) -> Checkpoint:
         shapes.pop("output.weight", None)
     validate_state_dict(meta_tensors(shapes), cfg, source, file_name=lambda n: rename(n, HF_NAMES))
     tok = find_tokenizer([d], ("tokenizer.json", "tokenizer.model"))
-    return Checkpoint("hf", cfg, shapes, read=lambda: _stream_hf(files, located, cfg), tokenizer_file=tok)
+    return Checkpoint("hf", cfg, shapes, read=lambda: _stream_hf(located, cfg), tokenizer_file=tok)
 
 
 def canonical_to_hf(sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
