@@ -31,6 +31,7 @@ def load(source: str | Path, dtype: torch.dtype = torch.float32, device: str | t
     n_layers: keep only the first N layers (a shallower model of the same width; random_init only).
     """
     from .checkpoint import load_checkpoint
+    from .errors import ConfigError, MissingPathError
     from .hub import EMBEDDED, model_path
     from .tokenizer import Tokenizer, load_tokenizer
 
@@ -38,35 +39,36 @@ def load(source: str | Path, dtype: torch.dtype = torch.float32, device: str | t
     name = str(source)
     if random_init:
         if name not in PRESETS:
-            raise ValueError(f"random_init needs a preset name ({', '.join(sorted(PRESETS))}); got {name!r}")
+            raise ConfigError(f"random_init needs a preset name ({', '.join(sorted(PRESETS))}); got {name!r}")
         cfg = PRESETS[name]
         if n_layers is not None:
             cfg = cfg.replace(n_layers=n_layers)
         model = build_model(cfg, dtype=dtype, device=device, seed=seed)
         if cfg.vocab_size != 32000:
-            raise ValueError(f"random_init preset {name!r} has vocab {cfg.vocab_size}; only LLaMA-2-vocab presets "
-                             "come with a bundled tokenizer")
+            raise ConfigError(f"random_init preset {name!r} has vocab {cfg.vocab_size}; only LLaMA-2-vocab presets "
+                              "come with a bundled tokenizer")
         return model.eval(), load_tokenizer(BUNDLED_LLAMA2_TOKENIZER)
     path = Path(name).expanduser()
     if not path.exists():
         if name in EMBEDDED:
             path = model_path(EMBEDDED[name])
         elif name in PRESETS:
-            raise ValueError(f"preset {name!r} has no bundled weights: pass a checkpoint path, or "
-                             f"random_init=True for random weights of that architecture")
+            raise ConfigError(f"preset {name!r} has no bundled weights: pass a checkpoint path, or "
+                              f"random_init=True for random weights of that architecture")
         else:
-            raise FileNotFoundError(f"{name}: no such checkpoint file or directory, and not a preset "
-                                    f"({', '.join(sorted(PRESETS))})")
+            raise MissingPathError(f"{name}: no such checkpoint file or directory, and not a preset "
+                                   f"({', '.join(sorted(PRESETS))})")
     if n_layers is not None:
-        raise ValueError("n_layers applies to random_init models only")
-    ckpt = load_checkpoint(path)
-    model = build_model(ckpt.config, ckpt.state_dict, dtype=dtype, device=device)
+        raise ConfigError("n_layers applies to random_init models only")
+    ckpt = load_checkpoint(path)  # names and shapes checked; no weights read yet
+    # streamed: each tensor is read, cast and moved on its own, so the host never holds the model twice
+    model = build_model(ckpt.config, ckpt.tensors(), dtype=dtype, device=device)
     if ckpt.metadata is not None and "tokenizer.ggml.model" in ckpt.metadata:
         tokenizer = Tokenizer.from_gguf_metadata(ckpt.metadata, source=str(path))
     elif ckpt.tokenizer_file is not None:
         tokenizer = load_tokenizer(ckpt.tokenizer_file)
     else:
-        raise FileNotFoundError(f"{path}: no tokenizer found next to the weights (tokenizer.model or tokenizer.json)")
+        raise MissingPathError(f"{path}: no tokenizer found next to the weights (tokenizer.model or tokenizer.json)")
     return model.eval(), tokenizer
 
 

@@ -278,27 +278,98 @@ class Transformer(nn.Module):
         return m.expand(B, 1, T, S)
 
 
-def build_model(cfg: ModelConfig, state_dict: dict[str, torch.Tensor] | None = None, *,
+def build_model(cfg: ModelConfig, source: StateSource | None = None, *,
                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                seed: int | None = None) -> Transformer:
-    """Build on the meta device, then materialise: from ``state_dict`` (canonical names; no
-    ``output.weight`` needed when embeddings are tied) via ``load_state_dict(assign=True)``, or
-    random-initialised (``seed``) when it is None."""
+                seed: int | None = None, transform: TensorTransform | None = None) -> Transformer:
+    """Build on the meta device (no memory), then materialise: from ``source`` one tensor at a
+    time (:func:`load_weights`), or random-initialised (``seed``) when it is None.
+
+    source: canonical names (no ``output.weight`` needed when embeddings are tied; one given is
+        ignored): a dict ``{name: tensor}``, or an iterable of ``(name, tensor)`` pairs such as
+        ``Checkpoint.tensors()``, which streams the file so host and device never hold the model twice.
+    transform: ``(name, tensor [*shape], file dtype, host) -> tensor`` applied to each tensor as it
+        arrives; default :func:`cast_to` ``(dtype, device)``. It may pick a dtype per tensor (e.g.
+        norms fp32, matrices bf16). ``dtype``/``device`` only choose the default transform and the
+        random init. To load into quantized modules (QLoRA), build on the meta device yourself,
+        swap the Linears for quantized ones there, and call :func:`load_weights` with a transform
+        that turns each ``[out, in]`` weight into what the swapped module holds (e.g. NF4 codes).
+    """
     with torch.device("meta"):
         model = Transformer(cfg)
-    if state_dict is None:
+    if source is None:
         model = model.to(dtype).to_empty(device=device)  # dtype first: no full-size fp32 copy
         model.tie_weights()
         gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
         model.init_weights(generator=gen)
         return model
-    sd = {k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}
-    if cfg.tie_embeddings:
-        sd.pop("output.weight", None)
-    expected = {k for k in model.state_dict() if not (cfg.tie_embeddings and k == "output.weight")}
-    missing, unexpected = sorted(expected - sd.keys()), sorted(sd.keys() - expected)
-    if missing or unexpected:
-        raise KeyError(f"state dict does not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
-    model.load_state_dict(sd, strict=False, assign=True)
+    return load_weights(model, source, transform=transform or cast_to(dtype, device))
+
+
+StateSource = dict[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]  # canonical name -> tensor
+TensorTransform = Callable[[str, torch.Tensor], torch.Tensor]
+
+
+def cast_to(dtype: torch.dtype, device: torch.device | str = "cpu") -> TensorTransform:
+    """The default per-tensor transform: cast to ``dtype`` and move to ``device`` (no copy when the
+    tensor already is both)."""
+    device = torch.device(device)
+
+    def transform(name: str, t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=device, dtype=dtype)
+
+    return transform
+
+
+def load_weights(model: Transformer, source: StateSource, *, transform: TensorTransform) -> Transformer:
+    """Fill ``model`` (built on the meta device, modules possibly swapped there) from ``source``,
+    one tensor at a time: ``transform(name, t)`` is put in place of the meta parameter and the
+    source tensor dropped before the next one is read, so the largest transient is one tensor
+    (no dict of converted tensors). Raises KeyError naming missing and unexpected names (before
+    reading anything when ``source`` is a dict), then re-ties the embeddings."""
+    tied = model.config.tie_embeddings
+    expected = {k for k in model.state_dict() if not (tied and k == "output.weight")}
+    if hasattr(source, "keys"):  # a dict: check the names before any conversion work
+        given = {k for k in source.keys() if not (tied and k == "output.weight")}
+        _check_names(expected - given, given - expected)
+        source = source.items()
+    filled: set[str] = set()
+    unexpected: list[str] = []
+    for name, t in source:
+        if tied and name == "output.weight":
+            pass
+        elif name not in expected:
+            unexpected.append(name)
+        else:
+            assign_tensor(model, name, transform(name, t))
+            filled.add(name)
+        del t  # before the next tensor is read
+    _check_names(expected - filled, set(unexpected))
     model.tie_weights()
     return model
+
+
+def _check_names(missing: set[str], unexpected: set[str]) -> None:
+    if missing or unexpected:
+        raise KeyError(f"state dict does not match the model: missing {sorted(missing)[:8]}, "
+                       f"unexpected {sorted(unexpected)[:8]}")
+
+
+def assign_tensor(model: nn.Module, name: str, t: torch.Tensor) -> None:
+    """Replace parameter (or buffer) ``name`` of ``model`` with ``t`` itself (no copy), keeping the
+    parameter's ``requires_grad`` (floating tensors only: integer codes cannot require grad).
+    ``t`` must have the shape the module holds, which on a swapped-in quantized module may be a
+    packed one."""
+    owner, _, leaf = name.rpartition(".")
+    module = model.get_submodule(owner)
+    if leaf in module._parameters:
+        old = module._parameters[leaf]
+    elif leaf in module._buffers:
+        old = module._buffers[leaf]
+    else:
+        raise KeyError(f"{name}: no such parameter or buffer in the model")
+    if old is not None and tuple(t.shape) != tuple(old.shape):
+        raise ValueError(f"{name}: shape {list(t.shape)} given, the model holds {list(old.shape)}")
+    if leaf in module._parameters and not isinstance(t, nn.Parameter):
+        grad = old is not None and old.requires_grad and (t.is_floating_point() or t.is_complex())
+        t = nn.Parameter(t, requires_grad=grad)
+    setattr(module, leaf, t)

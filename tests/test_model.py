@@ -118,3 +118,17 @@ def test_build_model_rejects_wrong_keys() -> None:
     sd["extra.weight"] = torch.zeros(1)
     with pytest.raises(KeyError, match="missing.*norm.weight.*unexpected.*extra.weight"):
         build_model(cfg, sd)
+
+
+def test_build_model_from_a_stream_ties_and_ignores_a_given_head() -> None:
+    """An iterable source (one tensor at a time) gives the same model as the dict; with tied
+    embeddings an ``output.weight`` in the stream is ignored and the head is the embedding."""
+    cfg = CONFIGS["gqa-tied"]
+    ref = build_model(cfg, seed=5).eval()
+    sd = ref.state_dict()  # lists the tied head too
+    assert "output.weight" in sd
+    model = build_model(cfg, ((k, v.clone()) for k, v in sd.items())).eval()
+    assert model.output.weight is model.tok_embeddings.weight
+    tokens = torch.randint(0, cfg.vocab_size, (1, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), ref(tokens), atol=0, rtol=0)

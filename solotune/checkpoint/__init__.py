@@ -1,19 +1,21 @@
 """Checkpoint loading and writing: Meta (``params.json`` + ``consolidated.*.pth``), Hugging Face
-(``config.json`` + safetensors) and GGUF, all into one canonical :class:`Checkpoint`."""
+(``config.json`` + safetensors) and GGUF, all opened as one canonical :class:`Checkpoint` whose
+tensors are read one at a time (``build_model(ckpt.config, ckpt.tensors())``)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from .common import Checkpoint, CheckpointError, expected_shapes, validate_state_dict
+from .common import Checkpoint, CheckpointError, TensorStream, expected_shapes, safe_torch_load, validate_state_dict
 from .gguf import load_gguf, save_gguf
 from .hf import load_hf, save_hf
 from .meta import load_meta, meta_shards, save_meta
 
 __all__ = [
     "Checkpoint", "CheckpointError", "detect_format", "expected_shapes", "load_checkpoint", "load_gguf",
-    "load_hf", "load_meta", "resolve", "save_gguf", "save_hf", "save_meta", "validate_state_dict",
+    "load_hf", "load_meta", "resolve", "safe_torch_load", "save_gguf", "save_hf", "save_meta", "TensorStream",
+    "validate_state_dict",
 ]
 
 _LOOKED_FOR = ("a .gguf file (or a directory holding exactly one); a directory with params.json + "
@@ -63,7 +65,8 @@ def detect_format(path: str | os.PathLike[str]) -> str:
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
-    """Load any supported checkpoint into canonical form (validated against its own config)."""
+    """Open any supported checkpoint in canonical form: config, names and shapes read and validated
+    against that config now; the tensors are read lazily by :meth:`Checkpoint.tensors`."""
     kind, p = resolve(path)
     loader = {"meta": load_meta, "hf": load_hf, "gguf": load_gguf}[kind]
     return loader(p)

@@ -1,39 +1,67 @@
-"""What every checkpoint loader returns, the one error type they raise, and shared helpers:
-state-dict validation against the model's shapes, tokenizer discovery, atomic writes."""
+"""What every checkpoint loader returns (a lazily read :class:`Checkpoint`), the one error type they
+raise, and shared helpers: weights-only torch loading, state-dict validation against the model's
+shapes, tokenizer discovery, atomic writes."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import pickle
+import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
 from ..config import ModelConfig
+from ..errors import SolotuneError
+
+
+TensorStream = Iterator[tuple[str, torch.Tensor]]
 
 
 @dataclass
 class Checkpoint:
-    """A loaded checkpoint in solotune's canonical form.
+    """An opened checkpoint in solotune's canonical form; the weights are read lazily.
 
-    state_dict: canonical (Meta) names, Meta's adjacent-pair Q/K row layout, no ``output.weight``
-        when ``config.tie_embeddings``; tensors keep the file's dtype (quantized GGUF -> float32).
+    shapes: canonical (Meta) name -> shape, already validated against ``config``; no
+        ``output.weight`` when ``config.tie_embeddings``. Known before any tensor data is read.
+    read: starts one pass over the file(s): yields ``(canonical name, tensor)`` one tensor at a
+        time, in Meta's adjacent-pair Q/K row layout, in the file's dtype (quantized GGUF -> float32).
+        Use :meth:`tensors`.
     tokenizer_file: ``tokenizer.model`` / ``tokenizer.json`` found next to the weights, if any.
     metadata: GGUF key/values (strings decoded, arrays as lists); None for other formats.
     """
 
     format: str  # "meta" | "hf" | "gguf"
     config: ModelConfig
-    state_dict: dict[str, torch.Tensor]
+    shapes: dict[str, tuple[int, ...]]
+    read: Callable[[], TensorStream] = field(repr=False)
     tokenizer_file: Path | None = None
     metadata: dict[str, Any] | None = None
+    _materialised: dict[str, torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def tensors(self) -> TensorStream:
+        """``(canonical name, tensor)`` one at a time, read from the file(s) as it is asked for.
+        Only the tensor being handed out is alive in the reader: drop it before asking for the next
+        and the host holds at most one checkpoint tensor at a time (what ``build_model`` does)."""
+        if self._materialised is not None:
+            return iter(self._materialised.items())
+        return self.read()
+
+    @property
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every tensor at once (read on first use, then kept): the whole model in host memory.
+        Loading a model does not need this; use :meth:`tensors` / ``build_model(cfg, ckpt.tensors())``."""
+        if self._materialised is None:
+            self._materialised = dict(self.read())
+        return self._materialised
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SolotuneError, ValueError):
     """Bad checkpoint input. The message always starts with the file (and tensor, where one is at fault)."""
 
     def __init__(self, path: str | os.PathLike[str], message: str, tensor: str | None = None) -> None:
@@ -41,6 +69,30 @@ class CheckpointError(ValueError):
         self.tensor = tensor
         where = f"{self.path}: tensor {tensor!r}: " if tensor else f"{self.path}: "
         super().__init__(where + message)
+
+
+_GLOBAL_RE = re.compile(r"Unsupported global: GLOBAL (\S+)")
+
+
+def safe_torch_load(path: str | os.PathLike[str], **kwargs: Any) -> Any:
+    """``torch.load(path, weights_only=True, **kwargs)``: plain tensors and containers only, never
+    pickled code. A pickle that names a Python object (``__reduce__`` payload, a class instance)
+    is refused with :class:`CheckpointError` that says so, instead of torch's advice to retry
+    with the unsafe setting. Other failures (truncated, not a torch file) propagate unchanged."""
+    try:
+        return torch.load(path, weights_only=True, **kwargs)
+    except pickle.UnpicklingError as e:
+        m = _GLOBAL_RE.search(str(e))
+        if m is None:  # not a refused object: garbage bytes or a truncated/odd pickle
+            raise
+        raise CheckpointError(path, f"contains code or Python objects other than plain tensors ({m.group(1)}); "
+                                    "it was not loaded (solotune reads torch checkpoints weights-only and "
+                                    "never executes pickled code)") from None
+
+
+def meta_tensors(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """Shape-only stand-ins (meta device: no memory) for :func:`validate_state_dict`."""
+    return {k: torch.empty(s, device="meta") for k, s in shapes.items()}
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

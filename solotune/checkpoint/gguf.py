@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..config import ModelConfig
-from .common import Checkpoint, CheckpointError, atomic_file, strip_tied, validate_state_dict
+from .common import Checkpoint, CheckpointError, TensorStream, atomic_file, meta_tensors, strip_tied, validate_state_dict
 from .names import GGUF_NAMES, GGUF_TO_CANONICAL, rename
 
 MAGIC = b"GGUF"
@@ -84,8 +84,26 @@ def dequantize_tensor(t: Any, source: Path) -> torch.Tensor:
     if arr.size != int(np.prod(shape)):
         raise CheckpointError(source, f"holds {arr.size} values, its shape {list(shape)} needs "
                                       f"{int(np.prod(shape))}", tensor=t.name)
-    # copy: the reader's arrays are read-only views of a memory map
-    return torch.from_numpy(np.array(arr.reshape(shape), copy=True))
+    arr = arr.reshape(shape)
+    if not (arr.flags.writeable and arr.flags.c_contiguous):
+        arr = np.array(arr, copy=True)  # the reader's arrays are read-only views of a memory map
+    return torch.from_numpy(arr)
+
+
+def _check_dequantizable(t: Any, source: Path) -> None:
+    """Fail now, before any weight is read, on a quantization type gguf cannot dequantize: try its
+    first block (a few bytes)."""
+    gguf = _gguf()
+    Q = gguf.GGMLQuantizationType
+    qt = t.tensor_type
+    if qt in (Q.F32, Q.F16, Q.F64, Q.BF16):
+        return
+    type_size = gguf.GGML_QUANT_SIZES[qt][1] if qt in gguf.GGML_QUANT_SIZES else 0
+    try:
+        gguf.quants.dequantize(np.asarray(t.data).reshape(-1)[:type_size], qt)
+    except (NotImplementedError, ValueError, KeyError, getattr(gguf.quants, "QuantError", ValueError)) as e:
+        raise CheckpointError(source, f"quantization type {qt.name} cannot be dequantized: {e}",
+                              tensor=t.name) from None
 
 
 def _open(path: Path) -> Any:
@@ -111,7 +129,9 @@ def _open(path: Path) -> Any:
 
 
 def load_gguf(path: str | os.PathLike[str]) -> Checkpoint:
-    """Load a llama-architecture GGUF file into canonical form (dequantized to float32 where quantized)."""
+    """Open a llama-architecture GGUF file: metadata, names, shapes and quantization types are
+    checked now; :meth:`Checkpoint.tensors` dequantizes one tensor at a time from the memory map
+    (to float32 where quantized)."""
     p = Path(path)
     reader = _open(p)
     meta = read_metadata(reader)
@@ -126,18 +146,23 @@ def load_gguf(path: str | os.PathLike[str]) -> Checkpoint:
     if rope_dims is not None and int(rope_dims) != cfg.head_dim:
         raise CheckpointError(p, f"llama.rope.dimension_count {rope_dims} != head_dim {cfg.head_dim} "
                                  "(partial RoPE is not supported)")
-    # Names and shapes are checked before any dequantization work.
-    shapes: dict[str, torch.Tensor] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
     by_canon: dict[str, Any] = {}
     for t in reader.tensors:
         canon = rename(t.name, GGUF_TO_CANONICAL)
         if canon is None:
             raise CheckpointError(p, "unexpected tensor: no LLaMA weight has this GGUF name", tensor=t.name)
-        shapes[canon] = torch.empty(tuple(int(n) for n in reversed(t.shape.tolist())), device="meta")
+        shapes[canon] = tuple(int(n) for n in reversed(t.shape.tolist()))
         by_canon[canon] = t
-    validate_state_dict(shapes, cfg, p, file_name=lambda n: rename(n, GGUF_NAMES))
-    sd = {canon: dequantize_tensor(t, p) for canon, t in by_canon.items()}
-    return Checkpoint("gguf", cfg, sd, tokenizer_file=None, metadata=meta)
+    validate_state_dict(meta_tensors(shapes), cfg, p, file_name=lambda n: rename(n, GGUF_NAMES))
+    for t in by_canon.values():
+        _check_dequantizable(t, p)
+
+    def read() -> TensorStream:
+        for canon, t in by_canon.items():
+            yield canon, dequantize_tensor(t, p)
+
+    return Checkpoint("gguf", cfg, shapes, read=read, tokenizer_file=None, metadata=meta)
 
 
 # ------------------------------------------------------------------------------------------ writer
@@ -183,7 +208,7 @@ def save_gguf(cfg: ModelConfig, sd: Mapping[str, torch.Tensor], path: str | os.P
     gguf = _gguf()
     Q = gguf.GGMLQuantizationType
     if qtype not in WRITE_TYPES:
-        raise ValueError(f"qtype {qtype!r}: expected one of {', '.join(WRITE_TYPES)}")
+        raise CheckpointError(path, f"qtype {qtype!r}: expected one of {', '.join(WRITE_TYPES)}")
     qt = Q[qtype]
     ftype = gguf.LlamaFileType.ALL_F32 if qtype == "F32" else gguf.LlamaFileType[f"MOSTLY_{qtype}"]
     block = gguf.GGML_QUANT_SIZES[qt][0]

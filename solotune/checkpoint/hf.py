@@ -13,7 +13,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..config import ModelConfig
-from .common import Checkpoint, CheckpointError, atomic_dir, find_tokenizer, tokenizer_dest_name, strip_tied, validate_state_dict
+from .common import (Checkpoint, CheckpointError, TensorStream, atomic_dir, find_tokenizer, meta_tensors, strip_tied,
+                     tokenizer_dest_name, validate_state_dict)
 from .names import HF_NAMES, HF_TO_CANONICAL, hf_rows_to_meta, meta_rows_to_hf, rename
 
 INDEX = "model.safetensors.index.json"
@@ -41,12 +42,32 @@ def hf_weight_files(d: Path) -> list[Path]:
     return sorted(d.glob("*.safetensors"))
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """HF name -> shape from one file's header (no tensor data is read)."""
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as e:  # SafetensorError: truncated, bad header, not a safetensors file
         raise CheckpointError(path, f"cannot be read as safetensors: {e}") from None
+
+
+def _canonical_name(name: str, source: str | os.PathLike[str]) -> str | None:
+    """Canonical name of an HF tensor; None for buffers the model recomputes."""
+    if name.endswith(_IGNORED_SUFFIXES):
+        return None
+    canon = rename(name, HF_TO_CANONICAL)
+    if canon is None:
+        raise CheckpointError(source, "unexpected tensor: no LLaMA weight has this HF name", tensor=name)
+    return canon
+
+
+def _to_meta_rows(canon: str, t: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Q/K rows from HF's rotate-half order to Meta's adjacent pairs; other tensors unchanged."""
+    if canon.endswith("attention.wq.weight"):
+        return hf_rows_to_meta(t, cfg.n_heads)
+    if canon.endswith("attention.wk.weight"):
+        return hf_rows_to_meta(t, cfg.n_kv_heads)
+    return t
 
 
 def hf_to_canonical(hf_sd: Mapping[str, torch.Tensor], cfg: ModelConfig,
@@ -55,25 +76,37 @@ def hf_to_canonical(hf_sd: Mapping[str, torch.Tensor], cfg: ModelConfig,
     Q/K permutation, whose reshape needs the right row count), then Q/K rows -> Meta's layout."""
     sd: dict[str, torch.Tensor] = {}
     for name, t in hf_sd.items():
-        if name.endswith(_IGNORED_SUFFIXES):
-            continue
-        canon = rename(name, HF_TO_CANONICAL)
-        if canon is None:
-            raise CheckpointError(source, "unexpected tensor: no LLaMA weight has this HF name", tensor=name)
-        sd[canon] = t
+        canon = _canonical_name(name, source)
+        if canon is not None:
+            sd[canon] = t
     if cfg.tie_embeddings:
         sd.pop("output.weight", None)
     validate_state_dict(sd, cfg, source, file_name=lambda n: rename(n, HF_NAMES))
-    for name in sd:
-        if name.endswith("attention.wq.weight"):
-            sd[name] = hf_rows_to_meta(sd[name], cfg.n_heads)
-        elif name.endswith("attention.wk.weight"):
-            sd[name] = hf_rows_to_meta(sd[name], cfg.n_kv_heads)
-    return sd
+    return {name: _to_meta_rows(name, t, cfg) for name, t in sd.items()}
+
+
+def _stream_hf(wanted: dict[str, tuple[Path, str]], cfg: ModelConfig) -> TensorStream:
+    """One pass over the wanted tensors, shard by shard. Each is read with its own ``safe_open``:
+    safetensors hands out views of a private memory map that lives as long as any of its tensors,
+    so a handle kept open for a whole shard would keep every page read from it resident; this way
+    a source tensor's pages go when the tensor does (after ``build_model`` has cast or moved it).
+    Q/K rows are permuted to Meta's layout on the way."""
+    for canon, (f, hf_name) in wanted.items():
+        # a temporary, not a local: a local would keep this tensor alive while the next is read
+        yield canon, _to_meta_rows(canon, _get_tensor(f, hf_name), cfg)
+
+
+def _get_tensor(f: Path, hf_name: str) -> torch.Tensor:
+    try:
+        with safe_open(str(f), framework="pt", device="cpu") as handle:
+            return handle.get_tensor(hf_name)
+    except Exception as e:
+        raise CheckpointError(f, f"cannot be read as safetensors: {e}", tensor=hf_name) from None
 
 
 def load_hf(path: str | os.PathLike[str]) -> Checkpoint:
-    """Load a transformers ``LlamaForCausalLM`` directory into canonical form."""
+    """Open a transformers ``LlamaForCausalLM`` directory: config and tensor names/shapes are read
+    and validated now, the tensors themselves by :meth:`Checkpoint.tensors`, one at a time."""
     d = Path(path)
     if not d.is_dir():
         raise CheckpointError(d, "no such directory")
@@ -87,16 +120,26 @@ def load_hf(path: str | os.PathLike[str]) -> Checkpoint:
     files = hf_weight_files(d)
     if not files:
         raise CheckpointError(d, f"no {SINGLE}, {INDEX} or other *.safetensors file")
-    hf_sd: dict[str, torch.Tensor] = {}
+    source = files[0] if len(files) == 1 else d
+    located: dict[str, tuple[Path, str]] = {}  # canonical name -> (shard, HF name)
+    shapes: dict[str, tuple[int, ...]] = {}
+    seen: set[str] = set()
     for f in files:
-        part = _read_safetensors(f)
-        dup = sorted(part.keys() & hf_sd.keys())
+        part = _safetensors_shapes(f)
+        dup = sorted(part.keys() & seen)
         if dup:
             raise CheckpointError(f, "tensor appears in more than one shard", tensor=dup[0])
-        hf_sd.update(part)
-    sd = hf_to_canonical(hf_sd, cfg, files[0] if len(files) == 1 else d)
+        seen |= part.keys()
+        for name, shape in part.items():
+            canon = _canonical_name(name, source)
+            if canon is not None:
+                located[canon], shapes[canon] = (f, name), shape
+    if cfg.tie_embeddings:
+        located.pop("output.weight", None)
+        shapes.pop("output.weight", None)
+    validate_state_dict(meta_tensors(shapes), cfg, source, file_name=lambda n: rename(n, HF_NAMES))
     tok = find_tokenizer([d], ("tokenizer.json", "tokenizer.model"))
-    return Checkpoint("hf", cfg, sd, tokenizer_file=tok)
+    return Checkpoint("hf", cfg, shapes, read=lambda: _stream_hf(located, cfg), tokenizer_file=tok)
 
 
 def canonical_to_hf(sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -105,7 +148,7 @@ def canonical_to_hf(sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[st
     for name, t in sd.items():
         hf = rename(name, HF_NAMES)
         if hf is None:
-            raise ValueError(f"{name}: not a canonical LLaMA weight name")
+            raise CheckpointError("state dict", "not a canonical LLaMA weight name", tensor=name)
         t = t.detach().cpu()
         if name.endswith("attention.wq.weight"):
             t = meta_rows_to_hf(t, cfg.n_heads)

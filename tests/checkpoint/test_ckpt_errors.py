@@ -249,3 +249,40 @@ def test_bad_json(tmp_path, sd):
     (m / "params.json").write_text(json.dumps({"dim": 64}))
     with raises(m / "params.json", "n_layers"):
         load_checkpoint(m)
+
+
+class _Payload:
+    """Unpickling this would call ``open(marker, "w")``: it would create the marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.mark.parametrize("how", ["torch.save", "legacy-pickle"])
+def test_pickle_payload_refused_without_unsafe_advice(tmp_path, sd, how):
+    """A ``__reduce__`` payload is refused, never run, and the message says why in plain words
+    (no advice to retry with weights_only=False)."""
+    import pickle
+
+    from solotune.checkpoint import safe_torch_load
+    from solotune.errors import SolotuneError
+
+    marker = tmp_path / "pwned"
+    d = save_meta(TINY, sd, tmp_path / "m")
+    f = d / "consolidated.00.pth"
+    evil = dict(sd, **{"layers.0.attention.wq.weight": _Payload(marker)})
+    if how == "torch.save":
+        torch.save(evil, f)
+    else:  # the pre-zip format (no memory map) goes through the same weights-only unpickler
+        f.write_bytes(pickle.dumps(evil, protocol=2))
+    for call in (lambda: load_checkpoint(d), lambda: safe_torch_load(f)):
+        with raises(f, "contains code or Python objects other than plain tensors", "it was not loaded",
+                    "never executes pickled code") as info:
+            call()
+        msg = str(info.value)
+        assert "weights_only=False" not in msg and "trust" not in msg, msg
+        assert isinstance(info.value, SolotuneError) and info.value.__cause__ is None
+        assert not marker.exists()
