@@ -71,7 +71,10 @@ class CheckpointError(SolotuneError, ValueError):
         super().__init__(where + message)
 
 
-_GLOBAL_RE = re.compile(r"Unsupported global: GLOBAL (\S+)")
+# torch's wording of a refused global differs by version and by why it was refused:
+# "Unsupported global: GLOBAL io.open", "unsupported GLOBAL posix.mkdir whose module posix is blocked".
+# (garbage bytes say "Unsupported operand" instead: not a refused object).
+_GLOBAL_RE = re.compile(r"\bGLOBAL (\S+)")
 
 
 def safe_torch_load(path: str | os.PathLike[str], **kwargs: Any) -> Any:
@@ -83,8 +86,8 @@ def safe_torch_load(path: str | os.PathLike[str], **kwargs: Any) -> Any:
         return torch.load(path, weights_only=True, **kwargs)
     except pickle.UnpicklingError as e:
         m = _GLOBAL_RE.search(str(e))
-        if m is None:  # not a refused object: garbage bytes or a truncated/odd pickle
-            raise
+        if m is None:
+            raise  # not a refused object: garbage bytes or a truncated/odd pickle
         raise CheckpointError(path, f"contains code or Python objects other than plain tensors ({m.group(1)}); "
                                     "it was not loaded (solotune reads torch checkpoints weights-only and "
                                     "never executes pickled code)") from None

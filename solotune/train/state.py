@@ -17,7 +17,6 @@ holds only tensors, numbers, strings and containers, and is read with ``weights_
 from __future__ import annotations
 
 import json
-import pickle
 import re
 import shutil
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..checkpoint.common import atomic_dir
+from ..checkpoint.common import CheckpointError, atomic_dir, safe_torch_load
 from ..dist.checkpoint import SHARDED, is_sharded_checkpoint
 from ..errors import MissingPathError, RunDirError, SolotuneError
 
@@ -139,14 +138,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Read a checkpoint folder (or the latest one of an output directory)."""
     d = resolve_checkpoint(path)
     try:
-        trainer = torch.load(d / TRAINER_STATE, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "weights only" not in str(e).lower():  # truncated, corrupt
-            raise TrainerStateError(f"{d / TRAINER_STATE}: cannot be read as a solotune trainer state: {e}") from None
-        # weights_only refused a global: the file holds code or objects; it was never run.
-        raise TrainerStateError(f"{d / TRAINER_STATE}: cannot be read as a solotune trainer state: it contains "
-                                f"code or Python objects other than plain tensors and containers, and was not "
-                                f"loaded (solotune never executes pickled code)") from None
+        trainer = safe_torch_load(d / TRAINER_STATE, map_location=map_location)
+    except CheckpointError:  # code or objects in the pickle: refused, never run
+        raise
     except Exception as e:  # truncated or not a torch file
         raise TrainerStateError(f"{d / TRAINER_STATE}: cannot be read as a solotune trainer state: {e}") from None
     try:

@@ -135,3 +135,22 @@ def test_ctrl_c_during_an_update_is_held_until_it_is_done(monkeypatch):
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGINT, signal._test_prev)
+
+
+def test_a_trainer_state_with_code_in_it_is_refused_without_running_it(tmp_path, data):
+    """A checkpoint someone handed you: its pickle would run code; resume refuses it plainly."""
+    import os
+
+    cfg = tiny_config(tmp_path, data, max_steps=2)
+    finetune(cfg, model=tiny_model(), tokenizer=WordTokenizer())
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.mkdir, (str(marker),))
+
+    state = tmp_path / "run" / "checkpoints" / "step-000002" / "trainer_state.pt"
+    torch.save({"step": 2, "payload": Payload()}, state)
+    with pytest.raises(ValueError, match="contains code or Python objects") as info:
+        finetune(cfg.replace(resume=str(tmp_path / "run")), model=tiny_model(), tokenizer=WordTokenizer())
+    assert "weights_only=False" not in str(info.value) and not marker.exists()
