@@ -13,7 +13,7 @@ position). What gets written: ``state.py`` (checkpoints), ``weights.py`` (final/
 ``metrics.py`` (metrics.jsonl, loss.png, summary).
 
 The same loop runs on N processes under ``torchrun`` (``distributed="fsdp"``): whatever differs is
-asked of the parallel context ``par`` (``solotune/dist``; one process: no-ops). ``batch_size`` is
+asked of the parallel context ``par`` (``solotune/parallel``; one process: no-ops). ``batch_size`` is
 then the global micro-batch, each rank computes its share, and token counts and losses are summed
 over ranks, so the curve is the single-process one.
 """
@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data import IGNORE_INDEX, AlpacaDataset, Example, Record, collate, epoch_order, format_prompt, load_records, split
-from ..dist import make_parallel
+from ..parallel import make_parallel
 from ..peft import apply_lora, count_parameters, trainable_summary
 from .config import TRAJECTORY_FIELDS, TrainConfig
 from .metrics import (

@@ -10,7 +10,7 @@ Layout of one checkpoint (``OUTPUT_DIR/checkpoints/step-000040/``)::
 The folder is written under a temporary name and renamed into place, so a crash (or a second
 Ctrl-C) never leaves a half-written checkpoint that ``--resume`` would pick up. A run on N ranks
 (``distributed="fsdp"``) writes ``sharded/`` (DCP) instead of ``weights.safetensors`` and keeps the
-optimizer there (see ``solotune/dist/checkpoint.py``). ``trainer_state.pt``
+optimizer there (see ``solotune/parallel/state_dict.py``). ``trainer_state.pt``
 holds only tensors, numbers, strings and containers, and is read with ``weights_only=True``.
 """
 
@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..checkpoint.common import atomic_dir
-from ..dist.checkpoint import SHARDED, is_sharded_checkpoint
+from ..parallel.state_dict import SHARDED, is_sharded_checkpoint
 
 CHECKPOINTS = "checkpoints"
 WEIGHTS = "weights.safetensors"
@@ -65,7 +65,7 @@ class TrainingCheckpoint:
     weights: dict[str, torch.Tensor]  # empty for a sharded checkpoint (its tensors are read by DCP)
     trainer: dict[str, Any]
     config: dict[str, Any]
-    sharded: Path | None = None  # the DCP folder of a checkpoint written by N ranks (solotune.dist.checkpoint)
+    sharded: Path | None = None  # the DCP folder of a checkpoint written by N ranks (solotune.parallel.state_dict)
 
 
 def save_checkpoint(output_dir: str | Path, step: int, weights: dict[str, torch.Tensor],

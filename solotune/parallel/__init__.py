@@ -17,7 +17,7 @@ branches of its own:
 ====================================  ==========================================================
 
 :class:`SingleProcess` (``distributed="none"``) is the default and does nothing beyond what the loop
-did before there was a context. :class:`~solotune.dist.fsdp.FSDPContext` (``distributed="fsdp"``) is
+did before there was a context. :class:`~solotune.parallel.fsdp.FSDPContext` (``distributed="fsdp"``) is
 the torchrun one.
 
 One convention makes a run's trajectory independent of the number of processes:
@@ -113,7 +113,7 @@ class SingleProcess:
         """Weights and optimizer state of ``ckpt`` (a single-file checkpoint, or a sharded one
         written by N ranks: DCP reassembles it for one process)."""
         if ckpt.sharded is not None:
-            from .checkpoint import load_sharded
+            from .state_dict import load_sharded
 
             load_sharded(ckpt.sharded, model, optimizer)
             return
@@ -123,7 +123,7 @@ class SingleProcess:
         optimizer.load_state_dict(ckpt.trainer["optimizer"])
 
     def restore_rng(self, trainer: dict[str, Any], seed: int = 0) -> None:
-        from .checkpoint import rank_rng_state
+        from .state_dict import rank_rng_state
         from ..train.state import restore_rng
 
         restore_rng(rank_rng_state(trainer, self.rank), self.device)

@@ -2,7 +2,7 @@
 ``torchrun``: ``torchrun --nproc-per-node N -m solotune finetune ... --distributed fsdp``.
 
 Nothing here is a home-made engine: sharding, all-gathers, reduce-scatters, mixed precision and
-gradient-accumulation without communication are FSDP2's; checkpoints are DCP's (``checkpoint.py``).
+gradient-accumulation without communication are FSDP2's; checkpoints are DCP's (``state_dict.py``).
 This file decides *how* they are used:
 
 Sharding. ``fully_shard`` on every TransformerBlock, then on the root (embeddings, final norm,
@@ -104,7 +104,7 @@ def mixed_precision(policy: Any) -> MixedPrecisionPolicy:
 
 
 class FSDPContext:
-    """The parallel context for ``distributed="fsdp"`` (see :mod:`solotune.dist` for the interface).
+    """The parallel context for ``distributed="fsdp"`` (see :mod:`solotune.parallel` for the interface).
 
     Joins the process group torchrun describes (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``,
     ``MASTER_PORT``, ``LOCAL_RANK``): NCCL on CUDA, gloo on CPU. Without those variables it runs as
@@ -186,7 +186,7 @@ class FSDPContext:
             if not p.is_floating_point():
                 raise NotImplementedError(
                     f"distributed=fsdp: parameter {name} is {p.dtype} (quantized?); quantized bases are not "
-                    "supported yet (planned: replicated on every rank, see solotune/dist/fsdp.py)")
+                    "supported yet (planned: replicated on every rank, see solotune/parallel/fsdp.py)")
         mp = mixed_precision(policy)
         layers = getattr(model, "layers", None)
         if layers is None:
@@ -280,7 +280,7 @@ class FSDPContext:
     # ------------------------------------------------------------- checkpoints
     def save_checkpoint(self, output_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                         lora: bool, trainer: dict[str, Any], config: dict[str, Any]) -> Path:
-        from .checkpoint import save_training_checkpoint
+        from .state_dict import save_training_checkpoint
 
         return save_training_checkpoint(self, output_dir, step, model, optimizer, trainer, config)
 
@@ -288,7 +288,7 @@ class FSDPContext:
         """A sharded checkpoint (any number of ranks) through DCP, or a single-process one: its
         full tensors are sliced onto this rank's shards."""
         if ckpt.sharded is not None:
-            from .checkpoint import load_sharded
+            from .state_dict import load_sharded
 
             load_sharded(ckpt.sharded, model, optimizer)
         else:
@@ -298,7 +298,7 @@ class FSDPContext:
         """This rank's saved RNG state; a rank the checkpoint has none for (it was written by fewer
         ranks) starts a fresh stream from (seed, rank, step)."""
         from ..train.state import restore_rng
-        from .checkpoint import rank_rng_state
+        from .state_dict import rank_rng_state
 
         state = rank_rng_state(trainer, self.rank)
         if state is not None:
