@@ -49,6 +49,7 @@ from .loss import token_loss_sum
 from .optim import make_optimizer
 from .precision import PrecisionPolicy, get_policy
 from .weights import FINAL
+from .sharded import load_training_checkpoint, restore_rank_rng, save_final_weights, save_training_checkpoint
 from .state import CHECKPOINTS, capture_rng, list_checkpoints, load_checkpoint
 
 
@@ -183,11 +184,11 @@ def _finetune(cfg: TrainConfig, device: torch.device, model: nn.Module | None, t
     val_before: float | None = None
     gens_before: list[str] = []
     if ckpt is not None:  # ---- resume: every piece of state the next step depends on
-        par.load_checkpoint(ckpt, model, optimizer, cfg.use_lora)  # weights + optimizer state
+        load_training_checkpoint(par, ckpt, model, optimizer, cfg.use_lora)  # weights + optimizer state
         scheduler.load_state_dict(ckpt.trainer["scheduler"])
         scaler.load_state_dict(ckpt.trainer["scaler"])
         stream.load_state_dict(ckpt.trainer["data"])
-        par.restore_rng(ckpt.trainer, cfg.seed)
+        restore_rank_rng(par, ckpt.trainer, cfg.seed)
         step, tokens, target_tokens = ckpt.step, int(ckpt.trainer["tokens"]), int(ckpt.trainer["target_tokens"])
         runtime_s = float(ckpt.trainer["runtime_s"])
         val_before = ckpt.trainer.get("val_loss_before")
@@ -202,14 +203,14 @@ def _finetune(cfg: TrainConfig, device: torch.device, model: nn.Module | None, t
 
     def trainer_state() -> dict[str, Any]:
         """Everything besides the weights and the optimizer that the next step depends on, as of the
-        last completed step (the parallel context saves weights and optimizer: whole or sharded)."""
+        last completed step (``save_training_checkpoint`` adds weights and optimizer: whole or sharded)."""
         return {"scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "data": committed_data, "rng": committed_rng,
                 "tokens": tokens, "target_tokens": target_tokens, "runtime_s": runtime_s,
                 "val_loss_before": val_before, "generations_before": gens_before}
 
     def save(at_step: int) -> Path:
-        return par.save_checkpoint(out, at_step, model, optimizer, cfg.use_lora, trainer_state(), cfg.to_dict())
+        return save_training_checkpoint(par, out, at_step, model, optimizer, cfg.use_lora, trainer_state(), cfg.to_dict())
 
     # ---- the loop
     if par.is_main:
@@ -301,7 +302,7 @@ def _finetune(cfg: TrainConfig, device: torch.device, model: nn.Module | None, t
         saved = list_checkpoints(out)
         if not saved or saved[-1][0] != step:
             last_saved = save(step)
-        final_dir = par.save_final(out / FINAL, model, cfg, tokenizer)
+        final_dir = save_final_weights(par, out / FINAL, model, cfg, tokenizer)
 
     # ---- after: validation loss, generations, summary
     val_after = evaluate(model, val_set, policy, device, cfg.eval_batch_size, pad_id, par)
@@ -442,8 +443,9 @@ def _load_model(cfg: TrainConfig, policy: PrecisionPolicy, device: torch.device,
         return model.to(device=device, dtype=policy.param_dtype), tokenizer
     from ..api import load
 
+    # meta (FSDP, random weights): nothing to draw here, the shards are initialised after sharding.
     return load(cfg.model, dtype=policy.param_dtype, device=device, random_init=cfg.random_init,
-                n_layers=cfg.n_layers, seed=cfg.seed)
+                n_layers=cfg.n_layers, seed=None if device.type == "meta" else cfg.seed)
 
 
 def load_data(cfg: TrainConfig, tokenizer: Any, say=print) -> tuple[AlpacaDataset, AlpacaDataset]:
