@@ -25,8 +25,9 @@ bf16       bf16 (LoRA adapters 32) as stored                    fp32, then round
 =========  ======================  ==========================  =================================
 
 QLoRA (a 4-bit NF4 base implementing ``solotune.peft.LinearBase``, passed through
-``apply_lora(base_factory=...)``; no NF4 base exists yet) -- the plan: NF4 bases are *replicated*, not sharded. Every rank keeps the whole quantized base (70B in
-NF4 is ~35 GB, it fits one H200) and only the adapters are sharded; the bases are then passed to
+``apply_lora(base_factory=...)``; no NF4 base exists yet) -- the plan: NF4 bases are *replicated*,
+not sharded. Every rank keeps the whole quantized base (70B in NF4 is ~35 GB, it fits one H200)
+and only the adapters are sharded; the bases are then passed to
 ``fully_shard(..., ignored_params=...)``, so no base weight is ever all-gathered (a 4x cheaper
 all-gather than bf16 would still be traffic on every forward and backward for nothing that
 trains). Sharding NF4 bases through a tensor subclass with FSDP2's ``fsdp_pre_all_gather`` /
