@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from .tokens import FoldedTokenizer, cell_tokenizer, preset_cell_tokenizer  # noqa: F401  (re-exported)
+
 INJECT_OOM_ENV = "SOLOTUNE_BENCH_INJECT_OOM"  # a cell id (or "all"): that cell raises a fake OOM (tests)
 METHODS = ("lora", "full")
 IMPLS = ("solotune", "hf")
@@ -94,26 +96,6 @@ class CellSpec:
 
 
 # ------------------------------------------------------------------------------ helpers
-class FoldedTokenizer:
-    """Wrap a tokenizer for a model whose vocabulary is smaller (toy test models): ids are taken
-    modulo ``vocab_size``; bos/eos keep their ids. The text is real, the ids are not meaningful."""
-
-    def __init__(self, inner: Any, vocab_size: int) -> None:
-        self.inner, self.vocab_size = inner, vocab_size
-        self.bos_id, self.eos_id = inner.bos_id, inner.eos_id
-        self.add_bos = getattr(inner, "add_bos", True)
-        self.pad_id = getattr(inner, "pad_id", None)
-        self.source = f"{getattr(inner, 'source', 'tokenizer')} (ids mod {vocab_size})"
-        if max(self.bos_id, self.eos_id) >= vocab_size:
-            raise ValueError(f"vocab {vocab_size} is too small for bos/eos ids {self.bos_id}/{self.eos_id}")
-
-    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        return [i % self.vocab_size for i in self.inner.encode(text, bos=bos, eos=eos)]
-
-    def decode(self, ids: Any, *args: Any, **kw: Any) -> str:
-        return self.inner.decode(list(ids), *args, **kw)
-
-
 def parse_oom_bytes(message: str) -> int | None:
     """The size in "Tried to allocate 1.95 GiB" of a CUDA out-of-memory message."""
     m = re.search(r"Tried to allocate ([0-9.]+) ?([KMGT]?i?B)", message)
@@ -153,33 +135,24 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def _dtype(precision: str) -> torch.dtype:
-    return torch.bfloat16 if precision == "bf16" else torch.float32
-
-
 def load_cell_model(spec: CellSpec, device: torch.device) -> tuple[torch.nn.Module, Any, Any, bool]:
     """(model, tokenizer, ModelConfig, random_init) for a solotune cell."""
-    from ..api import BUNDLED_LLAMA2_TOKENIZER, load
+    from ..api import load
     from ..config import PRESETS
     from ..model import build_model
-    from ..tokenizer import load_tokenizer
+    from ..train.precision import get_policy
 
-    dtype = _dtype(spec.precision)
+    dtype = get_policy(spec.precision).param_dtype  # the weights' dtype; amp modes cast per op
     if spec.model in PRESETS:
         cfg = PRESETS[spec.model]
         if spec.layers is not None:
             cfg = cfg.replace(n_layers=spec.layers)
         model = build_model(cfg, dtype=dtype, device=device, seed=spec.seed)
-        return model, cell_tokenizer(cfg.vocab_size, load_tokenizer(BUNDLED_LLAMA2_TOKENIZER)), cfg, True
+        return model, preset_cell_tokenizer(cfg.vocab_size), cfg, True
     if spec.layers is not None:
         raise ValueError("--layers applies to preset architectures (random init) only")
     model, tok = load(spec.model, dtype=dtype, device=device)
     return model, tok, model.config, False
-
-
-def cell_tokenizer(vocab_size: int, tok: Any) -> Any:
-    tok_vocab = getattr(tok, "vocab_size", 32000)
-    return tok if vocab_size >= tok_vocab else FoldedTokenizer(tok, vocab_size)
 
 
 def prepare_data(spec: CellSpec, tokenizer: Any, workdir: str) -> tuple[str, list[int]]:

@@ -38,10 +38,9 @@ def build_hf_model(spec: Any, device: torch.device) -> tuple[nn.Module, Any, Any
     """(LlamaForCausalLM with random weights on ``device`` [+ peft LoRA], tokenizer, ModelConfig)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ..api import BUNDLED_LLAMA2_TOKENIZER
     from ..config import PRESETS
-    from ..tokenizer import load_tokenizer
-    from .cell import cell_tokenizer
+    from ..train.precision import get_policy
+    from .tokens import preset_cell_tokenizer
 
     if spec.model not in PRESETS:
         raise ValueError(f"--reference hf runs preset architectures only (got {spec.model!r})")
@@ -53,7 +52,7 @@ def build_hf_model(spec: Any, device: torch.device) -> tuple[nn.Module, Any, Any
     hf_cfg = LlamaConfig(**{k: v for k, v in cfg.to_hf_config().items() if k not in ("architectures", "model_type", "torch_dtype")})
     hf_cfg.use_cache = False
     torch.manual_seed(spec.seed)
-    dtype = torch.bfloat16 if spec.precision == "bf16" else torch.float32
+    dtype = get_policy(spec.precision).param_dtype
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # build in the final dtype: no fp32 copy of a bf16 model
     try:
@@ -77,7 +76,7 @@ def build_hf_model(spec: Any, device: torch.device) -> tuple[nn.Module, Any, Any
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    tok = cell_tokenizer(cfg.vocab_size, load_tokenizer(BUNDLED_LLAMA2_TOKENIZER))
+    tok = preset_cell_tokenizer(cfg.vocab_size)
     return model, tok, cfg
 
 
@@ -86,6 +85,7 @@ def train_hf(spec: Any, model: nn.Module, tokenizer: Any, device: torch.device, 
     """One epoch over the cell's samples; returns per-step records like solotune's metrics.jsonl."""
     from ..data import IGNORE_INDEX, AlpacaDataset, collate, epoch_order, load_records
     from ..train.loss import token_loss_sum
+    from ..train.precision import get_policy
     from .anatomy import StopTraining
 
     recs = list(load_records(data_path))
@@ -101,8 +101,9 @@ def train_hf(spec: Any, model: nn.Module, tokenizer: Any, device: torch.device, 
     groups = [{"params": decay, "weight_decay": 0.0}] + ([{"params": no_decay, "weight_decay": 0.0}] if no_decay else [])
     optimizer = torch.optim.AdamW(groups, lr=spec.lr, betas=(0.9, 0.999), eps=1e-8,
                                   fused=True if device.type == "cuda" else None)
-    amp_dtype = {"fp16-amp": torch.float16, "bf16-amp": torch.bfloat16}.get(spec.precision)
-    scaler = torch.amp.GradScaler(device.type) if spec.precision == "fp16-amp" else None
+    policy = get_policy(spec.precision)
+    amp_dtype = policy.autocast_dtype
+    scaler = torch.amp.GradScaler(device.type) if policy.loss_scaling else None
     model.train()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

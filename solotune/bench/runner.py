@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
+from ..train.precision import TRAINING_PRECISIONS
 from .cell import CellSpec
-from .plan import GiB, PRECISIONS
+from .plan import GiB
 
 AXES = ("ga", "precision", "lora", "gc")  # the course's columns (GA, mixed precision, LoRA) + checkpointing
 
@@ -68,7 +69,7 @@ class BenchConfig:
         clash = [a for a in self.fixed if a not in AXES or a in self.axes]
         if clash:
             raise ValueError(f"--fix {','.join(clash)}: pin only axes that --axes leaves out ({','.join(AXES)})")
-        if self.precision_on not in PRECISIONS or self.precision_on == "fp32":
+        if self.precision_on not in TRAINING_PRECISIONS or self.precision_on == "fp32":
             raise ValueError(f"--precision-on {self.precision_on!r}: choose from fp16-amp, bf16-amp, bf16")
         if self.reference not in (None, "hf"):
             raise ValueError(f"--reference {self.reference!r}: only 'hf' is supported")

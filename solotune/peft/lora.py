@@ -2,28 +2,33 @@
 to apply / save / load / merge adapters.
 
 Shapes: x [..., in], A = ``lora_a`` [r, in], B = ``lora_b`` [out, r];
-y = base(x) + (dropout(x) @ A.T @ B.T) * alpha / r.
+y = base(x) + (dropout(x) @ A.T @ B.T) * alpha / r. The base is a :class:`~solotune.peft.base.LinearBase`:
+a plain ``nn.Linear``, or a quantized linear that implements the interface (``apply_lora(base_factory=...)``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .base import LinearBase, as_linear_base
 from .spec import LORA_TARGETS, LoRASpec  # noqa: F401  (LORA_TARGETS re-exported)
+
+# (canonical module name, the frozen nn.Linear) -> the base to wrap, e.g. a quantized LinearBase module
+BaseFactory = Callable[[str, nn.Module], nn.Module]
 
 
 class LoRALinear(nn.Module):
     """``base(x) + scale * B(A(dropout(x)))`` with ``base`` frozen.
 
-    ``base`` is kept as-is (``self.base``): anything with ``weight``, ``in_features``,
-    ``out_features`` and a ``forward`` works, so a quantized linear can be wrapped later (QLoRA).
-    ``quantize_base`` is that hook and raises NotImplementedError for now.
+    ``base`` is kept as-is (``self.base``) and used only through the :class:`LinearBase` interface
+    (:attr:`linear_base`): a plain ``nn.Linear`` (seen through a view), or a module that implements
+    the interface itself, e.g. a quantized linear (QLoRA).
 
     ``lora_dtype`` (default: the base weight's dtype) lets a precision policy keep adapters in fp32
     under a bf16 base; the LoRA path then runs in ``lora_dtype`` and its output is cast back.
@@ -33,29 +38,29 @@ class LoRALinear(nn.Module):
                  lora_dtype: torch.dtype | None = None, quantize_base: bool = False,
                  generator: torch.Generator | None = None) -> None:
         super().__init__()
-        if quantize_base:
-            raise NotImplementedError("quantize_base (QLoRA: a 4-bit frozen base) is not implemented yet")
+        if quantize_base:  # the old hook; the base is an interface now
+            raise NotImplementedError("quantize_base is gone: for QLoRA pass a quantized base that implements "
+                                      "solotune.peft.LinearBase, e.g. apply_lora(model, spec, base_factory=...)")
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
-        for attr in ("weight", "in_features", "out_features"):
-            if not hasattr(base, attr):
-                raise TypeError(f"LoRALinear base {type(base).__name__} has no {attr!r}")
+        if not isinstance(base, nn.Module):
+            raise TypeError(f"LoRALinear base must be an nn.Module, got {type(base).__name__}")
+        view = as_linear_base(base)  # TypeError for a module that is neither a Linear nor a LinearBase
         if getattr(base, "bias", None) is not None:
             # merge()/export only carry the weight; solotune's model has no biases.
             raise ValueError("LoRALinear does not support a base with a bias")
         self.base = base
         self.base.requires_grad_(False)
-        self.in_features, self.out_features = base.in_features, base.out_features
+        self.in_features, self.out_features = view.in_features, view.out_features
         self.rank, self.alpha = rank, float(alpha)
         self.scale = self.alpha / rank
         self.dropout_p = float(dropout)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        w = base.weight
-        dtype = lora_dtype or w.dtype
-        self.lora_a = nn.Parameter(torch.empty(rank, self.in_features, dtype=dtype, device=w.device))
-        self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank, dtype=dtype, device=w.device))
+        dtype = lora_dtype or view.dtype
+        self.lora_a = nn.Parameter(torch.empty(rank, self.in_features, dtype=dtype, device=view.device))
+        self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank, dtype=dtype, device=view.device))
         self.merged = False
         self.disabled = False  # set by lora_disabled(): forward = base only
         self.reset_lora_parameters(generator)
@@ -75,13 +80,29 @@ class LoRALinear(nn.Module):
             self.lora_b.zero_()
 
     @property
+    def linear_base(self) -> LinearBase:
+        """The base seen through the :class:`LinearBase` interface."""
+        return as_linear_base(self.base)
+
+    @property
     def weight(self) -> torch.Tensor:
-        """The base weight (so code that reads ``module.weight`` keeps working)."""
+        """The stored base weight of a plain base (so code that reads ``module.weight`` keeps
+        working); :meth:`LinearBase.dequantize` gives the weight of any base."""
         return self.base.weight
 
     def delta_weight(self) -> torch.Tensor:
         """scale * B @ A [out, in] in fp32."""
         return (self.lora_b.float() @ self.lora_a.float()) * self.scale
+
+    @torch.no_grad()
+    def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """dequantized base + delta [out, in], computed in fp32 and rounded once to ``dtype``
+        (default: the base's compute dtype); the base is left as it is. Any base, quantized ones
+        included: this is what an export of a merged model writes."""
+        if self.merged:
+            raise ValueError("adapter is merged into the base already; unmerge first")
+        w = self.linear_base.dequantize()
+        return (w.float() + self.delta_weight()).to(dtype or w.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -96,8 +117,9 @@ class LoRALinear(nn.Module):
         dtype); the forward then skips the LoRA path."""
         if self.merged:
             return
-        w = self._plain_weight("merge")
-        w.copy_((w.float() + self.delta_weight()).to(w.dtype))
+        base = self._writable_base("merge")
+        w = base.dequantize()
+        base.write_weight((w.float() + self.delta_weight()).to(w.dtype))
         self.merged = True
 
     @torch.no_grad()
@@ -105,15 +127,19 @@ class LoRALinear(nn.Module):
         """Subtract the delta again. Exact up to rounding of the base dtype (bf16: ~1 ulp)."""
         if not self.merged:
             return
-        w = self._plain_weight("unmerge")
-        w.copy_((w.float() - self.delta_weight()).to(w.dtype))
+        base = self._writable_base("unmerge")
+        w = base.dequantize()
+        base.write_weight((w.float() - self.delta_weight()).to(w.dtype))
         self.merged = False
 
-    def _plain_weight(self, what: str) -> torch.Tensor:
-        w = self.base.weight
-        if not isinstance(self.base, nn.Linear) or not w.is_floating_point():
-            raise NotImplementedError(f"cannot {what} into a {type(self.base).__name__} base (quantized?)")
-        return w
+    def _writable_base(self, what: str) -> LinearBase:
+        base = self.linear_base
+        if not base.writable:
+            raise NotImplementedError(
+                f"cannot {what} into a {type(self.base).__name__} base: its weight cannot be written back "
+                "(quantized?). Merging such a base is the export path's, which writes 16-bit weights "
+                "(LoRALinear.merged_weight; solotune merge --dtype bf16)")
+        return base
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha:g}, "
@@ -138,18 +164,34 @@ def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
             yield _canonical(name), m
 
 
-def apply_lora(model: nn.Module, targets: Sequence[str] = ("wq", "wv"), rank: int = 16, alpha: float = 32,
-               dropout: float = 0.05, generator: torch.Generator | None = None,
-               lora_dtype: torch.dtype | None = None) -> nn.Module:
-    """Wrap every Linear named in ``targets`` (any of wq wk wv wo w1 w2 w3) in a LoRALinear, in
+def apply_lora(model: nn.Module, targets: LoRASpec | Sequence[str] = ("wq", "wv"), rank: int | None = None,
+               alpha: float | None = None, dropout: float | None = None, generator: torch.Generator | None = None,
+               lora_dtype: torch.dtype | None = None, *, base_factory: BaseFactory | None = None) -> nn.Module:
+    """Wrap every Linear named in the targets (any of wq wk wv wo w1 w2 w3) in a LoRALinear, in
     place, and freeze every other parameter. Returns ``model``.
 
+    ``targets``: a :class:`LoRASpec` (rank, alpha, dropout and targets in one), or the target names
+    with ``rank`` / ``alpha`` / ``dropout`` beside them (defaults: those of ``LoRASpec()``).
     ``generator`` seeds the A matrices (drawn in module order) for reproducible runs.
+    ``base_factory(name, linear)``: the frozen base to wrap instead of the Linear itself, e.g. a
+    quantized module that implements :class:`~solotune.peft.base.LinearBase` (QLoRA); ``name`` is
+    the Linear's canonical module name (``layers.0.attention.wq``).
     """
+    if isinstance(targets, LoRASpec):
+        if (rank, alpha, dropout) != (None, None, None):
+            raise TypeError("apply_lora(model, spec): rank, alpha and dropout come from the LoRASpec")
+        targets, rank, alpha, dropout = targets.targets, targets.rank, targets.alpha, targets.dropout
+    else:
+        default = LoRASpec()
+        rank = default.rank if rank is None else rank
+        alpha = default.alpha if alpha is None else alpha
+        dropout = default.dropout if dropout is None else dropout
     targets = tuple(dict.fromkeys(targets))
     unknown = [t for t in targets if t not in LORA_TARGETS]
     if unknown or not targets:
         raise ValueError(f"LoRA targets {list(unknown) or list(targets)}: expected a non-empty subset of {list(LORA_TARGETS)}")
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
     if any(True for _ in lora_modules(model)):
         raise ValueError("model already has LoRA adapters")
     found = {t: 0 for t in targets}
@@ -165,9 +207,10 @@ def apply_lora(model: nn.Module, targets: Sequence[str] = ("wq", "wv"), rank: in
     model.requires_grad_(False)
     for name in chosen:
         parent, child = _parent(model, name)
-        base = getattr(parent, child)
+        linear = getattr(parent, child)
+        base = base_factory(_canonical(name), linear) if base_factory is not None else linear
         lora = LoRALinear(base, rank, alpha, dropout, lora_dtype=lora_dtype, generator=generator)
-        setattr(parent, child, lora.train(base.training))  # keep the model's train/eval mode
+        setattr(parent, child, lora.train(linear.training))  # keep the model's train/eval mode
     return model
 
 

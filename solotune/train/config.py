@@ -21,7 +21,7 @@ from ..model import checkpoint_policy
 PRECISIONS = ("fp32", "fp16-amp", "bf16-amp", "bf16", "fp64")  # fp64: numerical reference for tests
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 LR_SCHEDULES = ("cosine", "constant")
-DISTRIBUTED = ("none", "fsdp")  # solotune.dist: one process, or FSDP2 over torchrun's processes
+DISTRIBUTED = ("none", "fsdp")  # solotune.parallel: one process, or FSDP2 over torchrun's processes
 
 
 @dataclass

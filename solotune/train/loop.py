@@ -9,7 +9,7 @@ the end) -> ``step.py`` (one accumulation window: forward, loss, backward, updat
 (final/, adapters), ``metrics.py`` (metrics.jsonl, loss.png, summary).
 
 The same loop runs on N processes under ``torchrun`` (``distributed="fsdp"``): whatever differs is
-asked of the parallel context ``par`` (``solotune/dist``; one process: no-ops). ``batch_size`` is
+asked of the parallel context ``par`` (``solotune/parallel``; one process: no-ops). ``batch_size`` is
 then the global micro-batch, each rank computes its share, and token counts and losses are summed
 over ranks, so the curve is the single-process one.
 """
@@ -31,7 +31,7 @@ import torch.nn as nn
 
 from ..data import AlpacaDataset, Example, Record, format_prompt, load_records, split
 from ..data.batch import Batch, collate_batch, empty_batch
-from ..dist import make_parallel
+from ..parallel import make_parallel
 from ..peft import apply_lora, count_parameters, trainable_summary
 from .config import TRAJECTORY_FIELDS, TrainConfig
 from .interrupts import terminate_saves
@@ -48,6 +48,7 @@ from .saver import CheckpointSaver
 from .state import load_checkpoint
 from .step import StepContext, StepResult, train_step
 from .weights import FINAL
+from .sharded import load_training_checkpoint, restore_rank_rng, save_final_weights
 
 
 # Fixed prompts for the before/after generations (none of them is in the default train split).
@@ -172,8 +173,8 @@ def _finetune(cfg: TrainConfig, par: Any, ckpt: Any, model: nn.Module | None, to
 
     # ---- resume every piece of state the next step depends on, or measure the baseline
     if ckpt is not None:
-        par.load_checkpoint(ckpt, model, optimizer, cfg.use_lora)  # weights + optimizer state
-        state.load_state_dict(ckpt.trainer, lambda d: par.restore_rng(d, cfg.seed))
+        load_training_checkpoint(par, ckpt, model, optimizer, cfg.use_lora)  # weights + optimizer state
+        state.load_state_dict(ckpt.trainer, lambda d: restore_rank_rng(par, d, cfg.seed))
         say(f"resumed from {ckpt.path} at step {state.step}")
     else:
         if generate:
@@ -207,7 +208,7 @@ def _finetune(cfg: TrainConfig, par: Any, ckpt: Any, model: nn.Module | None, to
     final_dir = None
     if cfg.save:
         saver.save_final()
-        final_dir = par.save_final(out / FINAL, model, cfg, tokenizer)
+        final_dir = save_final_weights(par, out / FINAL, model, cfg, tokenizer)
     val_after = validate()
     gens_after = sample_generations(model, tokenizer, say, "after tuning") if generate else []
     result = _result(cfg, state, log.records, out, peaks, val_after, trainable_params, total_params, final_dir,
@@ -260,8 +261,9 @@ def _load_model(cfg: TrainConfig, policy: PrecisionPolicy, device: torch.device,
         return model.to(device=device, dtype=policy.param_dtype), tokenizer
     from ..api import load
 
+    # meta (FSDP, random weights): nothing to draw here, the shards are initialised after sharding.
     return load(cfg.model, dtype=policy.param_dtype, device=device, random_init=cfg.random_init,
-                n_layers=cfg.n_layers, seed=cfg.seed)
+                n_layers=cfg.n_layers, seed=None if device.type == "meta" else cfg.seed)
 
 
 def _attach_adapters(model: nn.Module, cfg: TrainConfig, policy: PrecisionPolicy, say: Any) -> tuple[int, int]:

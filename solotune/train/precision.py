@@ -33,14 +33,63 @@ from typing import Any, ContextManager
 
 import torch
 
+# Short dtype names, as results, reports and the planner write them.
+DTYPE_NAMES: dict[torch.dtype, str] = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
+                                       torch.float64: "fp64"}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bf16"`` (``str(dtype)`` for a dtype without a short name)."""
+    return DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
 
 @dataclass(frozen=True)
 class PrecisionPolicy:
+    """Every precision fact of one mode: dtypes, byte widths, autocast, loss scaling. Code that needs
+    one (the loop, FSDP's mixed precision, the bench cells, the planner) asks the policy."""
+
     name: str
     param_dtype: torch.dtype  # frozen base weights (and every weight in full fine-tuning)
     adapter_dtype: torch.dtype  # LoRA adapter weights
     autocast_dtype: torch.dtype | None  # forward compute dtype under torch.autocast; None = no autocast
     loss_scaling: bool  # dynamic loss scaling (fp16 only: its 5-bit exponent underflows small grads)
+
+    @property
+    def amp(self) -> bool:
+        """The forward runs under ``torch.autocast`` (weights stay in ``param_dtype``)."""
+        return self.autocast_dtype is not None
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the base matmuls run in: the autocast dtype, else the weights' own."""
+        return self.autocast_dtype if self.autocast_dtype is not None else self.param_dtype
+
+    @property
+    def param_bytes(self) -> int:
+        """Bytes per element of a base weight (every weight in full fine-tuning)."""
+        return self.param_dtype.itemsize
+
+    @property
+    def adapter_bytes(self) -> int:
+        """Bytes per element of a LoRA adapter weight."""
+        return self.adapter_dtype.itemsize
+
+    @property
+    def compute_bytes(self) -> int:
+        """Bytes per element of an activation the base matmuls produce."""
+        return self.compute_dtype.itemsize
+
+    @property
+    def param_dtype_name(self) -> str:
+        return dtype_name(self.param_dtype)
+
+    @property
+    def adapter_dtype_name(self) -> str:
+        return dtype_name(self.adapter_dtype)
+
+    @property
+    def compute_dtype_name(self) -> str:
+        return dtype_name(self.compute_dtype)
 
     def autocast(self, device_type: str) -> ContextManager[Any]:
         """Context for the model forward (never the loss: that is computed from fp32 logits)."""
@@ -60,6 +109,10 @@ POLICIES: dict[str, PrecisionPolicy] = {
     # Not a training mode: float64 everywhere, the reference the equivalence tests compare against.
     "fp64": PrecisionPolicy("fp64", torch.float64, torch.float64, None, False),
 }
+
+
+# The modes a run may choose (fp64 is the tests' reference only).
+TRAINING_PRECISIONS: tuple[str, ...] = tuple(n for n in POLICIES if n != "fp64")
 
 
 def get_policy(name: str) -> PrecisionPolicy:

@@ -13,6 +13,7 @@ import torch.nn as nn
 from .config import TrainConfig
 from .interrupts import Terminated, deferred_signals, saving_on_exit
 from .run_state import TrainState
+from .sharded import save_training_checkpoint
 from .state import checkpoint_dir, list_checkpoints, prune_checkpoints
 
 
@@ -26,8 +27,8 @@ class CheckpointSaver:
     def save(self) -> Path:
         """Checkpoint the last completed step, then drop the oldest beyond ``keep_checkpoints``."""
         s = self.state
-        self.last = self.par.save_checkpoint(self.out, s.step, self.model, self.optimizer, self.cfg.use_lora,
-                                             s.state_dict(), self.cfg.to_dict())
+        self.last = save_training_checkpoint(self.par, self.out, s.step, self.model, self.optimizer,
+                                             self.cfg.use_lora, s.state_dict(), self.cfg.to_dict())
         self._saved_at_runtime = s.runtime_s
         if self.par.is_main:
             prune_checkpoints(self.out, self.cfg.keep_checkpoints, s.step)

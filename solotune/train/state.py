@@ -10,7 +10,7 @@ Layout of one checkpoint (``OUTPUT_DIR/checkpoints/step-000040/``)::
 The folder is written under a temporary name and renamed into place, so a crash (or a second
 Ctrl-C) never leaves a half-written checkpoint that ``--resume`` would pick up. A run on N ranks
 (``distributed="fsdp"``) writes ``sharded/`` (DCP) instead of ``weights.safetensors`` and keeps the
-optimizer there (see ``solotune/dist/checkpoint.py``). ``trainer_state.pt``
+optimizer there (see ``solotune/train/sharded.py``). ``trainer_state.pt``
 holds only tensors, numbers, strings and containers, and is read with ``weights_only=True``.
 """
 
@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..checkpoint.common import CheckpointError, atomic_dir, safe_torch_load
-from ..dist.checkpoint import SHARDED, is_sharded_checkpoint
+from ..parallel.state_dict import is_sharded_folder
 from ..errors import MissingPathError, RunDirError, SolotuneError
 
 
@@ -38,11 +38,16 @@ CHECKPOINTS = "checkpoints"
 WEIGHTS = "weights.safetensors"
 TRAINER_STATE = "trainer_state.pt"
 CONFIG = "config.json"
+SHARDED = "sharded"  # a checkpoint of N ranks: the DCP folder of weights + optimizer (train/sharded.py)
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
     return Path(output_dir) / CHECKPOINTS / f"step-{step:06d}"
+
+
+def is_sharded_checkpoint(folder: Path) -> bool:
+    return is_sharded_folder(Path(folder) / SHARDED)
 
 
 # ------------------------------------------------------------------------------------------ RNG
@@ -71,7 +76,7 @@ class TrainingCheckpoint:
     weights: dict[str, torch.Tensor]  # empty for a sharded checkpoint (its tensors are read by DCP)
     trainer: dict[str, Any]
     config: dict[str, Any]
-    sharded: Path | None = None  # the DCP folder of a checkpoint written by N ranks (solotune.dist.checkpoint)
+    sharded: Path | None = None  # the DCP folder of a checkpoint written by N ranks (train/sharded.py)
 
 
 def save_checkpoint(output_dir: str | Path, step: int, weights: dict[str, torch.Tensor],

@@ -34,7 +34,7 @@ class StepContext:
     params: list[torch.Tensor]  # trainable parameters (clipped together)
     policy: PrecisionPolicy
     loss_fn: HeadLoss
-    par: Any  # the parallel context (solotune/dist): one process = no-ops
+    par: Any  # the parallel context (solotune/parallel): one process = no-ops
     device: torch.device
     max_grad_norm: float | None
     forward_context: Callable[[], contextlib.AbstractContextManager] | None = None  # instrument hook

@@ -135,7 +135,7 @@ def load_adapter(path: str | Path, model_cfg: Any = None) -> Adapter:
     from safetensors.torch import load_file
 
     from ..peft.export import import_peft, targets_of
-    from .state import CONFIG, WEIGHTS, resolve_checkpoint
+    from .state import CONFIG, SHARDED, WEIGHTS, resolve_checkpoint
 
     p = Path(path)
     if not p.is_dir():
@@ -163,7 +163,7 @@ def load_adapter(path: str | Path, model_cfg: Any = None) -> Adapter:
     if (d / WEIGHTS).is_file():
         weights = load_file(str(d / WEIGHTS))
     else:  # written by N ranks: reassemble the adapter from the DCP shards
-        from ..dist.checkpoint import SHARDED, read_sharded_weights
+        from ..parallel.state_dict import read_sharded_weights
 
         weights = read_sharded_weights(d / SHARDED)
     return Adapter(weights, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, cfg.model, d,

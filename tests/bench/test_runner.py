@@ -150,3 +150,25 @@ def test_time_budget_extrapolates_and_still_sees_the_longest_example():
     assert r["runtime_extrapolated"] and r["runtime_s"] > r["runtime_measured_s"]
     assert r["tokens_total"] > r["tokens"]
     assert r["max_seq_len_seen"] == r["max_seq_len_data"]  # the longest example was moved into step 2
+
+
+def test_precision_facts_come_from_the_policy():
+    """Cells, runner (and planner) read dtypes and byte widths from PrecisionPolicy alone."""
+    import torch
+
+    from solotune.bench.cell import load_cell_model
+    from solotune.train.precision import TRAINING_PRECISIONS, get_policy
+
+    want = {  # name: (weights, compute, weight bytes, compute bytes, amp)
+        "fp32": ("fp32", "fp32", 4, 4, False), "fp16-amp": ("fp32", "fp16", 4, 2, True),
+        "bf16-amp": ("fp32", "bf16", 4, 2, True), "bf16": ("bf16", "bf16", 2, 2, False),
+    }
+    assert TRAINING_PRECISIONS == tuple(want)
+    for name, facts in want.items():
+        p = get_policy(name)
+        assert (p.param_dtype_name, p.compute_dtype_name, p.param_bytes, p.compute_bytes, p.amp) == facts, name
+        assert p.adapter_dtype_name == "fp32" and p.adapter_bytes == 4
+    model, _, _, _ = load_cell_model(CellSpec(model="tiny", precision="bf16", device="cpu"), torch.device("cpu"))
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    with pytest.raises(ValueError, match="precision-on"):
+        BenchConfig(precision_on="fp64")

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
 
 from train_fixtures import TINY, CtrlCAfter, WordTokenizer, tiny_config, tiny_model, write_records  # noqa: E402
 
-from solotune.dist.fsdp import NVLS_OFF  # noqa: E402
+from solotune.parallel.fsdp import NVLS_OFF  # noqa: E402
 from solotune.train import finetune  # noqa: E402
 from solotune.train.state import list_checkpoints, load_checkpoint  # noqa: E402
 
@@ -99,7 +99,7 @@ def _adapter(out: Path) -> dict[str, torch.Tensor]:
 # ================================================================================ the 2 ranks
 def _scenarios(rank: int, root: Path) -> None:
     """Everything the 2 ranks run, in order (each rank runs the same code)."""
-    from solotune.dist.fsdp import FSDPContext
+    from solotune.parallel.fsdp import FSDPContext
     from solotune.model import Transformer
     from solotune.peft import apply_lora
 
@@ -239,7 +239,7 @@ def test_low_precision_two_ranks_stay_close_to_one_process(ranks, tmp_path, name
 
 
 def test_mixed_precision_policy_per_precision():
-    from solotune.dist.fsdp import mixed_precision
+    from solotune.parallel.fsdp import mixed_precision
 
     mp = {name: mixed_precision(_policy(name)) for name in ("fp32", "fp64", "bf16-amp", "fp16-amp", "bf16")}
     assert (mp["fp32"].param_dtype, mp["fp32"].reduce_dtype) == (None, None)

@@ -2,7 +2,8 @@
 ``torchrun``: ``torchrun --nproc-per-node N -m solotune finetune ... --distributed fsdp``.
 
 Nothing here is a home-made engine: sharding, all-gathers, reduce-scatters, mixed precision and
-gradient-accumulation without communication are FSDP2's; checkpoints are DCP's (``checkpoint.py``).
+gradient-accumulation without communication are FSDP2's; sharded state dicts are DCP's
+(``state_dict.py``; the checkpoint layout around them is ``solotune/train/sharded.py``'s).
 This file decides *how* they are used:
 
 Sharding. ``fully_shard`` on every TransformerBlock, then on the root (embeddings, final norm,
@@ -23,9 +24,10 @@ fp16-amp   fp32                    fp16 (+ autocast, scaler)    fp32 (found-inf 
 bf16       bf16 (LoRA adapters 32) as stored                    fp32, then rounded to the weights'
 =========  ======================  ==========================  =================================
 
-QLoRA (a 4-bit NF4 base; not implemented yet: ``LoRALinear(quantize_base=True)`` raises) -- the
-plan: NF4 bases are *replicated*, not sharded. Every rank keeps the whole quantized base (70B in
-NF4 is ~35 GB, it fits one H200) and only the adapters are sharded; the bases are then passed to
+QLoRA (a 4-bit NF4 base implementing ``solotune.peft.LinearBase``, passed through
+``apply_lora(base_factory=...)``; no NF4 base exists yet) -- the plan: NF4 bases are *replicated*,
+not sharded. Every rank keeps the whole quantized base (70B in NF4 is ~35 GB, it fits one H200)
+and only the adapters are sharded; the bases are then passed to
 ``fully_shard(..., ignored_params=...)``, so no base weight is ever all-gathered (a 4x cheaper
 all-gather than bf16 would still be traffic on every forward and backward for nothing that
 trains). Sharding NF4 bases through a tensor subclass with FSDP2's ``fsdp_pre_all_gather`` /
@@ -72,7 +74,6 @@ import math
 import os
 import signal
 import threading
-from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -104,7 +105,7 @@ def mixed_precision(policy: Any) -> MixedPrecisionPolicy:
 
 
 class FSDPContext:
-    """The parallel context for ``distributed="fsdp"`` (see :mod:`solotune.dist` for the interface).
+    """The parallel context for ``distributed="fsdp"`` (see :mod:`solotune.parallel` for the interface).
 
     Joins the process group torchrun describes (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``,
     ``MASTER_PORT``, ``LOCAL_RANK``): NCCL on CUDA, gloo on CPU. Without those variables it runs as
@@ -166,19 +167,11 @@ class FSDPContext:
     # ------------------------------------------------------------------ model
     def load_model(self, cfg: Any, policy: Any, model: nn.Module | None, tokenizer: Any,
                    load: Callable[..., tuple[nn.Module, Any]]) -> tuple[nn.Module, Any]:
-        """Random weights: built on the meta device (materialised shard by shard in :meth:`wrap`).
-        Anything else: the loop's own loader, whole on every rank."""
-        if model is None and cfg.random_init:
-            from ..api import load as load_source
-
-            model, tokenizer = load_source(cfg.model, dtype=policy.param_dtype, device="meta", random_init=True,
-                                           n_layers=cfg.n_layers, seed=None)
-            return model, tokenizer
-        if model is not None and _on_meta(model):
-            if tokenizer is None:
-                raise ValueError("finetune(model=...) also needs tokenizer=...")
-            return model.to(dtype=policy.param_dtype), tokenizer
-        return load(cfg, policy, self.device, model, tokenizer)
+        """``load(cfg, policy, device, model, tokenizer)`` is the loop's loader. Random weights (and
+        a caller's model on the meta device): on the meta device, materialised shard by shard in
+        :meth:`wrap`. Anything else: whole on every rank."""
+        on_meta = (model is None and cfg.random_init) or (model is not None and _on_meta(model))
+        return load(cfg, policy, torch.device("meta") if on_meta else self.device, model, tokenizer)
 
     def wrap(self, model: nn.Module, cfg: Any, policy: Any) -> nn.Module:
         """``fully_shard`` each block, then the root; materialise a meta-device model's shards."""
@@ -186,7 +179,7 @@ class FSDPContext:
             if not p.is_floating_point():
                 raise NotImplementedError(
                     f"distributed=fsdp: parameter {name} is {p.dtype} (quantized?); quantized bases are not "
-                    "supported yet (planned: replicated on every rank, see solotune/dist/fsdp.py)")
+                    "supported yet (planned: replicated on every rank, see solotune/parallel/fsdp.py)")
         mp = mixed_precision(policy)
         layers = getattr(model, "layers", None)
         if layers is None:
@@ -277,53 +270,19 @@ class FSDPContext:
         if self.all_reduce_sum(float(self._stop))[0] > 0:
             raise KeyboardInterrupt
 
-    # ------------------------------------------------------------- checkpoints
-    def save_checkpoint(self, output_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                        lora: bool, trainer: dict[str, Any], config: dict[str, Any]) -> Path:
-        from .checkpoint import save_training_checkpoint
+    # ------------------------------------------------------------ state dicts
+    sharded = True  # weights and optimizer state live in shards: checkpoints go through DCP
 
-        return save_training_checkpoint(self, output_dir, step, model, optimizer, trainer, config)
-
-    def load_checkpoint(self, ckpt: Any, model: nn.Module, optimizer: torch.optim.Optimizer, lora: bool) -> None:
-        """A sharded checkpoint (any number of ranks) through DCP, or a single-process one: its
-        full tensors are sliced onto this rank's shards."""
-        if ckpt.sharded is not None:
-            from .checkpoint import load_sharded
-
-            load_sharded(ckpt.sharded, model, optimizer)
-        else:
-            load_full_checkpoint(model, optimizer, ckpt.weights, ckpt.trainer["optimizer"], ckpt.path)
-
-    def restore_rng(self, trainer: dict[str, Any], seed: int = 0) -> None:
-        """This rank's saved RNG state; a rank the checkpoint has none for (it was written by fewer
-        ranks) starts a fresh stream from (seed, rank, step)."""
-        from ..train.state import restore_rng
-        from .checkpoint import rank_rng_state
-
-        state = rank_rng_state(trainer, self.rank)
-        if state is not None:
-            restore_rng(state, self.device)
-            return
-        fresh = (seed * 1_000_003 + int(trainer.get("step", 0))) * 1_009 + self.rank
-        torch.default_generator.manual_seed(fresh)
-        if self.device.type == "cuda":
-            torch.cuda.manual_seed(fresh)
-
-    def save_final(self, path: Path, model: nn.Module, cfg: Any, tokenizer: Any) -> Path:
-        """Gather the trainable weights to full tensors on rank 0 and write ``final/`` exactly as a
-        single-GPU run does (adapter, or an HF directory with the tokenizer)."""
-        from ..train.weights import save_final, trainable_state
-
+    def full_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Full tensors of the (sharded) ``state`` on the CPU of rank 0, in its order; ``{}`` on the
+        other ranks. A collective call: every rank, same names, same order."""
         full = {}
-        for name, t in trainable_state(model, cfg.use_lora).items():
-            t = t.full_tensor() if hasattr(t, "full_tensor") else t  # a collective: every rank, same order
+        for name, t in state.items():
+            t = t.full_tensor() if hasattr(t, "full_tensor") else t  # all-gathers this tensor's shards
             if self.is_main:
                 full[name] = t.detach().cpu()
             del t
-        if self.is_main:
-            save_final(path, model, cfg, tokenizer, state=full)
-        self.barrier()
-        return path
+        return full
 
 
 # ================================================================================== helpers
@@ -386,28 +345,4 @@ def init_random_shards(model: nn.Module, seed: int, device: torch.device) -> Non
         _fill(m.lora_b, torch.zeros(tuple(m.lora_b.shape), dtype=m.lora_b.dtype, device=device), f"{name}.lora_b")
 
 
-@torch.no_grad()
-def load_full_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, weights: dict[str, torch.Tensor],
-                         optim_state: dict[str, Any], source: Path) -> None:
-    """Resume a single-process checkpoint on N ranks: its full weights and its optimizer state
-    (keyed by parameter position) are put onto this model's shards under canonical names."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    missing, unexpected = sorted(set(trainable) - weights.keys()), sorted(weights.keys() - set(trainable))
-    if missing or unexpected:
-        raise ValueError(f"{source}: weights do not fit this model: missing {missing[:6]}, unexpected {unexpected[:6]}")
-    # The single-process optimizer numbered its parameters in param_groups order; this run built
-    # its optimizer from the same model in the same order, so the numbers map onto names.
-    names = {id(p): n for n, p in model.named_parameters()}
-    fqn = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
-    try:
-        osd = {"state": {fqn[int(i)]: s for i, s in optim_state["state"].items()},
-               "param_groups": [{**g, "params": [fqn[int(i)] for i in g["params"]]} for g in optim_state["param_groups"]]}
-    except (IndexError, KeyError, TypeError) as e:
-        raise ValueError(f"{source}: optimizer state does not fit this model: {e!r}") from None
-    set_state_dict(model, optimizer, model_state_dict=dict(weights), optim_state_dict=osd,
-                   options=StateDictOptions(full_state_dict=True, strict=False))
-
-
-__all__ = ["FSDPContext", "NVLS_OFF", "set_nvls_off", "mixed_precision", "init_random_shards", "load_full_checkpoint"]
+__all__ = ["FSDPContext", "NVLS_OFF", "set_nvls_off", "mixed_precision", "init_random_shards"]

@@ -1,25 +1,18 @@
-"""Sharded training checkpoints through ``torch.distributed.checkpoint`` (DCP).
+"""Full and sharded state dicts of a (possibly FSDP2-sharded) model and its optimizer, through
+``torch.distributed.checkpoint`` (DCP). Primitives only: *where* a training checkpoint puts them is
+``solotune/train/sharded.py``'s business.
 
-A checkpoint written by N ranks (``OUTPUT_DIR/checkpoints/step-000040/``)::
-
-    sharded/              DCP folder: .metadata + one __<rank>_0.distcp file per rank, holding the
-                          trainable weights ("model": LoRA adapters, or every weight) and the AdamW
-                          state ("optim"), both under the parameters' canonical names (FQNs)
-    trainer_state.pt      as in a single-process checkpoint, minus the optimizer; ``rng_ranks``
-                          holds every rank's RNG state (``rng`` is rank 0's)
-    config.json           the TrainConfig of the run
-
-DCP stores each tensor with its global shape and every rank's slice of it, so the checkpoint
-loads onto any number of ranks -- one process without a process group included --
-through ``get_state_dict`` / ``dcp.load`` / ``set_state_dict``, which map canonical names onto
-whatever sharding the loading model has. The folder is written under a temporary name and renamed
-into place by rank 0 after every rank finished writing: ``--resume`` never sees half a checkpoint.
+A sharded state folder (DCP) holds ``.metadata`` + one ``__<rank>_0.distcp`` file per rank: the
+trainable weights (``"model"``: LoRA adapters, or every weight) and the optimizer state
+(``"optim"``), both under the parameters' canonical names (FQNs). DCP stores each tensor with its
+global shape and every rank's slice of it, so the folder loads onto any number of ranks -- one
+process without a process group included -- through ``get_state_dict`` / ``dcp.load`` /
+``set_state_dict``, which map canonical names onto whatever sharding the loading model has.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -27,8 +20,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
-SHARDED = "sharded"  # the DCP folder inside a checkpoint folder
-DCP_METADATA = ".metadata"
+DCP_METADATA = ".metadata"  # what makes a folder a DCP folder
 
 
 def _options(**kw: Any) -> Any:
@@ -103,42 +95,34 @@ def read_sharded_weights(src: Path) -> dict[str, torch.Tensor]:
     return state["model"]
 
 
-def is_sharded_checkpoint(folder: Path) -> bool:
-    return (Path(folder) / SHARDED / DCP_METADATA).is_file()
+def is_sharded_folder(folder: Path) -> bool:
+    """``folder`` is a complete DCP folder (its metadata is written last)."""
+    return (Path(folder) / DCP_METADATA).is_file()
 
 
-def rank_rng_state(trainer: dict[str, Any], rank: int) -> dict[str, torch.Tensor] | None:
-    """The RNG state ``rank`` saved, or None when the checkpoint has none for it (it was written
-    by fewer ranks). Single-process checkpoints hold rank 0's as ``rng``."""
-    ranks = trainer.get("rng_ranks")
-    if ranks is not None:
-        return ranks[rank] if rank < len(ranks) else None
-    return trainer["rng"] if rank == 0 else None
+@torch.no_grad()
+def load_full_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, weights: dict[str, torch.Tensor],
+                         optim_state: dict[str, Any], source: Path) -> None:
+    """Put full (unsharded) trainable ``weights`` and a single-process ``optimizer.state_dict()``
+    (keyed by parameter position) onto this model's shards and its optimizer, under canonical names."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    missing, unexpected = sorted(set(trainable) - weights.keys()), sorted(weights.keys() - set(trainable))
+    if missing or unexpected:
+        raise ValueError(f"{source}: weights do not fit this model: missing {missing[:6]}, unexpected {unexpected[:6]}")
+    # The single-process optimizer numbered its parameters in param_groups order; this run built
+    # its optimizer from the same model in the same order, so the numbers map onto names.
+    names = {id(p): n for n, p in model.named_parameters()}
+    fqn = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    try:
+        osd = {"state": {fqn[int(i)]: s for i, s in optim_state["state"].items()},
+               "param_groups": [{**g, "params": [fqn[int(i)] for i in g["params"]]} for g in optim_state["param_groups"]]}
+    except (IndexError, KeyError, TypeError) as e:
+        raise ValueError(f"{source}: optimizer state does not fit this model: {e!r}") from None
+    set_state_dict(model, optimizer, model_state_dict=dict(weights), optim_state_dict=osd,
+                   options=StateDictOptions(full_state_dict=True, strict=False))
 
 
-def save_training_checkpoint(par: Any, output_dir: Path, step: int, model: nn.Module,
-                             optimizer: torch.optim.Optimizer, trainer: dict[str, Any], config: dict[str, Any]) -> Path:
-    """Write checkpoint ``step`` from all ranks (a collective call); returns its folder.
-
-    Rank 0 creates a temporary folder and tells the others its name; every rank writes its DCP
-    shard there; after a barrier rank 0 adds the trainer state and config and renames the folder
-    into place; a last barrier keeps any rank from reading the folder before it exists."""
-    from ..checkpoint.common import atomic_dir
-    from ..train.state import CONFIG, TRAINER_STATE, checkpoint_dir
-
-    target = checkpoint_dir(output_dir, step)
-    rngs = par.gather(trainer["rng"])
-    with (atomic_dir(target) if par.is_main else contextlib.nullcontext(None)) as tmp:
-        tmp = Path(par.broadcast(str(tmp) if tmp is not None else None))
-        save_sharded(tmp / SHARDED, model, optimizer)
-        par.barrier()
-        if par.is_main:
-            torch.save({"step": step, **trainer, "rng": rngs[0], "rng_ranks": rngs, "world_size": par.world_size},
-                       tmp / TRAINER_STATE)
-            (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-    par.barrier()
-    return target
-
-
-__all__ = ["SHARDED", "save_sharded", "load_sharded", "read_sharded_weights", "is_sharded_checkpoint",
-           "rank_rng_state", "save_training_checkpoint"]
+__all__ = ["DCP_METADATA", "save_sharded", "load_sharded", "read_sharded_weights", "is_sharded_folder",
+           "load_full_state_dict"]

@@ -11,13 +11,20 @@ branches of its own:
 ``par.grad_sum_factor``               FSDP averages gradients over ranks; the loss undoes that
 ``par.all_reduce_sum(*values)``       global token counts and loss sums
 ``par.clip_grad_norm(params, max)``   the norm of the whole (sharded) gradient
+``par.gather`` / ``broadcast``        any picklable value from every rank / from rank 0
+``par.make_scaler(policy, device)``   the policy's loss scaler (fp16: found-inf agreed by all ranks)
 ``par.is_main``                       only rank 0 prints and writes metrics, summaries, ``final/``
-``par.save_checkpoint`` & co.         single-file checkpoints, or sharded ones through DCP
+``par.sharded``                       weights and optimizer state live in shards (DCP checkpoints)
+``par.full_state_dict(state)``        full tensors of a (sharded) state dict, on rank 0
 ``par.interrupts`` / ``check_...``    Ctrl-C stops every rank after the same optimizer step
 ====================================  ==========================================================
 
+The package offers primitives and imports nothing of ``train/`` or ``bench/``: where the pieces go
+inside a training checkpoint (single-file or sharded), and which RNG state each rank restores, is
+``solotune/train/sharded.py``'s, which calls these methods and :mod:`solotune.parallel.state_dict`.
+
 :class:`SingleProcess` (``distributed="none"``) is the default and does nothing beyond what the loop
-did before there was a context. :class:`~solotune.dist.fsdp.FSDPContext` (``distributed="fsdp"``) is
+did before there was a context. :class:`~solotune.parallel.fsdp.FSDPContext` (``distributed="fsdp"``) is
 the torchrun one.
 
 One convention makes a run's trajectory independent of the number of processes:
@@ -31,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -100,38 +106,12 @@ class SingleProcess:
     def check_interrupt(self) -> None:
         pass
 
-    # ------------------------------------------------------- checkpoints
-    def save_checkpoint(self, output_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                        lora: bool, trainer: dict[str, Any], config: dict[str, Any]) -> Path:
-        from ..train.state import save_checkpoint
-        from ..train.weights import trainable_state
+    # ------------------------------------------------------------ state dicts
+    sharded = False  # weights and optimizer state are whole in this process
 
-        return save_checkpoint(output_dir, step, trainable_state(model, lora),
-                               {"optimizer": optimizer.state_dict(), **trainer}, config)
-
-    def load_checkpoint(self, ckpt: Any, model: nn.Module, optimizer: torch.optim.Optimizer, lora: bool) -> None:
-        """Weights and optimizer state of ``ckpt`` (a single-file checkpoint, or a sharded one
-        written by N ranks: DCP reassembles it for one process)."""
-        if ckpt.sharded is not None:
-            from .checkpoint import load_sharded
-
-            load_sharded(ckpt.sharded, model, optimizer)
-            return
-        from ..train.weights import load_trainable_state
-
-        load_trainable_state(model, ckpt.weights, lora, ckpt.path)
-        optimizer.load_state_dict(ckpt.trainer["optimizer"])
-
-    def restore_rng(self, trainer: dict[str, Any], seed: int = 0) -> None:
-        from .checkpoint import rank_rng_state
-        from ..train.state import restore_rng
-
-        restore_rng(rank_rng_state(trainer, self.rank), self.device)
-
-    def save_final(self, path: Path, model: nn.Module, cfg: Any, tokenizer: Any) -> Path:
-        from ..train.weights import save_final
-
-        return save_final(path, model, cfg, tokenizer)
+    def full_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The full tensors of ``state`` on the main process (here: ``state`` itself)."""
+        return state
 
 
 def make_parallel(kind: str, device: torch.device) -> Any:
