@@ -7,16 +7,30 @@ from pathlib import Path
 import torch
 
 from .config import PRESETS, ModelConfig
+from .errors import ConfigError, DeviceError, MissingPathError
 from .model import Transformer, build_model
 
 BUNDLED_LLAMA2_TOKENIZER = Path(__file__).parent / "assets" / "llama2_tokenizer.model"
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``"auto"``/None -> cuda when available, else cpu."""
+    """``"auto"``/None -> cuda when available, else cpu. A device this machine does not have (or a
+    string torch does not know) is a DeviceError naming ``--device``, not an error deep in torch."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise DeviceError(f"--device {device}: not a device (use auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"--device {device}: this machine has no CUDA GPU that torch can use "
+                              f"(torch {torch.__version__}); use --device cpu")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise DeviceError(f"--device {device}: this machine has {count} CUDA GPU{'s' if count != 1 else ''} "
+                              f"(cuda:0{f'..cuda:{count - 1}' if count > 1 else ''})")
+    return dev
 
 
 def load(source: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", *,
@@ -38,13 +52,13 @@ def load(source: str | Path, dtype: torch.dtype = torch.float32, device: str | t
     name = str(source)
     if random_init:
         if name not in PRESETS:
-            raise ValueError(f"random_init needs a preset name ({', '.join(sorted(PRESETS))}); got {name!r}")
+            raise ConfigError(f"random_init needs a preset name ({', '.join(sorted(PRESETS))}); got {name!r}")
         cfg = PRESETS[name]
         if n_layers is not None:
             cfg = cfg.replace(n_layers=n_layers)
         model = build_model(cfg, dtype=dtype, device=device, seed=seed)
         if cfg.vocab_size != 32000:
-            raise ValueError(f"random_init preset {name!r} has vocab {cfg.vocab_size}; only LLaMA-2-vocab presets "
+            raise ConfigError(f"random_init preset {name!r} has vocab {cfg.vocab_size}; only LLaMA-2-vocab presets "
                              "come with a bundled tokenizer")
         return model.eval(), load_tokenizer(BUNDLED_LLAMA2_TOKENIZER)
     path = Path(name).expanduser()
@@ -52,13 +66,13 @@ def load(source: str | Path, dtype: torch.dtype = torch.float32, device: str | t
         if name in EMBEDDED:
             path = model_path(EMBEDDED[name])
         elif name in PRESETS:
-            raise ValueError(f"preset {name!r} has no bundled weights: pass a checkpoint path, or "
+            raise ConfigError(f"preset {name!r} has no bundled weights: pass a checkpoint path, or "
                              f"random_init=True for random weights of that architecture")
         else:
-            raise FileNotFoundError(f"{name}: no such checkpoint file or directory, and not a preset "
+            raise MissingPathError(f"{name}: no such checkpoint file or directory, and not a preset "
                                     f"({', '.join(sorted(PRESETS))})")
     if n_layers is not None:
-        raise ValueError("n_layers applies to random_init models only")
+        raise ConfigError("n_layers applies to random_init models only")
     ckpt = load_checkpoint(path)
     model = build_model(ckpt.config, ckpt.state_dict, dtype=dtype, device=device)
     if ckpt.metadata is not None and "tokenizer.ggml.model" in ckpt.metadata:
@@ -66,7 +80,8 @@ def load(source: str | Path, dtype: torch.dtype = torch.float32, device: str | t
     elif ckpt.tokenizer_file is not None:
         tokenizer = load_tokenizer(ckpt.tokenizer_file)
     else:
-        raise FileNotFoundError(f"{path}: no tokenizer found next to the weights (tokenizer.model or tokenizer.json)")
+        raise MissingPathError(f"{path}: no tokenizer found next to the weights (tokenizer.model or tokenizer.json; "
+                               f"the CLI takes --tokenizer FILE)")
     return model.eval(), tokenizer
 
 

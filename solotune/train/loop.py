@@ -37,10 +37,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..data import IGNORE_INDEX, AlpacaDataset, Example, Record, collate, epoch_order, format_prompt, load_records, split
+from ..data import IGNORE_INDEX, Example, Record, collate, epoch_order, format_prompt
 from ..dist import make_parallel
 from ..peft import apply_lora, count_parameters, trainable_summary
 from .config import TRAJECTORY_FIELDS, TrainConfig
+from .inputs import check_data, load_data
 from .metrics import (
     LOSS_PNG, METRICS, SUMMARY, MetricsLog, Progress, format_summary, peak_memory_bytes, plot_loss, reset_peak_memory,
     write_json,
@@ -147,6 +148,7 @@ def _finetune(cfg: TrainConfig, device: torch.device, model: nn.Module | None, t
     ckpt = load_checkpoint(cfg.resume) if cfg.resume else None
     if ckpt is not None:
         check_resume_config(cfg, ckpt.config, ckpt.path)
+    records = check_data(cfg)  # before the model: a data or range error costs no loading time
     # Every rank checks (so all raise alike); only rank 0 deletes and creates.
     _prepare_output_dir(out, resuming=ckpt is not None, overwrite=cfg.overwrite, write=par.is_main)
     par.barrier()
@@ -164,7 +166,7 @@ def _finetune(cfg: TrainConfig, device: torch.device, model: nn.Module | None, t
     trainable_params, total_params = count_parameters(model)
     say(trainable_summary(model))
     model = par.wrap(model, cfg, policy)  # FSDP: shard (after LoRA, before the optimizer sees the parameters)
-    train_set, val_set = load_data(cfg, tokenizer, say)
+    train_set, val_set = load_data(cfg, tokenizer, say, records)
     # Any id works: right padding is never attended to by real tokens, and its labels are ignored.
     pad_id = getattr(tokenizer, "pad_id", None)
     pad_id = int(tokenizer.eos_id if pad_id is None else pad_id)
@@ -444,30 +446,6 @@ def _load_model(cfg: TrainConfig, policy: PrecisionPolicy, device: torch.device,
 
     return load(cfg.model, dtype=policy.param_dtype, device=device, random_init=cfg.random_init,
                 n_layers=cfg.n_layers, seed=cfg.seed)
-
-
-def load_data(cfg: TrainConfig, tokenizer: Any, say=print) -> tuple[AlpacaDataset, AlpacaDataset]:
-    """Records -> fixed split -> tokenised train/val sets (reporting skipped and truncated records)."""
-    records = load_records(cfg.data, skip_bad=cfg.skip_bad_records)
-    if records.skipped:
-        say(f"skipped {records.skipped} bad records in {records.source} (first: {records.problems[0]})")
-    train_range = range(*cfg.train_range)
-    if cfg.max_samples is not None:
-        train_range = train_range[: cfg.max_samples]
-    val_range = range(*cfg.val_range)
-    if cfg.val_samples is not None:
-        val_range = val_range[: cfg.val_samples]
-    train_recs, val_recs = split(records, train=train_range, val=val_range)
-    train = AlpacaDataset(train_recs, tokenizer, cfg.max_seq_len)
-    val = AlpacaDataset(val_recs, tokenizer, cfg.max_seq_len)
-    if not len(train):
-        raise ValueError(f"{cfg.data}: the train split {cfg.train_range} is empty")
-    say(f"train: {train}\nval:   {val}")
-    for name, ds in (("train", train), ("val", val)):
-        if ds.num_truncated:
-            say(f"{name}: {ds.num_truncated} of {len(ds)} records truncated at max_seq_len={cfg.max_seq_len}"
-                + (f" ({ds.num_no_target} left with no target token)" if ds.num_no_target else ""))
-    return train, val
 
 
 def _prepare_output_dir(out: Path, resuming: bool, overwrite: bool, write: bool = True) -> None:
