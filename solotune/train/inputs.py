@@ -91,7 +91,9 @@ def load_data(cfg: TrainConfig, tokenizer: Any, say=print,
     if src.skipped:
         say(f"skipped {src.skipped} bad records in {src.source} (first: {src.problems[0]})")
     if data.empty_outputs:
-        say(f"{data.empty_outputs} records with an empty output in {src.source}: each trains only the end-of-text token")
+        n = data.empty_outputs
+        say(f"{n} record{'s' if n != 1 else ''} of the splits with an empty output in {src.source}: "
+            f"{'each trains' if n != 1 else 'it trains'} only the end-of-text token")
     train = AlpacaDataset(data.train, tokenizer, cfg.max_seq_len)
     val = AlpacaDataset(data.val, tokenizer, cfg.max_seq_len)
     say(f"train: records {_text(data.train_range)} {train}\nval:   records {_text(data.val_range)} {val}")
