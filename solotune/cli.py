@@ -16,7 +16,8 @@ from typing import Callable, Sequence
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "finetune": ("solotune.train.commands", "add_finetune_args", "cmd_finetune",
                  "instruction-tune a model (no arguments: LoRA on the embedded SmolLM2-135M, bundled Alpaca sample, CPU)"),
-    "generate": ("solotune.cli", "add_generate_args", "cmd_generate", "generate text from a prompt"),
+    "generate": ("solotune.cli", "add_generate_args", "cmd_generate",
+                 "generate text from a prompt (a model, or a model with a LoRA adapter attached)"),
     "eval": ("solotune.train.commands", "add_eval_args", "cmd_eval", "validation loss and perplexity"),
     "merge": ("solotune.train.commands", "add_merge_args", "cmd_merge",
               "merge a LoRA adapter into its base model and write HF safetensors"),

@@ -247,8 +247,9 @@ PROFILES: dict[str, dict[str, Any]] = {
 # Settings a profile uses instead when the run is full fine-tuning (``--full`` / ``--lora-rank 0``)
 # and you do not pass them yourself. Every weight moves, so the rate must be far lower than
 # LoRA's: quickstart's LoRA 1e-3 made the val loss rise within 4 full steps (2.154 -> 2.253).
-# 2e-5 is the rate Stanford Alpaca fully fine-tuned LLaMA with (its train.py recipe). The course
-# profile keeps the course's 1e-5 for both methods.
+# 2e-5 is the rate Stanford Alpaca fully fine-tuned LLaMA with (its train.py recipe); measured here
+# (`solotune finetune --full --max-steps 4 --no-generate`, SmolLM2-135M, CPU): val loss
+# 2.156 -> 2.085. The course profile keeps the course's 1e-5 for both methods.
 FULL_FINETUNE: dict[str, dict[str, Any]] = {
     "quickstart": {"lr": 2e-5},
 }
