@@ -7,16 +7,30 @@ from pathlib import Path
 import torch
 
 from .config import PRESETS, ModelConfig
+from .errors import ConfigError, DeviceError, MissingPathError
 from .model import Transformer, build_model
 
 BUNDLED_LLAMA2_TOKENIZER = Path(__file__).parent / "assets" / "llama2_tokenizer.model"
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``"auto"``/None -> cuda when available, else cpu."""
+    """``"auto"``/None -> cuda when available, else cpu. A device this machine does not have (or a
+    string torch does not know) is a DeviceError naming ``--device``, not an error deep in torch."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise DeviceError(f"--device {device}: not a device (use auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"--device {device}: this machine has no CUDA GPU that torch can use "
+                              f"(torch {torch.__version__}); use --device cpu")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise DeviceError(f"--device {device}: this machine has {count} CUDA GPU{'s' if count != 1 else ''} "
+                              f"(cuda:0{f'..cuda:{count - 1}' if count > 1 else ''})")
+    return dev
 
 
 def load(source: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", *,
@@ -46,7 +60,7 @@ def load(source: str | Path, dtype: torch.dtype = torch.float32, device: str | t
         model = build_model(cfg, dtype=dtype, device=device, seed=seed)
         if cfg.vocab_size != 32000:
             raise ConfigError(f"random_init preset {name!r} has vocab {cfg.vocab_size}; only LLaMA-2-vocab presets "
-                              "come with a bundled tokenizer")
+                             "come with a bundled tokenizer")
         return model.eval(), load_tokenizer(BUNDLED_LLAMA2_TOKENIZER)
     path = Path(name).expanduser()
     if not path.exists():
@@ -68,7 +82,8 @@ def load(source: str | Path, dtype: torch.dtype = torch.float32, device: str | t
     elif ckpt.tokenizer_file is not None:
         tokenizer = load_tokenizer(ckpt.tokenizer_file)
     else:
-        raise MissingPathError(f"{path}: no tokenizer found next to the weights (tokenizer.model or tokenizer.json)")
+        raise MissingPathError(f"{path}: no tokenizer found next to the weights (tokenizer.model or tokenizer.json; "
+                               f"the CLI takes --tokenizer FILE)")
     return model.eval(), tokenizer
 
 

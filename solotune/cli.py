@@ -1,4 +1,9 @@
-"""``solotune`` command line: each subcommand's arguments and body live next to the code they drive."""
+"""``solotune`` command line: each subcommand's arguments and body live next to the code they drive.
+
+A problem the user can fix (any :class:`solotune.errors.SolotuneError`) ends the command with one
+line ``solotune CMD: error: MESSAGE`` on stderr and exit status 2, like argparse's own errors;
+every other exception is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,8 @@ from .errors import SolotuneError
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "finetune": ("solotune.train.commands", "add_finetune_args", "cmd_finetune",
                  "instruction-tune a model (no arguments: LoRA on the embedded SmolLM2-135M, bundled Alpaca sample, CPU)"),
-    "generate": ("solotune.cli", "add_generate_args", "cmd_generate", "generate text from a prompt"),
+    "generate": ("solotune.cli", "add_generate_args", "cmd_generate",
+                 "generate text from a prompt (a model, or a model with a LoRA adapter attached)"),
     "eval": ("solotune.train.commands", "add_eval_args", "cmd_eval", "validation loss and perplexity"),
     "merge": ("solotune.train.commands", "add_merge_args", "cmd_merge",
               "merge a LoRA adapter into its base model and write HF safetensors"),
@@ -27,7 +33,10 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
 
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m", help="checkpoint path (Meta dir, HF dir, .gguf) or preset")
+    from .train.commands import add_model_args
+
+    add_model_args(p, precision="auto")  # --model --adapter --tokenizer --device --precision, as eval
+    p.add_argument("--dtype", dest="precision", type=_dtype_alias, help=argparse.SUPPRESS)  # the older spelling
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole prefix at every step")
@@ -39,27 +48,31 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
-                   help="auto: bf16 on CUDA, fp32 on CPU")
 
 
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+def _dtype_alias(text: str) -> str:
+    """``--dtype`` (before --precision): fp32/bf16 are the same; fp16 weights become fp16 autocast."""
+    aliases = {"auto": "auto", "fp32": "fp32", "bf16": "bf16", "fp16": "fp16-amp"}
+    if text not in aliases:
+        raise argparse.ArgumentTypeError(f"invalid choice {text!r} (choose from {', '.join(aliases)})")
+    return aliases[text]
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
-
-    from .api import load, resolve_device
+    """Generate from a model, or from a model with a LoRA adapter attached (not merged)."""
+    from .api import resolve_device
     from .generate import generate
+    from .train.commands import model_and_adapter, resolve_precision
+    from .train.precision import get_policy
 
     device = resolve_device(args.device)
-    dtype_name = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    model, tokenizer = load(args.model, dtype=getattr(torch, DTYPES[dtype_name]), device=device)
-    texts = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
-                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                     num_beams=args.num_beams, length_penalty=args.length_penalty,
-                     kv_cache=not args.no_kv_cache, chat=args.chat, stop=args.stop, seed=args.seed)
+    policy = get_policy(resolve_precision(args.precision, device))
+    model, tokenizer, _adapter = model_and_adapter(args, policy.param_dtype)
+    with policy.autocast(device.type):
+        texts = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                         num_beams=args.num_beams, length_penalty=args.length_penalty,
+                         kv_cache=not args.no_kv_cache, chat=args.chat, stop=args.stop, seed=args.seed)
     for prompt, text in zip(args.prompt, texts):
         if len(args.prompt) > 1:
             print(f"### {prompt}")
@@ -85,13 +98,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     run: Callable[[argparse.Namespace], int | None] = getattr(importlib.import_module(module), run_fn)
     try:
         return int(run(args) or 0)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:  # a training run saved its checkpoint first (train/interrupts.py)
+        from .train.interrupts import Terminated
+
+        if isinstance(stop, Terminated):
+            print("terminated", file=sys.stderr)
+            return 143  # 128 + SIGTERM, what a scheduler expects
         print("interrupted", file=sys.stderr)
         return 130
-    except (SolotuneError, ValueError, FileNotFoundError, KeyError) as e:
-        # Bad input: one clear line, no traceback.
-        print(f"solotune {args.command}: error: {e}", file=sys.stderr)
+    except Exception as e:
+        if not _is_user_error(e):
+            raise  # a bug: the traceback is the report
+        print(f"solotune {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+
+
+def _is_user_error(e: BaseException) -> bool:
+    from .errors import SolotuneError
+
+    return isinstance(e, SolotuneError)
+
+
+def _one_line(e: BaseException) -> str:
+    """The message on one line (a multi-line message, e.g. pip's output in a fetch error, is joined)."""
+    return " ".join(part.strip() for part in str(e).splitlines() if part.strip())
 
 
 if __name__ == "__main__":

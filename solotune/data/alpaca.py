@@ -17,6 +17,8 @@ from typing import Any, Iterable, Iterator, Mapping, Protocol, Sequence
 
 import torch
 
+from ..errors import SolotuneError
+
 IGNORE_INDEX = -100  # label value that cross-entropy skips (prompt, bos, padding)
 
 SAMPLE_NAME = "alpaca-sample"
@@ -42,7 +44,7 @@ DEFAULT_TRAIN = range(0, 200)
 DEFAULT_VAL = range(400, 500)
 
 
-class DataError(ValueError):
+class DataError(SolotuneError, ValueError):
     """Bad training data; the message names the file, the record index and the field."""
 
 
@@ -70,7 +72,8 @@ class AlpacaRecords(Sequence[Record]):
 
     ``indices[i]`` is the index of ``records[i]`` in the source (so a split by index is not shifted
     by skipped records); ``total`` counts every record in the source, good or bad; ``skipped`` bad
-    records were dropped (``skip_bad``), each with its reason in ``problems``.
+    records were dropped (``skip_bad``), each with its reason in ``problems``. ``empty_outputs``
+    holds the source indices of the valid records whose output is empty (they train only EOS).
     """
 
     records: list[Record]
@@ -79,6 +82,7 @@ class AlpacaRecords(Sequence[Record]):
     total: int = 0
     skipped: int = 0
     problems: list[str] = field(default_factory=list)
+    empty_outputs: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.indices:
@@ -96,7 +100,13 @@ class AlpacaRecords(Sequence[Record]):
 
 
 def _check_record(obj: Any, where: str) -> Record:
-    """One raw JSON value -> Record, or DataError naming ``where`` (file + record index) and the field."""
+    """One raw JSON value -> Record, or DataError naming ``where`` (file + record index) and the field.
+
+    Only structural problems are errors: a missing field, a wrong type, and an empty instruction
+    (there is nothing to condition the answer on, so the record cannot teach anything). An empty
+    (or whitespace-only) output is valid and becomes ``""``: the record then trains only the EOS
+    token, i.e. "stop right after the prompt", as Stanford's train.py did with such records.
+    """
     if not isinstance(obj, Mapping):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     for key in ("instruction", "output"):
@@ -104,14 +114,15 @@ def _check_record(obj: Any, where: str) -> Record:
             raise DataError(f"{where}: field {key!r} is missing")
         if not isinstance(obj[key], str):
             raise DataError(f"{where}: field {key!r} must be a string, got {type(obj[key]).__name__}")
-        if not obj[key].strip():
-            raise DataError(f"{where}: field {key!r} is empty")
+    if not obj["instruction"].strip():
+        raise DataError(f"{where}: field 'instruction' is empty")
     inp = obj.get("input", "")
     if inp is None:  # some Alpaca re-exports write null for "no input"
         inp = ""
     if not isinstance(inp, str):
         raise DataError(f"{where}: field 'input' must be a string, got {type(inp).__name__}")
-    return Record(instruction=obj["instruction"], output=obj["output"], input=inp)
+    output = obj["output"] if obj["output"].strip() else ""
+    return Record(instruction=obj["instruction"], output=output, input=inp)
 
 
 def _raw_json(path: Path) -> list[tuple[str, Any] | None]:
@@ -177,17 +188,15 @@ def load_records(source: str | Path, skip_bad: bool = False) -> AlpacaRecords:
     file (``.jsonl``/``.ndjson``, or any other file), the bundled ``"alpaca-sample"`` (500 records), or
     a Hugging Face datasets id (only when ``datasets`` is installed).
 
-    Every record needs non-empty string ``instruction`` and ``output``; ``input`` is optional (a
-    string). A bad record raises one :class:`DataError` naming the file, record index and field,
-    unless ``skip_bad``: then it is dropped and counted in ``.skipped``. An empty result is an error.
-
-    The bundled sample is always loaded with ``skip_bad``: its record 284 (a real Alpaca record) has
-    an empty output. It lies outside the default split, and :func:`split` selects by source index,
-    so the split is unchanged.
+    Every record needs a non-empty string ``instruction`` and a string ``output`` (which may be
+    empty: see :func:`_check_record`; such records are listed in ``.empty_outputs``); ``input`` is
+    optional (a string). A bad record raises one :class:`DataError` naming the file, record index
+    and field, unless ``skip_bad``: then it is dropped and counted in ``.skipped``. An empty result
+    is an error.
     """
     problems: list[str] = []
     if str(source) == SAMPLE_NAME:
-        path, label, skip_bad = SAMPLE_PATH, SAMPLE_NAME, True
+        path, label = SAMPLE_PATH, SAMPLE_NAME
     else:
         path, label = Path(source), str(source)
     if path.is_file():
@@ -220,8 +229,9 @@ def load_records(source: str | Path, skip_bad: bool = False) -> AlpacaRecords:
     if not records:
         detail = f" ({len(problems)} bad records skipped; first: {problems[0]})" if problems else ""
         raise DataError(f"{label}: no records{detail}")
+    empty = [i for i, r in zip(indices, records) if not r.output]
     return AlpacaRecords(records=records, source=label, indices=indices, total=len(raw),
-                         skipped=len(problems), problems=problems)
+                         skipped=len(problems), problems=problems, empty_outputs=empty)
 
 
 def split(records: Sequence[Record], train: range = DEFAULT_TRAIN,
@@ -235,15 +245,15 @@ def split(records: Sequence[Record], train: range = DEFAULT_TRAIN,
     indices = getattr(records, "indices", None) or list(range(len(records)))
     total = getattr(records, "total", len(records))
     if set(train) & set(val):
-        raise ValueError(f"train split {train} and val split {val} overlap")
+        raise DataError(f"train split {train} and val split {val} overlap")
     out = []
     for name, r in (("train", train), ("val", val)):
         if len(r) and (min(r) < 0 or max(r) >= total):
-            raise ValueError(f"{name} split {r} is outside the {total} records")
+            raise DataError(f"{name} split {r} is outside the {total} records")
         wanted = set(r)
         part = [rec for i, rec in zip(indices, records) if i in wanted]
         if len(r) and not part:
-            raise ValueError(f"{name} split {r} selects no valid record")
+            raise DataError(f"{name} split {r} selects no valid record")
         out.append(part)
     return out[0], out[1]
 

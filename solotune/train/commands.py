@@ -3,7 +3,11 @@
 ``solotune finetune`` starts from a profile (default ``quickstart``: the no-argument run that
 finishes in minutes on a CPU; ``--profile course`` for the course's settings), then applies the
 flags you pass. With ``--resume DIR`` it starts from the checkpoint's own config instead, so
-``solotune finetune --resume runs/x`` continues exactly the interrupted run.
+``solotune finetune --resume runs/x`` continues exactly the interrupted run, in ``runs/x``.
+
+Output directories: a run is never deleted without ``--overwrite``. With no ``--output-dir`` the
+profile's default is used, or, when that already holds a run, the first free ``DIR-2``, ``DIR-3``...;
+an ``--output-dir`` you name that holds a run is refused (by the loop) with the resume/overwrite hint.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigError, MissingPathError, RunDirError
 from .config import PRECISIONS, PROFILES, TrainConfig
 
 
@@ -37,10 +42,12 @@ _CLI_PRECISIONS = [p for p in PRECISIONS if p != "fp64"]
 _FINETUNE_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--model": ("model", dict(help="preset name or checkpoint path (Meta dir, HF dir, .gguf)")),
     "--data": ("data", dict(help="alpaca-sample (bundled), a .json/.jsonl file, or an HF datasets id")),
-    "--output-dir": ("output_dir", dict(help="where metrics, checkpoints and final/ go")),
+    "--output-dir": ("output_dir", dict(help="where metrics, checkpoints and final/ go (default: the profile's; "
+                                                 "the next free DIR-2, DIR-3 ... when that holds a run; with "
+                                                 "--resume: the resumed run's dir)")),
     "--max-steps": ("max_steps", dict(type=_opt_int, help="optimizer steps (default: --epochs passes)")),
     "--epochs": ("epochs", dict(type=int)),
-    "--lr": ("lr", dict(type=float, help="peak learning rate")),
+    "--lr": ("lr", dict(type=float, help="peak learning rate (default: the profile's for the method, see below)")),
     "--batch-size": ("batch_size", dict(type=int, help="examples per micro-batch")),
     "--grad-accum": ("grad_accum", dict(type=int, help="micro-batches per optimizer step")),
     "--grad-checkpoint": ("grad_checkpoint", dict(help="off | all | every:K")),
@@ -57,8 +64,8 @@ _FINETUNE_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--max-grad-norm": ("max_grad_norm", dict(type=float, help="0 = no clipping")),
     "--seed": ("seed", dict(type=int)),
     "--max-seq-len": ("max_seq_len", dict(type=int)),
-    "--train-range": ("train_range", dict(type=_range, help="record indices START:STOP")),
-    "--val-range": ("val_range", dict(type=_range, help="record indices START:STOP")),
+    "--train-range": ("train_range", dict(type=_range, help="record indices START:STOP (default: auto, see below)")),
+    "--val-range": ("val_range", dict(type=_range, help="record indices START:STOP (default: auto, see below)")),
     "--val-samples": ("val_samples", dict(type=_opt_int, help="first N records of the val range (all)")),
     "--max-samples": ("max_samples", dict(type=_opt_int, help="first N records of the train range (all)")),
     "--eval-batch-size": ("eval_batch_size", dict(type=int)),
@@ -99,38 +106,109 @@ def add_finetune_args(p: argparse.ArgumentParser) -> None:
 
 def _profiles_text() -> str:
     """The values behind every flag you do not pass, per profile (for --help)."""
-    quick, course = TrainConfig.profile("quickstart"), TrainConfig.profile("course")
+    names = ("quickstart", "course")
+    lora = [TrainConfig.profile(n) for n in names]
+    full = [TrainConfig.profile(n, full=True) for n in names]
     shown = ("model", "data", "output_dir", "max_steps", "epochs", "lr", "warmup_steps", "lr_schedule", "batch_size",
              "grad_accum", "precision", "grad_checkpoint", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets",
              "max_seq_len", "train_range", "val_range", "val_samples", "eval_every", "weight_decay", "max_grad_norm", "seed")
     rows = [f"  {'setting':<16}{'quickstart (default)':<24}course"]
     for f in shown:
-        a, b = getattr(quick, f), getattr(course, f)
-        fmt = lambda v: ",".join(v) if f == "lora_targets" else (f"{v[0]}:{v[1]}" if f.endswith("_range") else str(v))
-        rows.append(f"  {f:<16}{fmt(a):<24}{fmt(b)}{'' if a == b else '   <-'}")
-    return "defaults by profile (flags you pass override them):\n" + "\n".join(rows)
+        if f == "lr":  # per method: LoRA's rate would wreck a full fine-tune
+            a, b = (f"{lo.lr:g} (full {fu.lr:g})" for lo, fu in zip(lora, full))
+        else:
+            a, b = (_fmt(f, getattr(c, f)) for c in lora)
+        rows.append(f"  {f:<16}{a:<24}{b}{'' if a == b else '   <-'}")
+    return ("defaults by profile (flags you pass override them):\n" + "\n".join(rows) + "\n\n"
+            "lr: LoRA's rate, and in brackets the rate used with --full / --lora-rank 0 unless you pass --lr.\n"
+            "train_range / val_range auto: on alpaca-sample records 0:200 / 400:500; on your own data the last 5%\n"
+            "  of the records (at least one) validate and the rest train.\n"
+            "output_dir: when you pass no --output-dir and it already holds a run, the run goes to the first free\n"
+            "  DIR-2, DIR-3 ... instead; a run is only ever deleted with --overwrite.")
 
 
-def finetune_config(args: argparse.Namespace) -> TrainConfig:
-    """Profile / config file / resumed checkpoint's config, then the flags actually given."""
+def _fmt(f: str, v: Any) -> str:
+    if v is None and f.endswith("_range"):
+        return "auto"
+    if f == "lora_targets":
+        return ",".join(v)
+    return f"{v[0]}:{v[1]}" if f.endswith("_range") else str(v)
+
+
+def finetune_config(args: argparse.Namespace, say=print) -> TrainConfig:
+    """Profile / config file / resumed checkpoint's config, then the flags actually given.
+
+    ``--resume`` without ``--output-dir`` continues in the resumed run's directory (absolute), not
+    in the output_dir its checkpoint recorded (relative to wherever it was started, or the original
+    of a copied run dir). ``say`` reports a default output dir that had to move (see module doc).
+    """
     given = {dest: getattr(args, dest) for dest, _ in _FINETUNE_FLAGS.values() if hasattr(args, dest)}
     for dest in ("generate_samples", "progress", "save"):
         if hasattr(args, dest):
             given[dest] = getattr(args, dest)
     if given.get("max_grad_norm") == 0:
         given["max_grad_norm"] = None
-    if sum(x is not None for x in (args.profile, args.config)) > 1:
-        raise ValueError("pass either --profile or --config, not both")
-    if given.get("resume") and args.profile is None and args.config is None:
-        from .state import CONFIG, resolve_checkpoint
+    if args.profile is not None and args.config is not None:
+        raise ConfigError("pass either --profile or --config, not both")
+    if given.get("resume"):
+        ckpt, run_dir = resume_paths(given["resume"])
+        given.setdefault("output_dir", str(run_dir))
+        if args.profile is None and args.config is None:
+            return TrainConfig.from_dict({**_saved_config(ckpt), **given})
+    if args.config:
+        return TrainConfig.from_dict({**TrainConfig.from_json_file(args.config).to_dict(), **given})
+    cfg = TrainConfig.profile(args.profile or "quickstart", **given)
+    if "output_dir" not in given and not cfg.overwrite and holds_run(Path(cfg.output_dir)):
+        cfg = cfg.replace(output_dir=_next_free_dir(cfg.output_dir, say))
+    return cfg
 
-        base = json.loads((resolve_checkpoint(given["resume"]) / CONFIG).read_text())
-        base.pop("resume", None)
-    elif args.config:
-        base = TrainConfig.from_json_file(args.config).to_dict()
-    else:
-        base = TrainConfig.profile(args.profile or "quickstart").to_dict()
-    return TrainConfig.from_dict({**base, **given})
+
+def resume_paths(arg: str) -> tuple[Path, Path]:
+    """``--resume`` argument -> (checkpoint folder, absolute run dir). The argument is a run's
+    output dir (its latest checkpoint) or one checkpoint folder ``RUN/checkpoints/step-N``."""
+    from .state import resolve_checkpoint
+
+    p = Path(arg)
+    if not p.exists():
+        raise MissingPathError(f"--resume {p}: no such directory")
+    if not p.is_dir():
+        raise RunDirError(f"--resume {p}: is a file; pass a run's output dir or one of its checkpoint folders")
+    try:
+        ckpt = resolve_checkpoint(p)
+    except FileNotFoundError as e:  # a directory without checkpoints; the message says where it looked
+        raise MissingPathError(str(e)) from None
+    run_dir = ckpt.parent.parent if ckpt == p else p
+    return ckpt, run_dir.resolve()
+
+
+def _saved_config(ckpt: Path) -> dict[str, Any]:
+    from .state import CONFIG
+
+    try:
+        saved = json.loads((ckpt / CONFIG).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{ckpt / CONFIG}: cannot read the run's config: {e}") from None
+    saved.pop("resume", None)
+    return saved
+
+
+def holds_run(d: Path) -> bool:
+    """Whether ``d`` holds (part of) a run: a checkpoint, summary.json or metrics.jsonl."""
+    from .metrics import METRICS, SUMMARY
+    from .state import list_checkpoints
+
+    return d.is_dir() and (bool(list_checkpoints(d)) or (d / SUMMARY).is_file() or (d / METRICS).is_file())
+
+
+def _next_free_dir(taken: str, say) -> str:
+    """The first ``TAKEN-2``, ``TAKEN-3`` ... that holds no run (and is not a file)."""
+    n = 2
+    while holds_run(Path(f"{taken}-{n}")) or Path(f"{taken}-{n}").is_file():
+        n += 1
+    free = f"{taken}-{n}"
+    say(f"{taken} holds an earlier run, so this one goes to {free} (--resume {taken} continues that one, "
+        f"--output-dir DIR picks another place)")
+    return free
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -140,15 +218,28 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-# ------------------------------------------------------------------------------------------ eval
-def _add_model_args(p: argparse.ArgumentParser, adapter_required: bool) -> None:
+# ------------------------------------------------------------------------- model + adapter arguments
+def add_model_args(p: argparse.ArgumentParser, *, adapter_required: bool = False,
+                   precision: str | None = "fp32") -> None:
+    """The model arguments ``eval``, ``generate`` and ``merge`` share: --model, --adapter,
+    --tokenizer, --device and (unless ``precision`` is None) --precision with that default."""
     p.add_argument("--model", default=None,
                    help="base model: preset or checkpoint path (default: the adapter's base, else smollm2-135m)")
     p.add_argument("--adapter", required=adapter_required, default=None,
                    help="LoRA adapter: a run's output dir, its final/, a checkpoint folder, or a PEFT folder")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer file or dir when the model folder has none (e.g. the base .gguf)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    if precision is not None:
+        p.add_argument("--precision", choices=["auto", *_CLI_PRECISIONS], default=precision,
+                       help=f"weights and compute, as in finetune (auto: bf16 on CUDA, fp32 on CPU; default {precision})")
+
+
+def resolve_precision(name: str, device: Any) -> str:
+    """``--precision auto`` -> bf16 on CUDA, fp32 elsewhere; any other name unchanged."""
+    if name != "auto":
+        return name
+    return "bf16" if device.type == "cuda" else "fp32"
 
 
 def _load_base(args: argparse.Namespace, dtype: Any, default: str | None = None):
@@ -169,15 +260,18 @@ def _load_base(args: argparse.Namespace, dtype: Any, default: str | None = None)
         return load(name, dtype=dtype, device=device)[0], load_tokenizer(args.tokenizer)
     ckpt = load_checkpoint(name)
     with torch.no_grad():
-        model = build_model(ckpt.config, ckpt.state_dict, dtype=dtype, device=device)
+        model = build_model(ckpt.config, ckpt.tensors(), dtype=dtype, device=device)
     return model.eval(), load_tokenizer(args.tokenizer)
 
 
-def _model_and_adapter(args: argparse.Namespace, dtype: Any):
+def model_and_adapter(args: argparse.Namespace, dtype: Any):
     """(model with the adapter attached or None, tokenizer, adapter). The adapter's recorded base
     model is the default for --model; a PEFT folder is read against the loaded base's config."""
     from .weights import attach_adapter, load_adapter
 
+    if args.adapter and not Path(args.adapter).is_dir():
+        raise MissingPathError(f"--adapter {args.adapter}: no such directory (a run's output dir, its final/, "
+                               f"a checkpoint folder or a PEFT folder)")
     if not args.adapter:
         model, tok = _load_base(args, dtype)
         return model, tok, None
@@ -193,14 +287,16 @@ def _model_and_adapter(args: argparse.Namespace, dtype: Any):
     return model, tok, adapter
 
 
+# ------------------------------------------------------------------------------------------ eval
 def add_eval_args(p: argparse.ArgumentParser) -> None:
-    _add_model_args(p, adapter_required=False)
+    add_model_args(p, precision="fp32")
     p.add_argument("--data", default=None, help="default: the adapter's training data, else alpaca-sample")
-    p.add_argument("--val-range", type=_range, default=None, help="record indices START:STOP (default 400:500)")
+    p.add_argument("--val-range", type=_range, default=None,
+                   help="record indices START:STOP (default: the adapter run's; else 400:500 on alpaca-sample, "
+                        "the last 5%% of other data)")
     p.add_argument("--val-samples", type=_opt_int, default=None, help="first N records of the range")
     p.add_argument("--max-seq-len", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--precision", choices=_CLI_PRECISIONS, default="fp32")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -208,25 +304,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Validation loss and perplexity of a model (+ adapter) on a record range. Defaults come from
     the adapter's training run when it has one, so the numbers match that run's summary."""
     from ..api import resolve_device
-    from ..data import AlpacaDataset, load_records, split
+    from ..data import AlpacaDataset, DataError, load_records
+    from .inputs import auto_ranges, split_records
     from .loop import evaluate
     from .precision import get_policy
 
-    policy = get_policy(args.precision)
-    model, tokenizer, adapter = _model_and_adapter(args, policy.param_dtype)
+    device = resolve_device(args.device)
+    policy = get_policy(resolve_precision(args.precision, device))
+    model, tokenizer, adapter = model_and_adapter(args, policy.param_dtype)
     run = TrainConfig.from_dict(adapter.train_config) if adapter and adapter.train_config else TrainConfig()
     data = args.data or run.data
-    val_range = range(*(args.val_range or run.val_range))
+    records = load_records(data, skip_bad=run.skip_bad_records)
+    # The run's own val range only applies to the run's data; otherwise: auto for this data.
+    _, val_range = auto_ranges(data, records.total, None, args.val_range or (run.val_range if data == run.data else None))
     n = args.val_samples if args.val_samples is not None else (run.val_samples if args.val_range is None else None)
     if n is not None:
         val_range = val_range[:n]
+    _, val = split_records(records, data, train=range(0), val=val_range)
     max_len = args.max_seq_len or run.max_seq_len
-    _, val = split(load_records(data, skip_bad=run.skip_bad_records), train=range(0), val=val_range)
     ds = AlpacaDataset(val, tokenizer, max_len)
-    device = resolve_device(args.device)
     loss = evaluate(model, ds, policy, device, args.batch_size, int(getattr(tokenizer, "pad_id", tokenizer.eos_id)))
     if loss is None:
-        raise ValueError("no target tokens to evaluate on")
+        raise DataError(f"{data}: records {val_range.start}:{val_range.stop} leave no target token to evaluate on "
+                        f"(all cut at --max-seq-len {max_len}?)")
     out = {"val_loss": loss, "perplexity": math.exp(loss), "records": len(ds), "target_tokens": ds.num_target_tokens,
            "truncated": ds.num_truncated, "data": data, "val_range": [val_range.start, val_range.stop],
            "max_seq_len": max_len, "model": args.model or (adapter.base_model if adapter else "smollm2-135m"),
@@ -242,7 +342,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------- merge
 def add_merge_args(p: argparse.ArgumentParser) -> None:
-    _add_model_args(p, adapter_required=True)
+    add_model_args(p, adapter_required=True, precision=None)
     p.add_argument("--output", required=True, help="directory for the merged HF checkpoint")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="dtype of the written weights")
     p.add_argument("--max-shard-bytes", type=int, default=None)
@@ -257,7 +357,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from ..peft import merge_lora
     from .weights import trainable_state, write_tokenizer
 
-    model, tokenizer, adapter = _model_and_adapter(args, torch.float32)
+    model, tokenizer, adapter = model_and_adapter(args, torch.float32)
     merge_lora(model)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     sd = {k: v.to(dtype) for k, v in trainable_state(model, lora=False).items()}
@@ -312,6 +412,7 @@ def _attach_on_meta(model: Any, adapter: Any) -> None:
     (only the adapters are real: enough for export, which reads nothing else)."""
     import torch
 
+    from ..checkpoint.common import CheckpointError
     from ..peft import apply_lora, lora_modules
 
     apply_lora(model, adapter.targets, adapter.rank, adapter.alpha, adapter.dropout)
@@ -319,5 +420,5 @@ def _attach_on_meta(model: Any, adapter: Any) -> None:
         for ab in ("a", "b"):
             key = f"{name}.lora_{ab}"
             if key not in adapter.weights:
-                raise ValueError(f"{adapter.source}: adapter has no tensor {key}")
+                raise CheckpointError(adapter.source, f"adapter has no tensor {key}")
             setattr(m, f"lora_{ab}", torch.nn.Parameter(adapter.weights[key].float(), requires_grad=False))

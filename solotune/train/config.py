@@ -1,10 +1,15 @@
 """``TrainConfig``: every knob of ``solotune finetune`` in one dataclass, validated up front.
 
 The field defaults follow the course this project reproduces (lr 1e-5, batch 1, accumulation 8,
-LoRA r=16 alpha=32 dropout 0.05 on wq/wv, 512-token sequences, train on Alpaca records 0-199 and
-validate on 400-499). The no-argument CLI run uses the ``quickstart`` profile instead (see
-:data:`PROFILES`): those course settings were chosen for a 7B model on a GPU, and on a 2-core CPU
-with the 135M default model they would neither finish in minutes nor move the loss visibly.
+LoRA r=16 alpha=32 dropout 0.05 on wq/wv, 512-token sequences, and on the bundled sample train on
+Alpaca records 0-199 and validate on 400-499). The no-argument CLI run uses the ``quickstart``
+profile instead (see :data:`PROFILES`): those course settings were chosen for a 7B model on a GPU,
+and on a 2-core CPU with the 135M default model they would neither finish in minutes nor move the
+loss visibly.
+
+``train_range``/``val_range`` default to None = automatic (``solotune/train/inputs.py``): the
+course's fixed ranges on the bundled ``alpaca-sample``, and on any other data the last 5% of the
+records (at least one) for validation and the rest for training.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigError, MissingPathError
 from ..model import checkpoint_policy
 
 PRECISIONS = ("fp32", "fp16-amp", "bf16-amp", "bf16", "fp64")  # fp64: numerical reference for tests
@@ -57,8 +63,8 @@ class TrainConfig:
     lora_targets: tuple[str, ...] = ("wq", "wv")
     # data
     max_seq_len: int = 512
-    train_range: tuple[int, int] = (0, 200)  # record indices [start, stop)
-    val_range: tuple[int, int] = (400, 500)
+    train_range: tuple[int, int] | None = None  # record indices [start, stop); None = auto (see module doc)
+    val_range: tuple[int, int] | None = None
     val_samples: int | None = None  # first N records of val_range (None = all)
     max_samples: int | None = None  # first N records of train_range (None = all)
     eval_batch_size: int = 4
@@ -86,18 +92,19 @@ class TrainConfig:
         if isinstance(self.lora_targets, str):
             self.lora_targets = tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
         self.lora_targets = tuple(self.lora_targets)
-        self.train_range = tuple(self.train_range)  # type: ignore[assignment]
-        self.val_range = tuple(self.val_range)  # type: ignore[assignment]
+        for name in ("train_range", "val_range"):
+            if getattr(self, name) is not None:
+                setattr(self, name, tuple(getattr(self, name)))
         if self.max_grad_norm == 0:
             self.max_grad_norm = None
         self.validate()
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> None:
-        """Raise ValueError naming the field for any inconsistent setting."""
+        """Raise ConfigError (a ValueError) naming the field for any inconsistent setting."""
 
         def bad(fld: str, msg: str) -> None:
-            raise ValueError(f"TrainConfig.{fld}: {msg}")
+            raise ConfigError(f"TrainConfig.{fld}: {msg}")
 
         if self.precision not in PRECISIONS:
             bad("precision", f"{self.precision!r} is not one of {', '.join(PRECISIONS)}")
@@ -154,7 +161,7 @@ class TrainConfig:
                 bad("lora_targets", f"unknown {unknown}; choose from {', '.join(LORA_TARGETS)}")
         for name in ("train_range", "val_range"):
             r = getattr(self, name)
-            if len(r) != 2 or not (0 <= int(r[0]) < int(r[1])):
+            if r is not None and (len(r) != 2 or not (0 <= int(r[0]) < int(r[1]))):
                 bad(name, f"must be (start, stop) with 0 <= start < stop, got {r}")
         if self.n_layers is not None and not self.random_init:
             bad("n_layers", "only applies with random_init=True")
@@ -170,7 +177,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         for k in ("lora_targets", "train_range", "val_range"):
-            d[k] = list(d[k])
+            d[k] = None if d[k] is None else list(d[k])
         return d
 
     @classmethod
@@ -178,24 +185,29 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown TrainConfig fields: {unknown}")
+            raise ConfigError(f"unknown TrainConfig fields: {unknown}")
         return cls(**d)
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> "TrainConfig":
+        if not Path(path).is_file():
+            raise MissingPathError(f"--config {path}: no such file")
         try:
             return cls.from_dict(json.loads(Path(path).read_text()))
         except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: cannot read a TrainConfig: {e}") from None
+            raise ConfigError(f"{path}: cannot read a TrainConfig: {e}") from None
 
     @classmethod
     def profile(cls, name: str, **overrides: Any) -> "TrainConfig":
-        """A named profile from :data:`PROFILES` with ``overrides`` applied on top."""
-        try:
-            base = PROFILES[name]
-        except KeyError:
-            raise KeyError(f"unknown profile {name!r}; known: {', '.join(sorted(PROFILES))}") from None
-        return cls(**{**base, **overrides})
+        """A named profile from :data:`PROFILES` with ``overrides`` applied on top; for full
+        fine-tuning (``full=True`` or ``lora_rank=0``, from the profile or the overrides) the
+        profile's :data:`FULL_FINETUNE` settings come between the two."""
+        if name not in PROFILES:
+            raise ConfigError(f"unknown profile {name!r}; known: {', '.join(sorted(PROFILES))}")
+        cfg = cls(**{**PROFILES[name], **overrides})
+        if cfg.use_lora:
+            return cfg
+        return cls(**{**PROFILES[name], **FULL_FINETUNE.get(name, {}), **overrides})
 
 
 # Fields whose change alters the training trajectory: a resumed run must agree on them.
@@ -227,7 +239,17 @@ PROFILES: dict[str, dict[str, Any]] = {
         "max_seq_len": 256,
         "val_samples": 30,
         "eval_every": 10,
+        # No "overwrite": a second run never deletes the first; the CLI picks runs/quickstart-2 instead.
         "output_dir": "runs/quickstart",
-        "overwrite": True,  # running the demo twice starts over instead of refusing
     },
+}
+
+# Settings a profile uses instead when the run is full fine-tuning (``--full`` / ``--lora-rank 0``)
+# and you do not pass them yourself. Every weight moves, so the rate must be far lower than
+# LoRA's: quickstart's LoRA 1e-3 made the val loss rise within 4 full steps (2.154 -> 2.253).
+# 2e-5 is the rate Stanford Alpaca fully fine-tuned LLaMA with (its train.py recipe); measured here
+# (`solotune finetune --full --max-steps 4 --no-generate`, SmolLM2-135M, CPU): val loss
+# 2.156 -> 2.085. The course profile keeps the course's 1e-5 for both methods.
+FULL_FINETUNE: dict[str, dict[str, Any]] = {
+    "quickstart": {"lr": 2e-5},
 }

@@ -29,11 +29,13 @@ from typing import Any, Protocol, Sequence
 import torch
 import torch.nn as nn
 
-from ..data import AlpacaDataset, Example, Record, format_prompt, load_records, split
+from ..data import Example, Record, format_prompt
 from ..data.batch import Batch, collate_batch, empty_batch
+from ..errors import ConfigError
 from ..parallel import make_parallel
 from ..peft import apply_lora, count_parameters, trainable_summary
 from .config import TRAJECTORY_FIELDS, TrainConfig
+from .inputs import check_data, load_data
 from .interrupts import terminate_saves
 from .loss import get_loss
 from .metrics import (
@@ -129,6 +131,7 @@ def finetune(cfg: TrainConfig, *, model: nn.Module | None = None, tokenizer: Any
     ckpt = load_checkpoint(cfg.resume) if cfg.resume else None
     if ckpt is not None:
         check_resume_config(cfg, ckpt.config, ckpt.path)
+    records = check_data(cfg)  # before the model and the output dir: a data error costs no loading time
     with make_parallel(cfg.distributed, resolve_device(cfg.device)) as par:
         device = par.device
         devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
@@ -142,10 +145,10 @@ def finetune(cfg: TrainConfig, *, model: nn.Module | None = None, tokenizer: Any
             if device.type == "cuda":
                 with torch.cuda.device(device):
                     torch.cuda.manual_seed(cfg.seed + par.rank)
-            return _finetune(cfg, par, ckpt, model, tokenizer, instrument)
+            return _finetune(cfg, par, ckpt, records, model, tokenizer, instrument)
 
 
-def _finetune(cfg: TrainConfig, par: Any, ckpt: Any, model: nn.Module | None, tokenizer: Any,
+def _finetune(cfg: TrainConfig, par: Any, ckpt: Any, records: Any, model: nn.Module | None, tokenizer: Any,
               instrument: Any) -> TrainResult:
     t_start = time.perf_counter()
     policy, device, out = get_policy(cfg.precision), par.device, Path(cfg.output_dir)
@@ -155,7 +158,7 @@ def _finetune(cfg: TrainConfig, par: Any, ckpt: Any, model: nn.Module | None, to
     model, tokenizer = par.load_model(cfg, policy, model, tokenizer, _load_model)
     trainable_params, total_params = _attach_adapters(model, cfg, policy, say)
     model = par.wrap(model, cfg, policy)  # FSDP: shard (after LoRA, before the optimizer sees the parameters)
-    train_set, val_set = load_data(cfg, tokenizer, say)
+    train_set, val_set = load_data(cfg, tokenizer, say, records)
     pad_id = pad_id_of(tokenizer)
     optimizer = make_optimizer(cfg.optimizer, model, lr=cfg.lr, weight_decay=cfg.weight_decay, device=device)
     total_steps = planned_steps(cfg, len(train_set))
@@ -293,30 +296,6 @@ def planned_steps(cfg: TrainConfig, n_train: int) -> int:
     return math.ceil(cfg.epochs * n_train / (cfg.batch_size * cfg.grad_accum))
 
 
-def load_data(cfg: TrainConfig, tokenizer: Any, say=print) -> tuple[AlpacaDataset, AlpacaDataset]:
-    """Records -> fixed split -> tokenised train/val sets (reporting skipped and truncated records)."""
-    records = load_records(cfg.data, skip_bad=cfg.skip_bad_records)
-    if records.skipped:
-        say(f"skipped {records.skipped} bad records in {records.source} (first: {records.problems[0]})")
-    train_range = range(*cfg.train_range)
-    if cfg.max_samples is not None:
-        train_range = train_range[: cfg.max_samples]
-    val_range = range(*cfg.val_range)
-    if cfg.val_samples is not None:
-        val_range = val_range[: cfg.val_samples]
-    train_recs, val_recs = split(records, train=train_range, val=val_range)
-    train = AlpacaDataset(train_recs, tokenizer, cfg.max_seq_len)
-    val = AlpacaDataset(val_recs, tokenizer, cfg.max_seq_len)
-    if not len(train):
-        raise ValueError(f"{cfg.data}: the train split {cfg.train_range} is empty")
-    say(f"train: {train}\nval:   {val}")
-    for name, ds in (("train", train), ("val", val)):
-        if ds.num_truncated:
-            say(f"{name}: {ds.num_truncated} of {len(ds)} records truncated at max_seq_len={cfg.max_seq_len}"
-                + (f" ({ds.num_no_target} left with no target token)" if ds.num_no_target else ""))
-    return train, val
-
-
 def _open_logs(cfg: TrainConfig, out: Path, par: Any, ckpt: Any, step: int, total_steps: int) -> tuple[Any, Any]:
     """metrics.jsonl and the progress bar (rank 0; other ranks keep the records and write nothing)."""
     if not par.is_main:
@@ -394,11 +373,11 @@ def check_resume_config(cfg: TrainConfig, saved: dict[str, Any], path: Path) -> 
     try:
         old = TrainConfig.from_dict(saved)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{path}: its config.json is not a valid TrainConfig: {e}") from None
+        raise ConfigError(f"{path}: its config.json is not a valid TrainConfig: {e}") from None
     diffs = [f"{f}: checkpoint {getattr(old, f)!r} vs now {getattr(cfg, f)!r}"
              for f in TRAJECTORY_FIELDS if getattr(old, f) != getattr(cfg, f)]
     if diffs:
-        raise ValueError(f"cannot resume from {path}: the run's settings differ ({'; '.join(diffs)}). "
+        raise ConfigError(f"cannot resume from {path}: the run's settings differ ({'; '.join(diffs)}). "
                          f"Resume with the checkpoint's settings (the CLI does this when you only pass --resume).")
 
 

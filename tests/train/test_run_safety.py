@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from solotune import cli
-from solotune.errors import RunDirError
+from solotune.errors import RunDirError, SolotuneError
 from solotune.train import finetune
 from solotune.train.interrupts import Terminated, deferred_signals
 from solotune.train.run_dir import LOCK
@@ -207,9 +207,13 @@ def test_a_used_output_dir_is_refused_without_deleting_anything(tmp_path, data):
 
 def test_set_up_errors_leave_no_empty_output_dir(tmp_path, data):
     out = tmp_path / "new" / "run"
-    with pytest.raises(ValueError, match="no such file"):
+    # Bad data is found before the folder is made; a missing model only after it was claimed.
+    with pytest.raises(SolotuneError, match="no such file"):
         finetune(tiny_config(tmp_path, tmp_path / "missing.json", output_dir=str(out)), model=tiny_model(),
                  tokenizer=WordTokenizer())
+    assert not out.exists()
+    with pytest.raises(SolotuneError, match="no such checkpoint"):
+        finetune(tiny_config(tmp_path, data, output_dir=str(out), model=str(tmp_path / "no-model")))
     assert not out.exists()
 
 

@@ -12,27 +12,18 @@ import pytest
 import torch
 
 from solotune import cli
-from solotune.checkpoint import save_hf
-from solotune.config import ModelConfig
-from solotune.model import build_model
 from solotune.train import TrainConfig
 from solotune.train.commands import add_finetune_args, finetune_config
+from solotune.train.config import FULL_FINETUNE, PROFILES
 from solotune.train.weights import attach_adapter, load_adapter
 
+from cli_fixtures import CFG, common_flags, write_tiny_base
 from train_fixtures import write_records
-
-TOKENIZER = Path(__file__).resolve().parents[1] / "assets" / "llama2_tokenizer.model"
-CFG = ModelConfig(name="tiny-llama2-vocab", dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32000,
-                  hidden_dim=64, max_seq_len=256)
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
-    if not TOKENIZER.is_file():
-        pytest.skip(f"{TOKENIZER} missing")
-    d = tmp_path_factory.mktemp("base") / "hf"
-    save_hf(CFG, build_model(CFG, seed=0).state_dict(), d, tokenizer_file=TOKENIZER)
-    return d
+    return write_tiny_base(tmp_path_factory.mktemp("base") / "hf")
 
 
 @pytest.fixture(scope="module")
@@ -47,14 +38,12 @@ def _parse(*argv: str) -> argparse.Namespace:
 
 
 def _common(base: Path, data: Path, out: Path) -> list[str]:
-    return ["--model", str(base), "--data", str(data), "--output-dir", str(out), "--train-range", "0:32",
-            "--val-range", "32:48", "--max-seq-len", "128", "--batch-size", "2", "--grad-accum", "2",
-            "--lr", "3e-2", "--lora-rank", "4", "--lora-alpha", "8", "--lora-targets", "wq,wk,wv,w2",
-            "--device", "cpu", "--no-progress", "--no-generate"]
+    return common_flags(base, data, out)
 
 
 # --------------------------------------------------------------------------------- flags -> config
-def test_no_flags_is_the_quickstart_profile():
+def test_no_flags_is_the_quickstart_profile(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no earlier runs/quickstart that would move the default output dir
     assert finetune_config(_parse()) == TrainConfig.profile("quickstart")
     assert finetune_config(_parse("--profile", "course")) == TrainConfig()
 
@@ -67,6 +56,20 @@ def test_flags_override_the_profile():
                                grad_checkpoint="every:3", precision="bf16", val_range=(450, 500),
                                max_grad_norm=None, generate_samples=False)
     assert cfg == want
+
+
+def test_each_method_gets_its_profiles_learning_rate(tmp_path, monkeypatch, capsys):
+    """Full fine-tuning does not inherit LoRA's demo rate; a --lr you pass always wins."""
+    monkeypatch.chdir(tmp_path)
+    lora_lr, full_lr = PROFILES["quickstart"]["lr"], FULL_FINETUNE["quickstart"]["lr"]
+    assert full_lr < lora_lr / 10
+    assert finetune_config(_parse()).lr == lora_lr
+    assert finetune_config(_parse("--full")).lr == finetune_config(_parse("--lora-rank", "0")).lr == full_lr
+    assert finetune_config(_parse("--full", "--lr", "1e-3")).lr == 1e-3
+    assert finetune_config(_parse("--profile", "course", "--full")).lr == TrainConfig().lr  # the course's, both methods
+    with pytest.raises(SystemExit):
+        cli.main(["finetune", "--help"])
+    assert f"{lora_lr:g} (full {full_lr:g})" in capsys.readouterr().out
 
 
 def test_bad_flag_values_are_errors():
@@ -164,3 +167,31 @@ def test_cli_errors_are_one_line(tmp_path, capsys, base, data):
     assert cli.main(["finetune", *_common(base, data, tmp_path / "x"), "--lora-targets", "wq,qkv"]) == 2
     assert "lora_targets" in capsys.readouterr().err
     assert cli.main(["eval", "--adapter", str(tmp_path / "missing")]) == 2
+
+
+# ------------------------------------------------------------------------------ generate --adapter
+def test_eval_and_generate_take_the_same_model_arguments():
+    parser = cli.build_parser()
+    shared = ["--model", "m", "--adapter", "a", "--tokenizer", "t", "--device", "cpu", "--precision", "bf16"]
+    ev, gen = parser.parse_args(["eval", *shared]), parser.parse_args(["generate", *shared, "--prompt", "x"])
+    for name in ("model", "adapter", "tokenizer", "device", "precision"):
+        assert getattr(ev, name) == getattr(gen, name) == shared[shared.index("--" + name) + 1]
+    assert parser.parse_args(["generate", "--dtype", "bf16", "--prompt", "x"]).precision == "bf16"  # older spelling
+
+
+def test_generate_with_an_adapter_equals_the_merged_model(base, lora_run, tmp_path, capsys):
+    """Every adapter form eval accepts, attached unmerged, greedy-decodes the merged model's tokens."""
+    assert cli.main(["merge", "--adapter", str(lora_run), "--output", str(tmp_path / "merged")]) == 0
+    assert cli.main(["export-peft", "--adapter", str(lora_run), "--output", str(tmp_path / "peft")]) == 0
+    prompt = ["--prompt", "The capital of France is", "--prompt", "One two", "--max-new-tokens", "12", "--device", "cpu"]
+
+    def generate(*how: str) -> str:
+        capsys.readouterr()
+        assert cli.main(["generate", *how, *prompt]) == 0
+        return capsys.readouterr().out
+
+    merged = generate("--model", str(tmp_path / "merged"))
+    assert merged != generate("--model", str(base))  # the adapter changes the answer: the test can fail
+    for adapter in (lora_run, lora_run / "final", lora_run / "checkpoints" / "step-000006"):
+        assert generate("--adapter", str(adapter)) == merged, adapter
+    assert generate("--adapter", str(tmp_path / "peft"), "--model", str(base)) == merged
