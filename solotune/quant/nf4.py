@@ -99,6 +99,8 @@ class NF4Weight:
     absmax2: fp32 [ceil(nb/256)]: the absmax of (absmax - offset) over each 256 blocks.
     offset: fp32 [1]: the mean of the fp32 absmax values.
     shape: the weight's shape ([out, in]).
+    tables: optional (NF4 levels [16], dynamic map [256]) already on the tensors' device, so that
+        a dequantization on the GPU does not copy the two constants host-to-device every call.
     """
 
     codes: torch.Tensor
@@ -108,6 +110,14 @@ class NF4Weight:
     shape: torch.Size
     blocksize: int = BLOCKSIZE
     scale_blocksize: int = SCALE_BLOCKSIZE
+    tables: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def levels_and_map(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(NF4 levels [16], dynamic map [256]) fp32 on the codes' device."""
+        if self.tables is not None:
+            return self.tables
+        dev = self.codes.device
+        return NF4_LEVELS.to(dev), DYNAMIC_MAP.to(dev)
 
     @property
     def numel(self) -> int:
@@ -175,11 +185,12 @@ def quantize_scales(absmax: torch.Tensor, scale_blocksize: int = SCALE_BLOCKSIZE
 
 
 def dequantize_scales(qabsmax: torch.Tensor, absmax2: torch.Tensor, offset: torch.Tensor,
-                      scale_blocksize: int = SCALE_BLOCKSIZE) -> torch.Tensor:
+                      scale_blocksize: int = SCALE_BLOCKSIZE, dynamic: torch.Tensor | None = None) -> torch.Tensor:
     """The absmax values back -> fp32 [nb]: DYN[q] * absmax2[b // 256] + offset (two fp32 roundings)."""
     nb = qabsmax.numel()
     idx = torch.arange(nb, device=qabsmax.device) // scale_blocksize
-    return DYNAMIC_MAP.to(qabsmax.device)[qabsmax.long()] * absmax2[idx] + offset
+    dyn = DYNAMIC_MAP.to(qabsmax.device) if dynamic is None else dynamic
+    return dyn[qabsmax.long()] * absmax2[idx] + offset
 
 
 @torch.no_grad()
@@ -200,17 +211,18 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = BLOCKSIZE, scale_blocksize: i
     return NF4Weight(packed, qabsmax, absmax2, offset, torch.Size(w.shape), blocksize, scale_blocksize)
 
 
-def _byte_table(device: torch.device) -> torch.Tensor:
-    """[256, 2] fp32: the two levels a byte holds (high nibble first)."""
-    b = torch.arange(256)
-    return torch.stack([NF4_LEVELS[b >> 4], NF4_LEVELS[b & 15]], dim=1).to(device)
+def _byte_table(levels: torch.Tensor) -> torch.Tensor:
+    """[256, 2] fp32: the two levels a byte holds (high nibble first), on the levels' device."""
+    b = torch.arange(256, device=levels.device)
+    return torch.stack([levels[b >> 4], levels[b & 15]], dim=1)
 
 
 def dequantize_nf4_torch(q: NF4Weight, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """The PyTorch path (CPU, and the reference of the Triton kernel) -> [*shape] in ``dtype``."""
     n, bs = q.numel, q.blocksize
-    absmax = dequantize_scales(q.qabsmax, q.absmax2, q.offset, q.scale_blocksize)
-    vals = _byte_table(q.codes.device)[q.codes.int()].view(-1)  # [2 * bytes] fp32
+    levels, dyn = q.levels_and_map()
+    absmax = dequantize_scales(q.qabsmax, q.absmax2, q.offset, q.scale_blocksize, dyn)
+    vals = _byte_table(levels)[q.codes.int()].view(-1)  # [2 * bytes] fp32
     pad = -vals.numel() % bs
     if pad:
         vals = torch.cat([vals, vals.new_zeros(pad)])

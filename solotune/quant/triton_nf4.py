@@ -21,7 +21,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     triton = None
     tl = None
 
-from .nf4 import DYNAMIC_MAP, NF4_LEVELS, NF4Weight
+from .nf4 import NF4Weight
 
 
 def triton_available() -> bool:
@@ -64,10 +64,10 @@ def dequantize_nf4_triton(q: NF4Weight, dtype: torch.dtype = torch.bfloat16, blo
     if 2 * n_bytes >= 2**31:
         raise ValueError(f"NF4 tensor of {n} values: the kernel indexes with int32 (< 2^31 values)")
     out = torch.empty(n, dtype=dtype, device=dev)
+    levels, dyn = q.levels_and_map()
     grid = (triton.cdiv(n_bytes, block),)
     _nf4_dequantize_kernel[grid](
-        q.codes, q.qabsmax, q.absmax2, q.offset.to(torch.float32),
-        NF4_LEVELS.to(dev), DYNAMIC_MAP.to(dev), out, n_bytes, n,
+        q.codes, q.qabsmax, q.absmax2, q.offset.to(torch.float32), levels, dyn, out, n_bytes, n,
         BYTES_PER_BLOCK=q.blocksize // 2, SCALE_BLOCKSIZE=q.scale_blocksize, BLOCK=block,
         enable_fp_fusion=False,
     )
