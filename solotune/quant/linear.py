@@ -21,8 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .int8 import dequantize_int8, quantize_int8
-from .nf4 import (BLOCKSIZE, DYNAMIC_MAP, NF4_LEVELS, SCALE_BLOCKSIZE, NF4Weight, dequantize_nf4, nf4_storage_shapes,
-                  quantize_nf4)
+from .dequant import dequantize_nf4
+from .nf4 import BLOCKSIZE, DYNAMIC_MAP, NF4_LEVELS, SCALE_BLOCKSIZE, NF4Weight, nf4_storage_shapes, quantize_nf4
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

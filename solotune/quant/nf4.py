@@ -10,7 +10,9 @@ quant_type="nf4", compress_statistics=True)``), so the two can be compared on th
 - Double quantization: the absmax values minus their mean ``offset`` are quantized again, in
   blocks of 256, with the signed 8-bit *dynamic* map (:func:`dynamic_map`) and one fp32 absmax
   per 256 blocks: ``qabsmax`` uint8 [n/64], ``absmax2`` fp32 [ceil(n/64/256)], ``offset`` fp32.
-- Dequantization: ``a_b' = DYN[qabsmax[b]] * absmax2[b // 256] + offset`` and
+- Dequantization (:func:`dequantize_nf4_torch` here, the Triton kernel in :mod:`.triton_nf4`,
+  the choice between them in :func:`solotune.quant.dequant.dequantize_nf4`):
+  ``a_b' = DYN[qabsmax[b]] * absmax2[b // 256] + offset`` and
   ``w' = NF4[code] * a_b'``, both products in fp32, rounded once to the output dtype.
 
 Storage: 4 bits + 8/64 + 32/(64*256) bits per weight (+ 4 bytes of offset per tensor):
@@ -230,28 +232,8 @@ def dequantize_nf4_torch(q: NF4Weight, dtype: torch.dtype = torch.bfloat16) -> t
     return out.to(dtype).view(q.shape)
 
 
-def dequantize_nf4(q: NF4Weight, dtype: torch.dtype = torch.bfloat16, backend: str = "auto") -> torch.Tensor:
-    """NF4 -> [*shape] in ``dtype``. ``backend``: ``torch``, ``triton`` (CUDA tensors, needs
-    Triton) or ``auto`` (Triton on CUDA when it is installed, else PyTorch). Both give the same
-    bits (tests/quant/test_triton_nf4.py)."""
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"NF4 dequantize backend {backend!r}: expected auto, torch or triton")
-    if backend != "torch" and q.codes.is_cuda:
-        from .triton_nf4 import dequantize_nf4_triton, triton_available
-
-        if triton_available():
-            return dequantize_nf4_triton(q, dtype)
-        if backend == "triton":
-            raise RuntimeError("NF4 backend 'triton' asked for, but triton is not importable")
-    elif backend == "triton" and not q.codes.is_cuda:
-        from .triton_nf4 import dequantize_nf4_triton
-
-        return dequantize_nf4_triton(q, dtype)  # CPU tensors: only under TRITON_INTERPRET=1
-    return dequantize_nf4_torch(q, dtype)
-
-
 __all__ = [
     "BLOCKSIZE", "SCALE_BLOCKSIZE", "NF4_LEVELS", "NF4_OFFSET", "NF4_ZERO_CODE", "DYNAMIC_MAP", "NF4Weight",
     "nf4_levels_from_quantiles", "dynamic_map", "nf4_storage_shapes", "nf4_weight_bytes", "blockwise_absmax",
-    "quantize_scales", "dequantize_scales", "quantize_nf4", "dequantize_nf4", "dequantize_nf4_torch",
+    "quantize_scales", "dequantize_scales", "quantize_nf4", "dequantize_nf4_torch",
 ]

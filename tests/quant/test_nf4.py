@@ -9,8 +9,9 @@ import math
 import pytest
 import torch
 
+from solotune.quant.dequant import dequantize_nf4
 from solotune.quant.nf4 import (BLOCKSIZE, DYNAMIC_MAP, NF4_LEVELS, NF4_OFFSET, NF4_ZERO_CODE, SCALE_BLOCKSIZE,
-                                blockwise_absmax, dequantize_nf4, dequantize_scales, nf4_levels_from_quantiles,
+                                blockwise_absmax, dequantize_scales, nf4_levels_from_quantiles,
                                 nf4_storage_shapes, nf4_weight_bytes, quantize_nf4, quantize_scales)
 
 

@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from solotune.quant import NF4Linear
+from solotune.quant.dequant import dequantize_nf4
 from solotune.quant.nf4 import (BLOCKSIZE, DYNAMIC_MAP, NF4_LEVELS, SCALE_BLOCKSIZE, NF4Weight, blockwise_absmax,
-                                dequantize_nf4, dequantize_nf4_torch, quantize_nf4)
+                                dequantize_nf4_torch, quantize_nf4)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
