@@ -1,0 +1,201 @@
+"""Frozen quantized linears that implement :class:`solotune.peft.base.LinearBase`, so a
+``LoRALinear`` can wrap them (QLoRA): :class:`NF4Linear` and :class:`Int8Linear`.
+
+x [..., in] -> y [..., out] = x @ W'.T with W' = dequantize() [out, in] in the compute dtype:
+the autocast dtype when autocast is on for x's device, else ``compute_dtype``. No bias.
+
+Memory: the forward dequantizes W' for its matmul and drops it; the backward dequantizes again
+for grad_x = grad_y @ W' (:class:`_FrozenQuantLinear`). A plain ``F.linear(x, W')`` would keep
+W' alive for its backward: one 16-bit copy of every quantized layer between forward and
+backward, i.e. the 16-bit model back. No gradient ever flows to the quantized weight.
+
+Stored state is buffers (``.to(device)`` moves them; ``state_dict`` has them). The fp32 scales
+are kept as their int32 bit patterns: ``model.to(torch.bfloat16)`` casts every floating buffer
+and would silently round the scales; an integer buffer it leaves alone.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .int8 import dequantize_int8, quantize_int8
+from .dequant import dequantize_nf4
+from .nf4 import BLOCKSIZE, DYNAMIC_MAP, NF4_LEVELS, SCALE_BLOCKSIZE, NF4Weight, nf4_storage_shapes, quantize_nf4
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """fp32 tensor -> its int32 bit pattern (same storage size)."""
+    return t.to(torch.float32).contiguous().view(torch.int32)
+
+
+def _fp32(bits: torch.Tensor) -> torch.Tensor:
+    return bits.view(torch.float32)
+
+
+class _FrozenQuantLinear(torch.autograd.Function):
+    """y = x @ W'.T for a frozen quantized W' that is dequantized again in backward instead of
+    being saved (nothing of size [out, in] outlives the forward)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, base: "QuantizedLinear", dtype: torch.dtype) -> torch.Tensor:
+        ctx.base, ctx.dtype = base, dtype
+        return F.linear(x, base.dequantize_as(dtype))
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            w = ctx.base.dequantize_as(ctx.dtype)
+            grad_x = grad_y.to(w.dtype).matmul(w)
+        return grad_x, None, None
+
+
+class QuantizedLinear(nn.Module):
+    """What NF4 and int8 share: shapes, compute dtype, the frozen forward, the LinearBase surface."""
+
+    writable = False  # merging into 4/8 bits would lose the delta: merge is the export path's
+
+    def __init__(self, in_features: int, out_features: int, compute_dtype: torch.dtype) -> None:
+        super().__init__()
+        if not compute_dtype.is_floating_point:
+            raise TypeError(f"compute dtype must be floating point, got {compute_dtype}")
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.compute_dtype = compute_dtype
+
+    # --------------------------------------------------------------- LinearBase
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.compute_dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.buffers()).device
+
+    def dequantize_as(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight [out, in] in ``dtype`` (a new tensor)."""
+        raise NotImplementedError
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight [out, in] in the compute dtype (a new tensor)."""
+        return self.dequantize_as(self.compute_dtype)
+
+    def weight_bytes(self) -> int:
+        """Bytes of every stored tensor (codes and scales); shapes only, so it works on meta."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def write_weight(self, weight: torch.Tensor) -> None:
+        raise NotImplementedError(f"{type(self).__name__} is not writable; merge via LoRALinear.merged_weight")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] -> [..., out] in the autocast dtype (autocast on) or the compute dtype."""
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.compute_dtype
+        return _FrozenQuantLinear.apply(x.to(dtype), self, dtype)
+
+    # ------------------------------------------------------------------ filling
+    def load_weight(self, weight: torch.Tensor) -> None:
+        """Quantize ``weight`` [out, in] (on its own device) into this module, replacing the
+        buffers (so a module built on the meta device is filled without copying)."""
+        raise NotImplementedError
+
+    def _check_shape(self, weight: torch.Tensor) -> None:
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"{type(self).__name__}: weight {list(weight.shape)} given, "
+                             f"expected [{self.out_features}, {self.in_features}]")
+
+    def _set(self, **tensors: torch.Tensor) -> None:
+        for name, t in tensors.items():
+            if tuple(t.shape) != tuple(self._buffers[name].shape):
+                raise ValueError(f"{name}: shape {list(t.shape)}, expected {list(self._buffers[name].shape)}")
+            self._buffers[name] = t
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"compute_dtype={self.compute_dtype}")
+
+
+class NF4Linear(QuantizedLinear):
+    """A frozen NF4 + double-quantized weight (bitsandbytes' layout, see :mod:`solotune.quant.nf4`).
+
+    Buffers: ``codes`` uint8 [ceil(n/2)], ``qabsmax`` uint8 [nb], ``absmax2_bits`` int32 [ceil(nb/256)]
+    and ``offset_bits`` int32 [1] (fp32 bit patterns), n = out * in, nb = ceil(n/64).
+    ``NF4Linear(in, out, dtype, device="meta")`` makes an empty one to fill with :meth:`load_weight`.
+    """
+
+    def __init__(self, in_features: int, out_features: int, compute_dtype: torch.dtype = torch.bfloat16, *,
+                 device: torch.device | str | None = None, blocksize: int = BLOCKSIZE,
+                 scale_blocksize: int = SCALE_BLOCKSIZE) -> None:
+        super().__init__(in_features, out_features, compute_dtype)
+        self.blocksize, self.scale_blocksize = blocksize, scale_blocksize
+        s = nf4_storage_shapes(self.in_features * self.out_features, blocksize, scale_blocksize)
+        self.register_buffer("codes", torch.empty(s["codes"], dtype=torch.uint8, device=device))
+        self.register_buffer("qabsmax", torch.empty(s["qabsmax"], dtype=torch.uint8, device=device))
+        self.register_buffer("absmax2_bits", torch.empty(s["absmax2"], dtype=torch.int32, device=device))
+        self.register_buffer("offset_bits", torch.empty(1, dtype=torch.int32, device=device))
+        # The two constant tables per device (levels, dynamic map), so a GPU forward copies them
+        # once, not every call; a cache of constants, not state (not a buffer: .to(dtype) would cast it).
+        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, compute_dtype: torch.dtype | None = None, **kw) -> "NF4Linear":
+        """Quantize ``weight`` [out, in] (on its device); compute dtype defaults to the weight's."""
+        m = cls(weight.shape[1], weight.shape[0], compute_dtype or weight.dtype, device="meta", **kw)
+        m.load_weight(weight)
+        return m
+
+    def load_weight(self, weight: torch.Tensor) -> None:
+        self._check_shape(weight)
+        q = quantize_nf4(weight, self.blocksize, self.scale_blocksize)
+        self._set(codes=q.codes, qabsmax=q.qabsmax, absmax2_bits=_bits(q.absmax2), offset_bits=_bits(q.offset))
+
+    @property
+    def nf4(self) -> NF4Weight:
+        """The stored weight as an :class:`NF4Weight` (views of the buffers)."""
+        dev = self.codes.device
+        if dev not in self._tables:
+            self._tables[dev] = (NF4_LEVELS.to(dev), DYNAMIC_MAP.to(dev))
+        return NF4Weight(self.codes, self.qabsmax, _fp32(self.absmax2_bits), _fp32(self.offset_bits),
+                         torch.Size((self.out_features, self.in_features)), self.blocksize, self.scale_blocksize,
+                         self._tables[dev])
+
+    def dequantize_as(self, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize_nf4(self.nf4, dtype)
+
+
+class Int8Linear(QuantizedLinear):
+    """A frozen int8 weight with an fp32 absmax scale per output channel (:mod:`solotune.quant.int8`).
+
+    Buffers: ``qweight`` int8 [out, in], ``scale_bits`` int32 [out] (fp32 bit patterns).
+    """
+
+    def __init__(self, in_features: int, out_features: int, compute_dtype: torch.dtype = torch.bfloat16, *,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__(in_features, out_features, compute_dtype)
+        self.register_buffer("qweight", torch.empty(self.out_features, self.in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scale_bits", torch.empty(self.out_features, dtype=torch.int32, device=device))
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, compute_dtype: torch.dtype | None = None) -> "Int8Linear":
+        m = cls(weight.shape[1], weight.shape[0], compute_dtype or weight.dtype, device="meta")
+        m.load_weight(weight)
+        return m
+
+    def load_weight(self, weight: torch.Tensor) -> None:
+        self._check_shape(weight)
+        q, scale = quantize_int8(weight)
+        self._set(qweight=q, scale_bits=_bits(scale))
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """fp32 [out] (a view of the stored bits)."""
+        return _fp32(self.scale_bits)
+
+    def dequantize_as(self, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize_int8(self.qweight, self.scale, dtype)
+
+
+QUANTIZED_LINEARS: dict[str, type[QuantizedLinear]] = {"nf4": NF4Linear, "int8": Int8Linear}
+
+__all__ = ["QuantizedLinear", "NF4Linear", "Int8Linear", "QUANTIZED_LINEARS"]
