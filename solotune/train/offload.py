@@ -49,6 +49,10 @@ Other hooks: tensors this context does not offload are handed to the hooks that 
 was entered (torch would otherwise call only these), so a measurement around it
 (``AnatomyInstrument.forward_context``) sees exactly what stays on the device.
 
+Not with FSDP2 (``parallel/``): its unsharded weights are plain tensors over all-gather buffers that
+it frees by resizing their storage after each block, so they would be copied as activations while
+being freed. Activation offload is a one-GPU technique; the config should refuse the pair.
+
 On CPU the "host" copy is a clone into a separate CPU tensor (and a clone back), so the whole
 mechanism (selection, dedup, views, retiring, prefetch) runs in the CPU tests and a CPU run is an
 exact pass-through.
@@ -206,7 +210,8 @@ class ActivationOffload:
         if self._window is not None:
             raise RuntimeError("ActivationOffload is already active (enter it once per micro-batch)")
         tensors = [*self.model.parameters(), *self.model.buffers()]
-        self._model_storages = {t.untyped_storage()._cdata for t in tensors}
+        # Wrapper subclasses (DTensor shards, quantized weights) have no plain storage to compare.
+        self._model_storages = {t.untyped_storage()._cdata for t in tensors if type(t) in (torch.Tensor, nn.Parameter)}
         self._weight_shapes = {tuple(p.shape) for m in self.model.modules() if not isinstance(m, nn.Embedding)
                                for p in m.parameters(recurse=False) if p.ndim == 2}
         self._outer = _outer_hooks()

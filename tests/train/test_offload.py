@@ -31,9 +31,6 @@ CFG = ModelConfig(name="tiny-offload", dim=32, n_layers=4, n_heads=4, n_kv_heads
                   hidden_dim=64, max_seq_len=64)
 LENGTHS = (9, 14, 6)  # B = 3 rows, T = 14 (right-padded)
 
-gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-
-
 def _examples(lengths=LENGTHS, seed=0, vocab=CFG.vocab_size):
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -329,7 +326,7 @@ def test_cuda_offload_lowers_peak_memory_by_the_block_inputs():
     h = B * T * C * 2
     max_in_flight = 2
     peaks, mids, results = {}, {}, {}
-    for name in ("none", "off"):
+    for name in ("warm-up", "none", "off"):  # warm-up: cuBLAS workspaces are not charged to "none"
         ctx = ActivationOffload(model, "cuda", max_in_flight=max_in_flight) if name == "off" else contextlib.nullcontext()
         model.zero_grad(set_to_none=True)
         gc.collect()
