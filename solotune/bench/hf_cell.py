@@ -22,6 +22,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..errors import ConfigError
+
 # solotune name -> HF module name for LoRA targets
 HF_TARGETS = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj", "w1": "gate_proj",
               "w2": "down_proj", "w3": "up_proj"}
@@ -43,9 +45,9 @@ def build_hf_model(spec: Any, device: torch.device) -> tuple[nn.Module, Any, Any
     from .tokens import preset_cell_tokenizer
 
     if spec.model not in PRESETS:
-        raise ValueError(f"--reference hf runs preset architectures only (got {spec.model!r})")
+        raise ConfigError(f"--reference hf runs preset architectures only (got {spec.model!r})")
     if spec.grad_checkpoint not in ("off", "all"):
-        raise ValueError(f"HF checkpoints every layer or none; {spec.grad_checkpoint!r} has no HF equivalent")
+        raise ConfigError(f"HF checkpoints every layer or none; {spec.grad_checkpoint!r} has no HF equivalent")
     cfg = PRESETS[spec.model]
     if spec.layers is not None:
         cfg = cfg.replace(n_layers=spec.layers)

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
+from ..errors import ConfigError
 from ..train.precision import TRAINING_PRECISIONS
 from .cell import CellSpec
 from .plan import GiB
@@ -65,18 +66,18 @@ class BenchConfig:
         self.axes = tuple(dict.fromkeys(self.axes))
         bad = [a for a in self.axes if a not in AXES]
         if bad:
-            raise ValueError(f"--axes {','.join(self.axes)}: choose from {','.join(AXES)} (or none)")
+            raise ConfigError(f"--axes {','.join(self.axes)}: choose from {','.join(AXES)} (or none)")
         clash = [a for a in self.fixed if a not in AXES or a in self.axes]
         if clash:
-            raise ValueError(f"--fix {','.join(clash)}: pin only axes that --axes leaves out ({','.join(AXES)})")
+            raise ConfigError(f"--fix {','.join(clash)}: pin only axes that --axes leaves out ({','.join(AXES)})")
         if self.precision_on not in TRAINING_PRECISIONS or self.precision_on == "fp32":
-            raise ValueError(f"--precision-on {self.precision_on!r}: choose from fp16-amp, bf16-amp, bf16")
+            raise ConfigError(f"--precision-on {self.precision_on!r}: choose from fp16-amp, bf16-amp, bf16")
         if self.reference not in (None, "hf"):
-            raise ValueError(f"--reference {self.reference!r}: only 'hf' is supported")
+            raise ConfigError(f"--reference {self.reference!r}: only 'hf' is supported")
         if self.ga_on < 2:
-            raise ValueError(f"--ga-on must be >= 2, got {self.ga_on}")
+            raise ConfigError(f"--ga-on must be >= 2, got {self.ga_on}")
         if not 1 <= self.samples <= 200:
-            raise ValueError(f"--samples must be in 1..200 (the course's training split), got {self.samples}")
+            raise ConfigError(f"--samples must be in 1..200 (the course's training split), got {self.samples}")
 
 
 def axis_values(bc: BenchConfig, axis: str, on: bool) -> dict[str, Any]:

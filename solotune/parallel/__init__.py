@@ -123,7 +123,9 @@ def make_parallel(kind: str, device: torch.device) -> Any:
         from .fsdp import FSDPContext
 
         return FSDPContext(device)
-    raise ValueError(f"distributed {kind!r}: expected none or fsdp")
+    from ..errors import ConfigError
+
+    raise ConfigError(f"distributed {kind!r}: expected none or fsdp")
 
 
 __all__ = ["SingleProcess", "make_parallel"]

@@ -80,6 +80,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ..errors import DeviceError
+
 try:  # torch >= 2.6
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 except ImportError:  # torch 2.5
@@ -87,6 +89,10 @@ except ImportError:  # torch 2.5
 
 NVLS_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+class NoCUDAError(DeviceError, RuntimeError):
+    """distributed=fsdp on cuda without a CUDA device (a RuntimeError, as it was before)."""
 
 
 def set_nvls_off() -> None:
@@ -134,7 +140,7 @@ class FSDPContext:
         set_nvls_off()
         cuda = self.requested.type == "cuda"
         if cuda and not torch.cuda.is_available():
-            raise RuntimeError("distributed=fsdp on cuda, but no CUDA device is available")
+            raise NoCUDAError("distributed=fsdp on cuda, but no CUDA device is available")
         self.local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
         if cuda:
             # "cuda" always means this rank's own GPU: cuda:LOCAL_RANK.

@@ -20,6 +20,8 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
+from ..checkpoint.common import CheckpointError
+
 DCP_METADATA = ".metadata"  # what makes a folder a DCP folder
 
 
@@ -54,7 +56,7 @@ def load_sharded(src: Path, model: nn.Module, optimizer: torch.optim.Optimizer) 
         with _single_process_ok():
             dcp.load(state, checkpoint_id=str(src), no_dist=not _in_group())
     except Exception as e:  # CheckpointException wraps per-rank errors; keep the message, name the folder
-        raise ValueError(f"{src}: cannot load this sharded checkpoint into the model: {e}") from None
+        raise CheckpointError(src, f"cannot load this sharded checkpoint into the model: {e}") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=opts)
 
 
@@ -82,16 +84,19 @@ def read_sharded_weights(src: Path) -> dict[str, torch.Tensor]:
     try:
         meta = reader.read_metadata()
     except Exception as e:
-        raise ValueError(f"{src}: not a readable DCP checkpoint: {e}") from None
+        raise CheckpointError(src, f"not a readable DCP checkpoint: {e}") from None
     prefix = "model."
     templates = {k[len(prefix):]: torch.empty(m.size, dtype=m.properties.dtype)
                  for k, m in meta.state_dict_metadata.items()
                  if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)}
     if not templates:
-        raise ValueError(f"{src}: the sharded checkpoint holds no model tensors")
+        raise CheckpointError(src, "the sharded checkpoint holds no model tensors")
     state = {"model": templates}
-    with _single_process_ok():
-        dcp.load(state, storage_reader=reader, no_dist=True)
+    try:
+        with _single_process_ok():
+            dcp.load(state, storage_reader=reader, no_dist=True)
+    except Exception as e:  # a missing or truncated shard file
+        raise CheckpointError(src, f"cannot read the sharded weights: {e}") from None
     return state["model"]
 
 
@@ -110,7 +115,7 @@ def load_full_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, wei
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     missing, unexpected = sorted(set(trainable) - weights.keys()), sorted(weights.keys() - set(trainable))
     if missing or unexpected:
-        raise ValueError(f"{source}: weights do not fit this model: missing {missing[:6]}, unexpected {unexpected[:6]}")
+        raise CheckpointError(source, f"weights do not fit this model: missing {missing[:6]}, unexpected {unexpected[:6]}")
     # The single-process optimizer numbered its parameters in param_groups order; this run built
     # its optimizer from the same model in the same order, so the numbers map onto names.
     names = {id(p): n for n, p in model.named_parameters()}
@@ -119,7 +124,7 @@ def load_full_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, wei
         osd = {"state": {fqn[int(i)]: s for i, s in optim_state["state"].items()},
                "param_groups": [{**g, "params": [fqn[int(i)] for i in g["params"]]} for g in optim_state["param_groups"]]}
     except (IndexError, KeyError, TypeError) as e:
-        raise ValueError(f"{source}: optimizer state does not fit this model: {e!r}") from None
+        raise CheckpointError(source, f"optimizer state does not fit this model: {e!r}") from None
     set_state_dict(model, optimizer, model_state_dict=dict(weights), optim_state_dict=osd,
                    options=StateDictOptions(full_state_dict=True, strict=False))
 

@@ -19,9 +19,10 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from ..checkpoint.common import atomic_dir
+from ..checkpoint.common import CheckpointError, atomic_dir
 from ..checkpoint.names import HF_MODULES, hf_rows_to_meta, meta_rows_to_hf, rename
 from ..config import ModelConfig
+from ..errors import ConfigError, MissingPathError
 from .lora import LORA_TARGETS, lora_modules
 
 CONFIG_NAME = "adapter_config.json"
@@ -82,20 +83,20 @@ def export_peft(model: nn.Module, model_cfg: ModelConfig, out_dir: str | os.Path
 
     mods = list(lora_modules(model))
     if not mods:
-        raise ValueError("model has no LoRA adapters to export")
+        raise ConfigError("model has no LoRA adapters to export")
     ranks = {m.rank for _, m in mods}
     alphas = {m.alpha for _, m in mods}
     drops = {m.dropout_p for _, m in mods}
     leaves = {name.rsplit(".", 1)[1] for name, _ in mods}
     if len(ranks) > 1 or len(alphas) > 1:
-        raise ValueError(f"adapters have mixed ranks {sorted(ranks)} / alphas {sorted(alphas)}; PEFT export needs one of each")
+        raise ConfigError(f"adapters have mixed ranks {sorted(ranks)} / alphas {sorted(alphas)}; PEFT export needs one of each")
     have = {"rank": ranks.pop(), "alpha": alphas.pop(), "dropout": max(drops), "targets": leaves}
     given = {"rank": rank, "alpha": alpha, "dropout": dropout, "targets": set(targets) if targets is not None else None}
     for key, val in given.items():
         if val is not None and (val != have[key] if key != "dropout" else abs(val - have[key]) > 1e-12):
-            raise ValueError(f"export_peft {key}={val!r} but the model's adapters have {have[key]!r}")
+            raise ConfigError(f"export_peft {key}={val!r} but the model's adapters have {have[key]!r}")
     if any(m.merged for _, m in mods):
-        raise ValueError("adapters are merged into the base weights; unmerge before exporting")
+        raise ConfigError("adapters are merged into the base weights; unmerge before exporting")
 
     tensors: dict[str, torch.Tensor] = {}
     for name, m in mods:
@@ -124,40 +125,50 @@ _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?
 def import_peft(path: str | os.PathLike[str], model_cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a PEFT LoRA adapter directory -> (lora state dict with canonical names and Meta Q/K
     row order, adapter config dict). Only plain LoRA on the seven LLaMA Linears is accepted; anything
-    else (DoRA, rsLoRA, per-module ranks, biases, modules_to_save) is one ValueError naming the file."""
+    else (DoRA, rsLoRA, per-module ranks, biases, modules_to_save) is one CheckpointError (a
+    ValueError) naming the file; a missing file is a MissingPathError (a FileNotFoundError)."""
     from safetensors.torch import load_file
 
     d = Path(path)
     cfg_file, w_file = d / CONFIG_NAME, d / WEIGHTS_NAME
     for f in (cfg_file, w_file):
         if not f.is_file():
-            raise FileNotFoundError(f"{f}: missing (not a PEFT adapter directory)")
+            raise MissingPathError(f"{f}: missing (not a PEFT adapter directory)")
     try:
         config = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_file}: invalid JSON at line {e.lineno}: {e.msg}") from None
+        raise CheckpointError(cfg_file, f"invalid JSON at line {e.lineno}: {e.msg}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(cfg_file, "is not a JSON object")
     if config.get("peft_type") != "LORA":
-        raise ValueError(f"{cfg_file}: peft_type {config.get('peft_type')!r}, only LORA is supported")
+        raise CheckpointError(cfg_file, f"peft_type {config.get('peft_type')!r}, only LORA is supported")
     for key, ok in (("use_dora", False), ("use_rslora", False), ("bias", "none"), ("fan_in_fan_out", False)):
         if config.get(key, ok) != ok:
-            raise ValueError(f"{cfg_file}: {key}={config[key]!r} is not supported (need {ok!r})")
+            raise CheckpointError(cfg_file, f"{key}={config[key]!r} is not supported (need {ok!r})")
     for key in ("rank_pattern", "alpha_pattern", "modules_to_save"):
         if config.get(key):
-            raise ValueError(f"{cfg_file}: {key} is not supported")
+            raise CheckpointError(cfg_file, f"{key} is not supported")
     for key in ("r", "lora_alpha"):
         if key not in config:
-            raise ValueError(f"{cfg_file}: field {key!r} is missing")
-    r = int(config["r"])
+            raise CheckpointError(cfg_file, f"field {key!r} is missing")
+    try:
+        r = int(config["r"])
+    except (TypeError, ValueError):
+        raise CheckpointError(cfg_file, f"r={config['r']!r} is not an integer") from None
 
     sd: dict[str, torch.Tensor] = {}
-    for key, t in load_file(str(w_file)).items():
+    try:
+        tensors = load_file(str(w_file))
+    except Exception as e:  # not a safetensors file, truncated
+        raise CheckpointError(w_file, f"cannot be read as safetensors: {e}") from None
+    for key, t in tensors.items():
         m = _KEY.match(key)
         module = _MODULE_OF_HF.get(re.sub(r"\.layers\.\d+\.", ".layers.{N}.", m.group("module"))) if m else None
         if module is None:
-            raise ValueError(f"{w_file}: tensor {key} is not a LoRA A/B of a LLaMA Linear")
+            raise CheckpointError(w_file, f"tensor {key} is not a LoRA A/B of a LLaMA Linear")
         layer = int(re.search(r"\.layers\.(\d+)\.", m.group("module")).group(1))
         if layer >= model_cfg.n_layers:
-            raise ValueError(f"{w_file}: tensor {key} is for layer {layer}, the model has {model_cfg.n_layers}")
+            raise CheckpointError(w_file, f"tensor {key} is for layer {layer}, the model has {model_cfg.n_layers}")
         name = module.replace("{N}", str(layer))
         if m.group("ab") == "B":
             heads = _rows_heads(name, model_cfg)
@@ -165,15 +176,15 @@ def import_peft(path: str | os.PathLike[str], model_cfg: ModelConfig) -> tuple[d
                 t = hf_rows_to_meta(t, heads)
         out_name = f"{name}.lora_{m.group('ab').lower()}"
         if out_name in sd:
-            raise ValueError(f"{w_file}: tensor {key} appears twice (several adapters in one file?)")
+            raise CheckpointError(w_file, f"tensor {key} appears twice (several adapters in one file?)")
         rank_dim = 0 if m.group("ab") == "A" else 1
         if t.ndim != 2 or t.shape[rank_dim] != r:
-            raise ValueError(f"{w_file}: tensor {key} has shape {tuple(t.shape)}, expected rank {r} on dim {rank_dim}")
+            raise CheckpointError(w_file, f"tensor {key} has shape {tuple(t.shape)}, expected rank {r} on dim {rank_dim}")
         sd[out_name] = t.contiguous()
     for name in sd:
         pair = name[:-1] + ("b" if name.endswith("a") else "a")
         if pair not in sd:
-            raise ValueError(f"{w_file}: {name} has no matching {pair.rsplit('.', 1)[1]}")
+            raise CheckpointError(w_file, f"{name} has no matching {pair.rsplit('.', 1)[1]}")
     return sd, config
 
 

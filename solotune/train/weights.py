@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..checkpoint.common import CheckpointError
+from ..errors import ConfigError, MissingPathError
 from ..peft import apply_lora, load_lora_state_dict, lora_state_dict
 from .config import TrainConfig
 
@@ -47,7 +49,7 @@ def load_trainable_state(model: nn.Module, sd: dict[str, torch.Tensor], lora: bo
                 raise ValueError(f"tensor {k}: shape {tuple(sd[k].shape)}, model has {tuple(t.shape)}")
             t.copy_(sd[k])
     except (KeyError, ValueError) as e:
-        raise ValueError(f"{source}: weights do not fit this model: {e}") from None
+        raise CheckpointError(source, f"weights do not fit this model: {e}") from None
 
 
 def adapter_config(cfg: TrainConfig, model: nn.Module) -> dict[str, Any]:
@@ -135,11 +137,11 @@ def load_adapter(path: str | Path, model_cfg: Any = None) -> Adapter:
     from safetensors.torch import load_file
 
     from ..peft.export import import_peft, targets_of
-    from .state import CONFIG, SHARDED, WEIGHTS, resolve_checkpoint
+    from .state import CONFIG, SHARDED, TRAINER_STATE, WEIGHTS, resolve_checkpoint
 
     p = Path(path)
     if not p.is_dir():
-        raise FileNotFoundError(f"--adapter {p}: no such directory")
+        raise MissingPathError(f"--adapter {p}: no such directory")
     if (p / FINAL / ADAPTER_CONFIG).is_file():
         p = p / FINAL
     if (p / ADAPTER_CONFIG).is_file():
@@ -149,19 +151,30 @@ def load_adapter(path: str | Path, model_cfg: Any = None) -> Adapter:
                            float(meta["dropout"]), tuple(meta["targets"]), meta.get("base_model"), p,
                            meta.get("train_config"))
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{p}: not a readable solotune adapter ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS}): {e!r}") from None
+            raise CheckpointError(p, f"not a readable solotune adapter ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS}): {e!r}") from None
     if (p / "adapter_config.json").is_file():  # HF PEFT layout
         if model_cfg is None:
             raise ValueError(f"{p}: a PEFT adapter needs the base model's config to read")
         sd, conf = import_peft(p, model_cfg)
         return Adapter(sd, int(conf["r"]), float(conf["lora_alpha"]), float(conf.get("lora_dropout", 0.0)),
                        tuple(targets_of(sd)), conf.get("base_model_name_or_path"), p)
-    d = resolve_checkpoint(p)
-    cfg = TrainConfig.from_dict(json.loads((d / CONFIG).read_text()))
+    try:
+        d = resolve_checkpoint(p)
+    except MissingPathError:  # its wording is --resume's
+        raise MissingPathError(f"--adapter {p}: not an adapter folder (no {ADAPTER_CONFIG}, adapter_config.json "
+                               f"or {TRAINER_STATE} in it, and no checkpoints/ of a run)") from None
+    try:
+        saved = json.loads((d / CONFIG).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(d / CONFIG, f"cannot read the run's config: {e}") from None
+    cfg = TrainConfig.from_dict(saved)
     if not cfg.use_lora:
-        raise ValueError(f"{d}: this checkpoint is of a full fine-tuning run, not a LoRA adapter")
+        raise ConfigError(f"{d}: this checkpoint is of a full fine-tuning run, not a LoRA adapter")
     if (d / WEIGHTS).is_file():
-        weights = load_file(str(d / WEIGHTS))
+        try:
+            weights = load_file(str(d / WEIGHTS))
+        except Exception as e:  # not a safetensors file, truncated
+            raise CheckpointError(d / WEIGHTS, f"cannot be read as safetensors: {e}") from None
     else:  # written by N ranks: reassemble the adapter from the DCP shards
         from ..parallel.state_dict import read_sharded_weights
 
@@ -178,5 +191,5 @@ def attach_adapter(model: nn.Module, adapter: Adapter, dropout: float | None = N
     try:
         load_lora_state_dict(model, adapter.weights)
     except (KeyError, ValueError) as e:
-        raise ValueError(f"{adapter.source}: adapter does not fit the model: {e}") from None
+        raise ConfigError(f"{adapter.source}: adapter does not fit the model: {e}") from None
     return model
