@@ -34,7 +34,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def load(source: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", *,
-         random_init: bool = False, n_layers: int | None = None, seed: int = 0):
+         random_init: bool = False, n_layers: int | None = None, seed: int | None = 0, quantize: str = "none"):
     """Load ``(model, tokenizer)``.
 
     source: a checkpoint path in any of the three formats (Meta dir, HF dir, ``.gguf`` file), or a
@@ -43,6 +43,9 @@ def load(source: str | Path, dtype: torch.dtype = torch.float32, device: str | t
         ``random_init=True`` to get random weights of that architecture (for benchmarks) with the
         bundled LLaMA-2 tokenizer.
     n_layers: keep only the first N layers (a shallower model of the same width; random_init only).
+    quantize: ``nf4`` | ``int8`` stores the seven linears of every block quantized (QLoRA's frozen
+        base), computing in ``dtype``; they are swapped in on the meta device and each weight is
+        quantized as it streams in (random ones too), so the 16-bit model never exists anywhere.
     """
     from .checkpoint import load_checkpoint
     from .errors import ConfigError, MissingPathError
@@ -57,7 +60,7 @@ def load(source: str | Path, dtype: torch.dtype = torch.float32, device: str | t
         cfg = PRESETS[name]
         if n_layers is not None:
             cfg = cfg.replace(n_layers=n_layers)
-        model = build_model(cfg, dtype=dtype, device=device, seed=seed)
+        model = _build(cfg, None, dtype, device, seed, quantize)
         if cfg.vocab_size != 32000:
             raise ConfigError(f"random_init preset {name!r} has vocab {cfg.vocab_size}; only LLaMA-2-vocab presets "
                              "come with a bundled tokenizer")
@@ -76,7 +79,7 @@ def load(source: str | Path, dtype: torch.dtype = torch.float32, device: str | t
         raise ConfigError("n_layers applies to random_init models only")
     ckpt = load_checkpoint(path)  # names and shapes checked; no weights read yet
     # streamed: each tensor is read, cast and moved on its own, so the host never holds the model twice
-    model = build_model(ckpt.config, ckpt.tensors(), dtype=dtype, device=device)
+    model = _build(ckpt.config, ckpt.tensors(), dtype, device, seed, quantize)
     if ckpt.metadata is not None and "tokenizer.ggml.model" in ckpt.metadata:
         tokenizer = Tokenizer.from_gguf_metadata(ckpt.metadata, source=str(path))
     elif ckpt.tokenizer_file is not None:
@@ -85,6 +88,23 @@ def load(source: str | Path, dtype: torch.dtype = torch.float32, device: str | t
         raise MissingPathError(f"{path}: no tokenizer found next to the weights (tokenizer.model or tokenizer.json; "
                                f"the CLI takes --tokenizer FILE)")
     return model.eval(), tokenizer
+
+
+def _build(cfg: ModelConfig, source, dtype: torch.dtype, device: torch.device, seed: int | None,
+           quantize: str) -> Transformer:
+    """``build_model`` (``source`` None: random weights of ``seed``), or with quantized block linears:
+    built on meta, quantized modules swapped in, then filled one tensor at a time."""
+    if quantize in (None, "none"):
+        return build_model(cfg, source, dtype=dtype, device=device, seed=seed)
+    from .quant import load_quantized, random_source, swap_in_quantized
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    swap_in_quantized(model, quantize, compute_dtype=dtype)
+    if source is None:
+        gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+        source = random_source(model, generator=gen, device=device, dtype=dtype)
+    return load_quantized(model, source, dtype=dtype, device=device)
 
 
 __all__ = ["load", "resolve_device", "Transformer", "ModelConfig"]

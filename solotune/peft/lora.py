@@ -198,7 +198,8 @@ def apply_lora(model: nn.Module, targets: LoRASpec | Sequence[str] = ("wq", "wv"
     chosen = []
     for name, m in model.named_modules():
         leaf = name.rpartition(".")[2]
-        if leaf in found and hasattr(m, "weight") and hasattr(m, "in_features"):
+        # a plain Linear, or a quantized base (NF4/int8: no `weight`, but the LinearBase interface)
+        if leaf in found and (hasattr(m, "weight") or isinstance(m, LinearBase)) and hasattr(m, "in_features"):
             chosen.append(name)
             found[leaf] += 1
     missing = [t for t, n in found.items() if n == 0]

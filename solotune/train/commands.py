@@ -56,6 +56,11 @@ _FINETUNE_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--lora-alpha": ("lora_alpha", dict(type=float)),
     "--lora-dropout": ("lora_dropout", dict(type=float)),
     "--lora-targets": ("lora_targets", dict(help="comma list of wq,wk,wv,wo,w1,w2,w3")),
+    "--quantize": ("quantize", dict(choices=["none", "nf4", "int8"],
+                                    help="store the frozen base in 4-bit NF4 (QLoRA) or int8; LoRA only")),
+    "--offload": ("offload", dict(choices=["none", "activations"],
+                                  help="activations: keep saved activations in pinned host memory (use with "
+                                       "--grad-checkpoint)")),
     "--full": ("full", dict(action="store_true", help="full fine-tuning (no LoRA)")),
     "--weight-decay": ("weight_decay", dict(type=float)),
     "--warmup-steps": ("warmup_steps", dict(type=int)),

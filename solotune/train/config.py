@@ -27,6 +27,8 @@ from ..model import checkpoint_policy
 PRECISIONS = ("fp32", "fp16-amp", "bf16-amp", "bf16", "fp64")  # fp64: numerical reference for tests
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 LR_SCHEDULES = ("cosine", "constant")
+QUANTIZE = ("none", "nf4", "int8")  # solotune.quant: the frozen base's storage
+OFFLOAD = ("none", "activations")  # solotune.train.offload
 DISTRIBUTED = ("none", "fsdp")  # solotune.parallel: one process, or FSDP2 over torchrun's processes
 
 
@@ -55,6 +57,8 @@ class TrainConfig:
     # memory / speed techniques
     grad_checkpoint: str = "off"  # off | all | every:K
     precision: str = "fp32"  # fp32 | fp16-amp | bf16-amp | bf16
+    quantize: str = "none"  # none | nf4 | int8: the frozen base of LoRA in 4 or 8 bits (QLoRA: nf4)
+    offload: str = "none"  # none | activations: saved activations to pinned host memory (with checkpointing)
     # LoRA (ignored with full=True or lora_rank=0)
     full: bool = False
     lora_rank: int = 16
@@ -114,6 +118,17 @@ class TrainConfig:
 
         if self.optimizer not in OPTIMIZERS:
             bad("optimizer", f"{self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        if self.quantize not in QUANTIZE:
+            bad("quantize", f"{self.quantize!r} is not one of {', '.join(QUANTIZE)}")
+        if self.quantize != "none" and not self.use_lora:
+            bad("quantize", "a quantized base is frozen: it needs LoRA (not full fine-tuning)")
+        if self.quantize != "none" and self.distributed != "none":
+            bad("quantize", "quantized bases are single-process for now (distributed='none')")
+        if self.offload not in OFFLOAD:
+            bad("offload", f"{self.offload!r} is not one of {', '.join(OFFLOAD)}")
+        if self.offload != "none" and self.distributed != "none":
+            bad("offload", "activation offload does not run under FSDP (it would race FSDP's freeing of "
+                           "unsharded weights)")
         if self.lr_schedule not in LR_SCHEDULES:
             bad("lr_schedule", f"{self.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
         try:
@@ -213,7 +228,7 @@ class TrainConfig:
 # Fields whose change alters the training trajectory: a resumed run must agree on them.
 TRAJECTORY_FIELDS = (
     "model", "data", "lr", "batch_size", "grad_accum", "weight_decay", "warmup_steps", "lr_schedule",
-    "min_lr_ratio", "max_grad_norm", "optimizer", "seed", "precision", "full", "lora_rank", "lora_alpha",
+    "min_lr_ratio", "max_grad_norm", "optimizer", "quantize", "seed", "precision", "full", "lora_rank", "lora_alpha",
     "lora_dropout", "lora_targets", "max_seq_len", "train_range", "max_samples", "skip_bad_records",
     "random_init", "n_layers", "epochs", "max_steps",
 )

@@ -42,6 +42,7 @@ from .metrics import (
     LOSS_PNG, METRICS, SUMMARY, MetricsLog, Progress, format_summary, peak_memory_bytes, plot_loss, reset_peak_memory,
     write_json,
 )
+from .offload import offload_context
 from .optim import make_optimizer, make_schedule
 from .precision import PrecisionPolicy, get_policy
 from .run_dir import claim_run_dir
@@ -169,7 +170,7 @@ def _finetune(cfg: TrainConfig, par: Any, ckpt: Any, records: Any, model: nn.Mod
                                   epochs=None if cfg.max_steps is not None else cfg.epochs), device)
     ctx = StepContext(model, optimizer, [p for p in model.parameters() if p.requires_grad], policy, get_loss(),
                       par, device, cfg.max_grad_norm, getattr(instrument, "forward_context", None),
-                      getattr(instrument, "before_step", None))
+                      getattr(instrument, "before_step", None), offload_context(cfg.offload, model, device))
     validate = functools.partial(evaluate, model, val_set, policy, device, cfg.eval_batch_size, pad_id, par)
     # Random weights only babble; sharded generation is not supported (generate from final/ instead).
     generate = cfg.generate_samples and not cfg.random_init and par.kind == "none"
@@ -261,12 +262,17 @@ def _load_model(cfg: TrainConfig, policy: PrecisionPolicy, device: torch.device,
     if model is not None:
         if tokenizer is None:
             raise ValueError("finetune(model=...) also needs tokenizer=...")
-        return model.to(device=device, dtype=policy.param_dtype), tokenizer
+        model = model.to(device=device, dtype=policy.param_dtype)
+        if cfg.quantize != "none":
+            from ..quant import swap_in_quantized
+
+            swap_in_quantized(model, cfg.quantize, compute_dtype=policy.param_dtype)
+        return model, tokenizer
     from ..api import load
 
     # meta (FSDP, random weights): nothing to draw here, the shards are initialised after sharding.
     return load(cfg.model, dtype=policy.param_dtype, device=device, random_init=cfg.random_init,
-                n_layers=cfg.n_layers, seed=None if device.type == "meta" else cfg.seed)
+                n_layers=cfg.n_layers, seed=None if device.type == "meta" else cfg.seed, quantize=cfg.quantize)
 
 
 def _attach_adapters(model: nn.Module, cfg: TrainConfig, policy: PrecisionPolicy, say: Any) -> tuple[int, int]:

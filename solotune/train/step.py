@@ -39,6 +39,7 @@ class StepContext:
     max_grad_norm: float | None
     forward_context: Callable[[], contextlib.AbstractContextManager] | None = None  # instrument hook
     before_update: Callable[[nn.Module, torch.optim.Optimizer, int], None] | None = None  # instrument hook
+    offload: contextlib.AbstractContextManager = contextlib.nullcontext()  # train/offload.py, entered per micro-batch
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,8 @@ def _window_loss(ctx: StepContext, scaler: Any, window: Sequence[Batch], n_targe
     for j, batch in enumerate(window):
         batch = batch.to(ctx.device)
         hook = ctx.forward_context() if ctx.forward_context else contextlib.nullcontext()
-        with hook, par.accumulate(ctx.model, last=j == len(window) - 1):
+        # The instrument's hook is outermost, so the anatomy sees what the offload leaves on the device.
+        with hook, ctx.offload, par.accumulate(ctx.model, last=j == len(window) - 1):
             with ctx.policy.autocast(ctx.device.type):
                 micro = ctx.model(batch, head=functools.partial(ctx.loss_fn, labels=batch.labels))
             # Normalise by the whole window's target count: k micro-batches == one batch of k.
