@@ -143,12 +143,19 @@ def storage_bytes(tensors: Any) -> int:
     return sum(seen.values())
 
 
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The short name the anatomy and the planner key bytes by: fp32, bf16, fp16 (else torch's name)."""
+    return _DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+
+
 def params_by_dtype(model: nn.Module) -> dict[str, int]:
-    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
     seen: dict[int, tuple[int, str]] = {}
     for p in model.parameters():
         st = p.untyped_storage()
-        seen[st._cdata] = (st.nbytes(), names.get(p.dtype, str(p.dtype).replace("torch.", "")))
+        seen[st._cdata] = (st.nbytes(), dtype_name(p.dtype))
     out: dict[str, int] = {}
     for n, dt in seen.values():
         out[dt] = out.get(dt, 0) + n

@@ -42,7 +42,7 @@ from ..config import ModelConfig
 from ..model import Transformer
 from ..peft import LoRALinear, LoRASpec, apply_lora
 from ..train.loss import token_loss_sum
-from ..train.precision import PrecisionPolicy, get_policy
+from ..train.precision import PrecisionPolicy
 from .anatomy import SavedTensorLedger, autocast_cached
 
 # The part of the model a saved tensor belongs to, by the block child it was saved in.
@@ -107,14 +107,18 @@ class DryRun:
     saves just before running it, count as the block's), ``shared`` (saved by several blocks: the
     RoPE angles; part "shared"). ``standalone[i]``: everything block i saves, shared storages included, which is
     what its recomputation saves when it is checkpointed (meaningful for blocks that are not).
+    ``inputs[i]``: block i's tensor inputs, less the shared storages: what ``checkpoint()`` keeps of
+    it (recorded whether or not it is checkpointed).
     """
 
     outside: Saved
     shared: Saved
     blocks: tuple[Saved, ...]
     standalone: tuple[int, ...]
+    inputs: tuple[Saved, ...]  # per block: its tensor inputs that no other block saves (what checkpoint() keeps)
     logits: int  # the logits tensor [B, T, V] in its dtype
     logits_fp32: int  # the loss's fp32 copy of the logits (0 when they are fp32 already)
+    loss_grads: int  # what backward starts with: d(log_softmax) and d(logits), [B, T, V] each, in the loss's dtype
     head_grad: int  # the output head's weight gradient (0 when it is frozen)
 
     @property
@@ -180,6 +184,7 @@ class _Recorder:
         self.n_blocks = len(model.layers)
         self.stack: list[tuple[str, nn.Module]] = []  # modules whose forward is running
         self.pending: list[int] = []  # saved by the model itself (checkpoint inputs): the next block's
+        self.inputs: list[dict[int, int]] = [{} for _ in model.layers]  # per block: its tensor inputs' storages
         self.hooks = []
         for name, m in model.named_modules():
             self.hooks.append(m.register_forward_pre_hook(functools.partial(self._enter, name)))
@@ -189,9 +194,14 @@ class _Recorder:
         self.stack.append((name, module))
         top = name.split(".")
         if len(top) == 2 and top[0] == "layers":
+            i = int(top[1])
             for key in self.pending:
-                self.storages[key].blocks.add(int(top[1]))
+                self.storages[key].blocks.add(i)
             self.pending.clear()
+            for t in args:
+                c = self.ledger.classify(t) if isinstance(t, torch.Tensor) else None
+                if c is not None:
+                    self.inputs[i][c[0]] = c[1]
 
     def _leave(self, module: nn.Module, args: Any, out: Any) -> None:
         self.stack.pop()
@@ -232,8 +242,8 @@ class _Recorder:
         self.ledger.saved.pop(key, None)
         self.storages.pop(key, None)
 
-    def result(self) -> tuple[Saved, Saved, tuple[Saved, ...], tuple[int, ...]]:
-        """(outside, shared, per block, standalone per block)."""
+    def result(self) -> tuple[Saved, Saved, tuple[Saved, ...], tuple[int, ...], tuple[Saved, ...]]:
+        """(outside, shared, per block, standalone per block, inputs per block)."""
         def saved(group: list[_Storage]) -> Saved:
             parts: dict[str, int] = {}
             for st in group:
@@ -247,18 +257,21 @@ class _Recorder:
         shared = saved([dataclasses.replace(st, part="shared") for st in every if len(st.blocks) > 1])
         blocks = tuple(saved([st for st in every if st.blocks == {i}]) for i in range(self.n_blocks))
         standalone = tuple(sum(st.nbytes for st in every if i in st.blocks) for i in range(self.n_blocks))
-        return outside, shared, blocks, standalone
+        shared_keys = {key for key, st in self.storages.items() if len(st.blocks) > 1}
+        inputs = tuple(Saved(sum(n for key, n in ins.items() if key not in shared_keys), 0,
+                             tuple((("checkpoint inputs", n),) if (n := sum(v for k, v in ins.items() if k not in shared_keys)) else ()))
+                       for ins in self.inputs)
+        return outside, shared, blocks, standalone, inputs
 
 
 @functools.lru_cache(maxsize=512)  # a pure function of its (hashable) arguments; plan() asks again and again
-def dry_run(cfg: ModelConfig, precision: str, lora: LoRASpec, checkpointed: frozenset[int], batch: int, seq_len: int,
+def dry_run(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec, checkpointed: frozenset[int], batch: int, seq_len: int,
             device: str) -> DryRun:
     """One forward + loss of ``cfg`` (at its own depth; blocks ``checkpointed`` recomputed in
     backward) on fake tensors, as the training loop runs it on ``device`` ("cuda" | "cpu"), under
     the anatomy's saved-tensor hooks."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    policy = get_policy(precision)
     with torch.device("meta"):  # build, cast and wrap on meta: nothing is allocated or initialised
         model = training_model(cfg, policy, lora)
     # Any set of blocks (set_grad_checkpointing takes the off/all/every:K policies only).
@@ -273,10 +286,11 @@ def dry_run(cfg: ModelConfig, precision: str, lora: LoRASpec, checkpointed: froz
             _, logits = forward_loss(model, tokens, labels, policy, "cpu")
         rec.close()
         head = model.output.weight
-        fp32_copy = logits.dtype != torch.float32 and torch.promote_types(logits.dtype, torch.float32) == torch.float32
-        outside, shared, blocks, standalone = rec.result()
-        return DryRun(outside, shared, blocks, standalone, logits=logits.numel() * logits.element_size(),
-                      logits_fp32=logits.numel() * 4 if fp32_copy else 0,
+        loss_dtype = torch.promote_types(logits.dtype, torch.float32)  # token_loss_sum works in fp32 (fp64 stays)
+        outside, shared, blocks, standalone, inputs = rec.result()
+        return DryRun(outside, shared, blocks, standalone, inputs, logits=logits.numel() * logits.element_size(),
+                      logits_fp32=logits.numel() * loss_dtype.itemsize if loss_dtype != logits.dtype else 0,
+                      loss_grads=2 * logits.numel() * loss_dtype.itemsize,
                       head_grad=head.numel() * head.element_size() if head.requires_grad else 0)
 
 
@@ -313,61 +327,67 @@ class Activations:
     recompute: int  # the largest checkpointed block's recomputation: its saved tensors + copies
     logits: int
     logits_fp32: int
+    loss_grads: int
     head_grad: int
 
 
-def activations(cfg: ModelConfig, precision: str, lora: LoRASpec, checkpointed: frozenset[int], batch: int,
+def activations(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec, checkpointed: frozenset[int], batch: int,
                 seq_len: int, device: str) -> Activations:
-    """:func:`dry_run` of the full depth, from dry runs of at most 3 blocks.
+    """:func:`dry_run` of the full depth, from one dry run of 3 blocks.
 
     Blocks are identical, and block i >= 1 saves the same whatever its position: its own tensors
     (or, checkpointed, its inputs) plus the storages every block shares (RoPE's angles). Only
     block 0 differs (its input, the embedding, needs no gradient unless the embedding is trained).
-    So a model of blocks [block 0 as configured, a checkpointed block, a plain block] measures
-    every kind once, and the full depth is block 0 + n_checkpointed x the one + n_plain x the
-    other, plus the shared storages and everything outside the blocks once. (A depth of 3 or less
-    is run as it is.) tests/bench/test_dryrun.py checks this against full-depth dry runs.
+    So a model of blocks [plain, checkpointed, plain] measures each kind once, and the full depth is
+    block 0 + n_checkpointed x block 1 + n_plain x block 2, plus the shared storages and everything
+    outside the blocks once. A checkpointed block 0 keeps its inputs: the run checks that this is
+    what checkpointing block 1 kept, else it runs [checkpointed, checkpointed, plain] to measure it.
+    The recomputation of a checkpointed block saves what the block saves plain (blocks 0 and 2).
+    A depth of 3 or less is run as it is. tests/bench/test_dryrun.py checks all of this against
+    full-depth dry runs.
     """
     L = cfg.n_layers
     ckpt = frozenset(checkpointed)
-    run = functools.partial(dry_run, precision=precision, lora=lora, batch=batch, seq_len=seq_len, device=device)
+    run = functools.partial(dry_run, policy=policy, lora=lora, batch=batch, seq_len=seq_len, device=device)
     if L <= 3:
         d = run(cfg, checkpointed=ckpt)
         saved = d.saved
         ref = run(cfg, checkpointed=frozenset()) if ckpt else d  # what each block saves when recomputed
         recompute = max((ref.standalone[i] for i in ckpt), default=0)
-    else:
-        small = cfg.replace(n_layers=3)
-        d = run(small, checkpointed=frozenset({1} | ({0} & ckpt)))
-        n_ckpt = len(ckpt - {0})
-        saved = d.outside + d.shared + d.blocks[0] + d.blocks[1] * n_ckpt + d.blocks[2] * (L - 1 - n_ckpt)
-        ref = run(small, checkpointed=frozenset({1}))  # blocks 0 and 2 plain: what they save when recomputed
-        recompute = max([ref.standalone[0]] * (0 in ckpt) + [ref.standalone[2]] * (n_ckpt > 0), default=0)
-    return Activations(saved, recompute, d.logits, d.logits_fp32, d.head_grad)
+        return Activations(saved, recompute, d.logits, d.logits_fp32, d.loss_grads, d.head_grad)
+    d = run(cfg.replace(n_layers=3), checkpointed=frozenset({1}))
+    first = d.blocks[0]
+    if 0 in ckpt:
+        same_rule = d.inputs[1] == d.blocks[1]
+        first = d.inputs[0] if same_rule else run(cfg.replace(n_layers=3), checkpointed=frozenset({0, 1})).blocks[0]
+    n_ckpt = len(ckpt - {0})
+    saved = d.outside + d.shared + first + d.blocks[1] * n_ckpt + d.blocks[2] * (L - 1 - n_ckpt)
+    recompute = max([d.standalone[0]] * (0 in ckpt) + [d.standalone[2]] * (n_ckpt > 0), default=0)
+    return Activations(saved, recompute, d.logits, d.logits_fp32, d.loss_grads, d.head_grad)
 
 
 # ======================================================================== parameters (meta)
-def parameters(cfg: ModelConfig, precision: str, lora: LoRASpec) -> list[tuple[str, int, torch.dtype, bool]]:
+def parameters(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec) -> list[tuple[str, int, torch.dtype, bool]]:
     """Every parameter tensor of the training model once (a tied head once): (name, numel, dtype,
     trainable), from the real modules built on the meta device."""
-    return list(_parameters(cfg, precision, lora))
+    return list(_parameters(cfg, policy, lora))
 
 
 @functools.lru_cache(maxsize=64)
-def _parameters(cfg: ModelConfig, precision: str, lora: LoRASpec) -> tuple[tuple[str, int, torch.dtype, bool], ...]:
+def _parameters(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec) -> tuple[tuple[str, int, torch.dtype, bool], ...]:
     with torch.device("meta"):
-        model = training_model(cfg, get_policy(precision), lora)
+        model = training_model(cfg, policy, lora)
     return tuple((n, p.numel(), p.dtype, p.requires_grad) for n, p in model.named_parameters())
 
 
-def autocast_cache(cfg: ModelConfig, precision: str, lora: LoRASpec) -> list[tuple[str, int]]:
+def autocast_cache(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec) -> list[tuple[str, int]]:
     """(name, numel) of the weights autocast keeps a 16-bit copy of during the forward (trainable
     fp32 matmul weights), from the real modules built on the meta device."""
-    return list(_autocast_cache(cfg, precision, lora))
+    return list(_autocast_cache(cfg, policy, lora))
 
 
 @functools.lru_cache(maxsize=64)
-def _autocast_cache(cfg: ModelConfig, precision: str, lora: LoRASpec) -> tuple[tuple[str, int], ...]:
+def _autocast_cache(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec) -> tuple[tuple[str, int], ...]:
     with torch.device("meta"):
-        model = training_model(cfg, get_policy(precision), lora)
+        model = training_model(cfg, policy, lora)
     return tuple((name, p.numel()) for name, p in autocast_cached(model))
