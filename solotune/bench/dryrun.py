@@ -17,10 +17,12 @@ they are swapped in (:class:`_CudaKernels`), everything else is the CPU code pat
 
 * dropout: CUDA's fused kernel (``native_dropout``) keeps a bool mask; the CPU path multiplies by a
   noise tensor in the input's dtype.
-* fp32 attention: CUDA runs the memory-efficient kernel (flash attention has no fp32); its
-  log-sum-exp rows are padded to 32 and its RNG seed/offset live on the host (not counted, as the
-  anatomy does not count host tensors). 16-bit attention runs flash, which saves what the CPU
-  flash kernel saves: q, k, v, the output and an fp32 log-sum-exp per query row.
+* attention: CUDA (sm80+, no cuDNN attention: the loop's choice) runs flash attention in 16 bits,
+  which also keeps its RNG state on the GPU (24 bytes), and the memory-efficient kernel in fp32
+  (flash has no fp32), whose log-sum-exp rows are padded to 32 and whose RNG seed/offset live on
+  the host (not counted, as the anatomy does not count host tensors). Both are called as aten ops
+  on the fake tensors, so their saved tensors come from PyTorch's own meta kernels. (Head dims
+  that are multiples of 8, as in every LLaMA; CUDA pads others for flash.)
 
 Shapes: B batch, T tokens per row, V vocab.
 """
@@ -155,9 +157,21 @@ class _CudaKernels(TorchFunctionMode):
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
               dropout_p: float = 0.0, is_causal: bool = False, **rest: Any) -> torch.Tensor:
-        fp32 = q.dtype == torch.float32 and not torch.is_autocast_enabled(q.device.type)
-        if not fp32 or attn_mask is not None or dropout_p or rest:
+        if attn_mask is not None or dropout_p or rest:
             return F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, **rest)
+        dev = q.device.type
+        if torch.is_autocast_enabled(dev):  # autocast casts SDPA's inputs (we call the kernels directly)
+            q, k, v = (t.to(torch.get_autocast_dtype(dev)) for t in (q, k, v))
+        if q.dtype in (torch.float16, torch.bfloat16):
+            # flash attention; its RNG state (uint64 seed [2] + offset) is a device tensor, kept for
+            # backward (the int64 seed/offset scalars of older torch versions live on the host)
+            out, _, _, _, _, _, seed, offset, _ = torch.ops.aten._scaled_dot_product_flash_attention(
+                q, k, v, 0.0, is_causal, False)
+            if seed.dtype != torch.uint64:
+                self.forget(seed)
+                self.forget(offset)
+            return out
+        # fp32: the memory-efficient kernel; its seed/offset scalars live on the host
         lse = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         out, _, seed, offset = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, lse, 0.0, is_causal)
         self.forget(seed)

@@ -65,3 +65,15 @@ def test_planner_within_bound_of_measured_peak(folder, rec):
     measured = rec["peak_alloc_bytes"]
     err = (p.peak - measured) / measured
     assert abs(err) <= bound, f"predicted {p.peak / 2**30:.3f} GiB, measured {measured / 2**30:.3f} GiB ({err:+.2%})"
+
+
+@pytest.mark.parametrize("folder,rec", CELLS, ids=[f"{f}/{r['cell_id']}" for f, r in CELLS])
+def test_measured_components_equal_the_dry_run(folder, rec):
+    """Everything but the transients is counted, not modelled: parameters, gradients, optimizer
+    state, saved activations, autocast weight copies and cache equal the anatomy measured on the
+    GPU, byte for byte (for the longest micro-batch, which sets the maxima). A torch whose CUDA
+    kernels save other tensors than the recording's (``rec["torch"]``) would show here first."""
+    p, a = predict(setup_of(rec)), rec["anatomy"]
+    assert (p.params_total, p.grads, p.optimizer) == (a["params_total"], a["grads_total"], a["optimizer_total"])
+    assert (p.activations, p.weight_copies) == (a["max_activations"], a["max_weight_copies"])
+    assert p.autocast_cache == a["autocast_cache"]
