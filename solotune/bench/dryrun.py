@@ -3,8 +3,8 @@
 The real model (:class:`solotune.model.Transformer`), set up as the training loop sets it up (weights
 in the precision policy's dtype, :func:`solotune.peft.apply_lora` with the policy's adapter dtype,
 the checkpointing policy, train mode), runs one forward and the loop's loss on
-``FakeTensorMode`` tensors: real shapes, dtypes, views and storages, but no data and no memory, so a
-7B forward costs milliseconds. Every tensor autograd packs for backward goes through the measured
+``FakeTensorMode`` tensors: real shapes, dtypes, views and storages, but no data and no memory (a
+3-block 7B forward takes a few tenths of a second of CPU). Every tensor autograd packs for backward goes through the measured
 anatomy's own :class:`~solotune.bench.anatomy.SavedTensorLedger` (by storage; activations vs
 autocast's weight copies; parameters excluded), so the planner counts exactly what the anatomy
 measures, from the code that trains: a new technique in the model, LoRA or the loss is predicted
@@ -79,11 +79,12 @@ def forward_loss(model: nn.Module, tokens: torch.Tensor, labels: torch.Tensor, p
 # ============================================================================== the result
 @dataclass(frozen=True)
 class Saved:
-    """Bytes saved for backward: activations, autocast weight copies, both by part of the model."""
+    """Bytes saved for backward: activations (also by the part of the model that saved them) and
+    autocast's weight copies."""
 
     activations: int = 0
     weight_copies: int = 0
-    by_part: tuple[tuple[str, int], ...] = ()  # (part, activations + copies), sorted
+    by_part: tuple[tuple[str, int], ...] = ()  # (part, activation bytes), sorted by part
 
     def __add__(self, other: "Saved") -> "Saved":
         parts = dict(self.by_part)
@@ -197,7 +198,7 @@ class _Recorder:
         self.storages: dict[int, _Storage] = {}
         self.n_blocks = len(model.layers)
         self.stack: list[tuple[str, nn.Module]] = []  # modules whose forward is running
-        self.pending: list[int] = []  # saved by the model itself (checkpoint inputs): the next block's
+        self.pending: list[int] = []  # saved by the model itself: checkpoint inputs of the next block
         self.inputs: list[dict[int, int]] = [{} for _ in model.layers]  # per block: its tensor inputs' storages
         self.hooks = []
         for name, m in model.named_modules():
@@ -209,8 +210,9 @@ class _Recorder:
         top = name.split(".")
         if len(top) == 2 and top[0] == "layers":
             i = int(top[1])
-            for key in self.pending:
+            for key in self.pending:  # what checkpoint() saved just before running this block
                 self.storages[key].blocks.add(i)
+                self.storages[key].part = "checkpoint inputs"
             self.pending.clear()
             for t in args:
                 c = self.ledger.classify(t) if isinstance(t, torch.Tensor) else None
@@ -225,12 +227,13 @@ class _Recorder:
             h.remove()
 
     def where(self) -> tuple[str, int | None]:
-        """(part, block index) of the module now running; block -1: the model itself."""
+        """(part, block index) of the module now running; block -1: the model itself (a block's
+        checkpoint inputs when a block runs next, else the head and loss)."""
         if not self.stack:
             return "head+loss", None  # the loss and the loss scaler, outside the model
         name = self.stack[-1][0]
         if name == "":
-            return "checkpoint inputs", -1  # what checkpoint() saves before it runs a block
+            return "head+loss", -1
         top = name.split(".")
         if top[0] != "layers":
             return ("embedding" if top[0] == "tok_embeddings" else "head+loss"), None
@@ -261,7 +264,8 @@ class _Recorder:
         def saved(group: list[_Storage]) -> Saved:
             parts: dict[str, int] = {}
             for st in group:
-                parts[st.part] = parts.get(st.part, 0) + st.nbytes
+                if not st.copy:
+                    parts[st.part] = parts.get(st.part, 0) + st.nbytes
             return Saved(sum(st.nbytes for st in group if not st.copy), sum(st.nbytes for st in group if st.copy),
                          tuple(sorted(parts.items())))
 
@@ -272,10 +276,12 @@ class _Recorder:
         blocks = tuple(saved([st for st in every if st.blocks == {i}]) for i in range(self.n_blocks))
         standalone = tuple(sum(st.nbytes for st in every if i in st.blocks) for i in range(self.n_blocks))
         shared_keys = {key for key, st in self.storages.items() if len(st.blocks) > 1}
-        inputs = tuple(Saved(sum(n for key, n in ins.items() if key not in shared_keys), 0,
-                             tuple((("checkpoint inputs", n),) if (n := sum(v for k, v in ins.items() if k not in shared_keys)) else ()))
-                       for ins in self.inputs)
-        return outside, shared, blocks, standalone, inputs
+
+        def kept(ins: dict[int, int]) -> Saved:  # what checkpoint() keeps of a block: its unshared inputs
+            n = sum(v for key, v in ins.items() if key not in shared_keys)
+            return Saved(n, 0, (("checkpoint inputs", n),) if n else ())
+
+        return outside, shared, blocks, standalone, tuple(kept(ins) for ins in self.inputs)
 
 
 @functools.lru_cache(maxsize=512)  # a pure function of its (hashable) arguments; plan() asks again and again

@@ -52,7 +52,7 @@ def test_any_depth_equals_the_full_depth_dry_run(case, layers, policy):
     assert got.recompute == recompute
     assert (got.logits, got.logits_fp32, got.loss_grads, got.head_grad) == (
         full.logits, full.logits_fp32, full.loss_grads, full.head_grad)
-    assert got.saved.activations > 0
+    assert got.saved.activations > 0 and sum(v for _, v in got.saved.by_part) == got.saved.activations
 
 
 def test_depth_scales_per_block():
