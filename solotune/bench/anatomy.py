@@ -15,6 +15,9 @@
   starts under autocast. Reported beside the anatomy, not in it: it dies when the forward leaves
   autocast, unless backward keeps the copy (then it is a weight copy).
 
+The saved-tensor accounting (:class:`SavedTensorLedger`) is shared with the planner's dry run
+(``solotune.bench.dryrun``), which packs the same tensors from a forward on fake tensors.
+
 The anatomy is taken for the phase that set the run's peak (the peak counter only grows, so the
 last phase that raised it holds the peak): for a forward/backward phase the components are the
 parameters, the gradients alive when the micro-batch started, the optimizer state, the saved
@@ -140,12 +143,19 @@ def storage_bytes(tensors: Any) -> int:
     return sum(seen.values())
 
 
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The short name the anatomy and the planner key bytes by: fp32, bf16, fp16 (else torch's name)."""
+    return _DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+
+
 def params_by_dtype(model: nn.Module) -> dict[str, int]:
-    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
     seen: dict[int, tuple[int, str]] = {}
     for p in model.parameters():
         st = p.untyped_storage()
-        seen[st._cdata] = (st.nbytes(), names.get(p.dtype, str(p.dtype).replace("torch.", "")))
+        seen[st._cdata] = (st.nbytes(), dtype_name(p.dtype))
     out: dict[str, int] = {}
     for n, dt in seen.values():
         out[dt] = out.get(dt, 0) + n
@@ -166,6 +176,83 @@ _HALF = (torch.float16, torch.bfloat16)
 def _in_backward() -> bool:
     task = getattr(torch._C, "_current_graph_task_id", None)
     return task is not None and task() != -1
+
+
+def matmul_weights(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(qualified name, weight) of every 2-D parameter of a module other than an embedding, once per
+    storage (a tied head appears under its Linear's name): the weights matmuls multiply through,
+    which autocast casts per call, and caches once per forward when they are trainable fp32 leaves."""
+    seen: set[int] = set()
+    out: list[tuple[str, nn.Parameter]] = []
+    for mname, m in model.named_modules():
+        if isinstance(m, nn.Embedding):
+            continue
+        for pname, p in m.named_parameters(recurse=False):
+            key = p.untyped_storage()._cdata
+            if p.ndim == 2 and key not in seen:
+                seen.add(key)
+                out.append((f"{mname}.{pname}" if mname else pname, p))
+    return out
+
+
+def autocast_cached(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The weights autocast caches a 16-bit copy of for the whole forward: trainable fp32 matmul weights."""
+    return [(n, p) for n, p in matmul_weights(model) if p.requires_grad and p.dtype == torch.float32]
+
+
+class SavedTensorLedger:
+    """The tensors autograd packs for backward, by storage (views and repeats count once), split
+    into activations and autocast's 16-bit weight copies; storages of parameters are neither (a
+    weight saved for backward costs nothing extra). Shared by the measured anatomy
+    (:class:`AnatomyInstrument`) and the planner's dry run (``solotune.bench.dryrun``).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        params = list(model.parameters())  # unique (tied weights once)
+        self.device_type = params[0].device.type if params else "cpu"
+        self.param_storages = {p.untyped_storage()._cdata for p in params}
+        self.weight_shapes = {tuple(p.shape) for _, p in matmul_weights(model)}
+        self.saved: dict[int, int] = {}  # storage -> bytes
+        self.copies: dict[int, int] = {}
+
+    def reset(self) -> None:
+        self.saved, self.copies = {}, {}
+
+    def classify(self, t: torch.Tensor) -> tuple[int, int, bool] | None:
+        """(storage key, bytes, is a weight copy) of a packed tensor, or None when it is not
+        counted (a parameter, a host-side tensor of a device kernel, a pack during backward)."""
+        if t.device.type != self.device_type or _in_backward():
+            return None  # e.g. attention's RNG seed/offset scalars kept on the CPU by CUDA kernels
+        st = t.untyped_storage()
+        key = st._cdata
+        if key in self.param_storages:
+            return None
+        n = st.nbytes()
+        # W.t() of a 16-bit copy of a weight: autocast's doing
+        copy = (t.dtype in _HALF and t.dim() == 2 and t.stride() == (1, t.shape[0])
+                and (t.shape[1], t.shape[0]) in self.weight_shapes and n == t.numel() * t.element_size())
+        return key, n, copy
+
+    def add(self, t: torch.Tensor) -> tuple[int, int, bool] | None:
+        """Record a packed tensor; returns its :meth:`classify` result."""
+        c = self.classify(t)
+        if c is not None:
+            key, n, copy = c
+            (self.copies if copy else self.saved)[key] = n
+        return c
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        """A ``saved_tensors_hooks`` pack hook: record, keep the tensor as it is."""
+        self.add(t)
+        return t
+
+    @property
+    def activations(self) -> int:
+        return sum(self.saved.values())
+
+    @property
+    def weight_copies(self) -> int:
+        return sum(self.copies.values())
 
 
 # ------------------------------------------------------------------------------ instrument
@@ -211,18 +298,14 @@ class AnatomyInstrument:
     optimizer_total: int = 0
     micro_batches: int = 0
     steps: int = 0
-    _param_storages: set[int] = field(default_factory=set)
-    _weight_shapes: set[tuple[int, int]] = field(default_factory=set)
+    _ledger: SavedTensorLedger | None = None
     _step_grads: int = 0
     _optimizer: int = 0
     _step_peak_before: int = 0
     _micro_in_window: int = 0
-    _saved: dict[int, int] = field(default_factory=dict)
-    _copies: dict[int, int] = field(default_factory=dict)
     _hooks: list[Any] = field(default_factory=list)
     _shape: tuple[int, int] = (0, 0)
     _params: list[nn.Parameter] = field(default_factory=list)
-    _device_type: str = "cpu"
     _trainable: list[nn.Parameter] = field(default_factory=list)
     _params_by_dtype: dict[str, int] = field(default_factory=dict)
     _cache_numel: int = 0
@@ -236,20 +319,10 @@ class AnatomyInstrument:
         one pre-hook on the model (per-module hooks would slow a launch-bound batch-1 loop down)."""
         params = list(self.model.parameters())  # unique (tied weights once)
         self._params = params
-        self._device_type = params[0].device.type if params else "cpu"
         self._trainable = [p for p in params if p.requires_grad]
-        self._param_storages = {p.untyped_storage()._cdata for p in params}
         self._params_by_dtype = params_by_dtype(self.model)
-        cached: dict[int, int] = {}
-        for m in self.model.modules():
-            if isinstance(m, nn.Embedding):
-                continue
-            for p in m.parameters(recurse=False):
-                if p.ndim == 2:
-                    self._weight_shapes.add(tuple(p.shape))
-                    if p.requires_grad and p.dtype == torch.float32:
-                        cached[p.untyped_storage()._cdata] = p.numel()
-        self._cache_numel = sum(cached.values())
+        self._ledger = SavedTensorLedger(self.model)
+        self._cache_numel = sum(p.numel() for _, p in autocast_cached(self.model))
         self._hooks.append(self.model.register_forward_pre_hook(self._on_forward, with_kwargs=True))
         self._ready = True
 
@@ -269,22 +342,6 @@ class AnatomyInstrument:
             h.remove()
         self._hooks.clear()
 
-    # -------------------------------------------------------- saved tensors
-    def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        if t.device.type != self._device_type or _in_backward():
-            return t  # e.g. attention's RNG seed/offset scalars kept on the CPU by CUDA kernels
-        st = t.untyped_storage()
-        key = st._cdata
-        if key in self._param_storages:
-            return t  # a parameter kept for backward costs nothing extra
-        n = st.nbytes()
-        if (t.dtype in _HALF and t.dim() == 2 and t.stride() == (1, t.shape[0])
-                and (t.shape[1], t.shape[0]) in self._weight_shapes and n == t.numel() * t.element_size()):
-            self._copies[key] = n  # W.t() of a 16-bit copy of a weight: autocast's doing
-        else:
-            self._saved[key] = n
-        return t
-
     # ------------------------------------------------------------ the hooks
     @contextlib.contextmanager
     def forward_context(self) -> Iterator[None]:
@@ -292,10 +349,13 @@ class AnatomyInstrument:
             self._setup()
         grads_live = storage_bytes(p.grad for p in self._trainable if p.grad is not None)
         peak_before = self.meter.peak()
-        self._saved, self._copies, self._cache_now = {}, {}, 0
-        with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
+        ledger = self._ledger
+        assert ledger is not None
+        ledger.reset()
+        self._cache_now = 0
+        with torch.autograd.graph.saved_tensors_hooks(ledger.pack, lambda t: t):
             yield
-        acts, copies = sum(self._saved.values()), sum(self._copies.values())
+        acts, copies = ledger.activations, ledger.weight_copies
         self.max_activations = max(self.max_activations, acts)
         self.max_weight_copies = max(self.max_weight_copies, copies)
         self.autocast_cache = max(self.autocast_cache, self._cache_now)
@@ -304,7 +364,7 @@ class AnatomyInstrument:
         self._note(rec, peak_before)
         self._micro_in_window += 1
         self.micro_batches += 1
-        self._saved, self._copies = {}, {}
+        ledger.reset()
 
     def before_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
         self._step_grads = storage_bytes(p.grad for p in self._trainable if p.grad is not None)

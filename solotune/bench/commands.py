@@ -107,6 +107,7 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--lora-targets", type=_csv, default=("wq", "wv"))
     p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--optimizer", default="adamw", help="optimizer whose state to count (solotune.train.optim)")
     p.add_argument("--all", action="store_true", help="also list the configurations that do not fit")
     p.add_argument("--json", action="store_true", help="print the predictions as JSON")
 
@@ -122,7 +123,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown method/precision {bad}: methods lora,full; precisions {','.join(KNOWN)}")
     rows = plan(cfg, gpu, seq_len=args.seq_len, batch=args.batch, grad_accum=args.grad_accum,
                 lora_rank=args.lora_rank, lora_targets=args.lora_targets, lora_dropout=args.lora_dropout,
-                methods=args.methods, precisions=args.precisions, checkpointing=args.checkpointing)
+                methods=args.methods, precisions=args.precisions, checkpointing=args.checkpointing,
+                optimizer=args.optimizer)
     if args.json:
         print(json.dumps([{**p.to_dict(), "relative_cost": c, "fits": f} for p, c, f in rows], indent=1))
     else:

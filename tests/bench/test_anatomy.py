@@ -1,4 +1,5 @@
-"""Measured anatomy == planner formulas, byte for byte, on tiny models through the real training loop."""
+"""Measured anatomy == planner, byte for byte, on tiny models through the real training loop (the
+planner's dry run on CPU fake tensors against the CPU, and against CUDA where there is a GPU)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from solotune.api import BUNDLED_LLAMA2_TOKENIZER
-from solotune.bench.anatomy import AnatomyInstrument, TensorMeter, storage_bytes
+from solotune.bench.anatomy import AnatomyInstrument, CudaMeter, TensorMeter, storage_bytes
 from solotune.bench.cell import FoldedTokenizer
 from solotune.bench.plan import Setup, grad_bytes, optimizer_bytes, param_bytes, saved_activations
 from solotune.config import ModelConfig
@@ -40,14 +41,14 @@ def tokenizer():
     return load_tokenizer(BUNDLED_LLAMA2_TOKENIZER)
 
 
-def _run(cfg, precision, method, gc, ga, mb, dropout, targets, tokenizer, tmp_path):
+def _run(cfg, precision, method, gc, ga, mb, dropout, targets, tokenizer, tmp_path, device="cpu"):
     model = build_model(cfg, seed=0, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
     tc = TrainConfig(model=cfg.name, data="alpaca-sample", output_dir=str(tmp_path / "run"), epochs=1,
                      max_samples=4 * ga * mb, batch_size=mb, grad_accum=ga, precision=precision, full=method == "full",
                      lora_rank=8 if method == "lora" else 0, lora_alpha=16, lora_dropout=dropout, lora_targets=targets,
                      grad_checkpoint=gc, max_seq_len=40, val_samples=0, generate_samples=False, progress=False,
-                     device="cpu", log_every=10**9)
-    meter = TensorMeter()
+                     device=device, log_every=10**9)
+    meter = TensorMeter() if device == "cpu" else CudaMeter(torch.device(device))
     inst = AnatomyInstrument(model, meter)
     with meter.tracking(model), contextlib.redirect_stdout(io.StringIO()):
         finetune(tc, model=model, tokenizer=FoldedTokenizer(tokenizer, cfg.vocab_size), instrument=inst)
@@ -84,6 +85,36 @@ def test_measured_equals_formulas(case, tokenizer, tmp_path):
         assert a["rest"] >= 0, a
         assert a["peak"] <= inst.meter.peak()
     assert inst.anatomy()["peak"] == inst.meter.peak()
+
+
+# On a GPU: the dry run's CUDA kernels (fused dropout's bool mask, fp32 memory-efficient attention
+# with padded log-sum-exp rows, flash attention in 16 bits) against what CUDA really saves. GQA's
+# head dim (16) suits every CUDA kernel unpadded.
+CUDA_CASES = [
+    (GQA, "fp32", "lora", "off", 1, 1, 0.05, ("wq", "wv")),
+    (GQA, "fp32", "full", "every:2", 2, 2, 0.0, ("wq", "wv")),
+    (GQA, "fp16-amp", "lora", "all", 2, 1, 0.1, ("wq", "wk", "wv", "wo", "w1", "w2", "w3")),
+    (GQA, "bf16-amp", "full", "off", 1, 2, 0.05, ("wq", "wv")),
+    (GQA, "bf16", "lora", "every:2", 1, 1, 0.05, ("wk", "w2")),
+]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("case", CUDA_CASES, ids=lambda c: f"{c[0].name}-{c[1]}-{c[2]}-{c[3]}-ga{c[4]}-b{c[5]}")
+def test_measured_equals_dry_run_on_cuda(case, tokenizer, tmp_path):
+    cfg, precision, method, gc, ga, mb, dropout, targets = case
+    model, inst = _run(*case, tokenizer, tmp_path, device="cuda")
+    fb = [r for r in inst.records if r.phase == "forward/backward"]
+    assert fb and any(r.shape[1] % 32 for r in fb)  # lengths that the fp32 kernel pads
+    for r in fb:
+        s = Setup(cfg, seq_len=r.shape[1], batch=r.shape[0], grad_accum=ga, grad_checkpoint=gc, precision=precision,
+                  lora_rank=8 if method == "lora" else 0, lora_targets=targets, lora_dropout=dropout, device="cuda")
+        acts, copies, *_ = saved_activations(s)
+        assert (r.activations, r.weight_copies) == (acts, copies), r.shape
+    s = Setup(cfg, seq_len=40, batch=mb, grad_accum=ga, grad_checkpoint=gc, precision=precision,
+              lora_rank=8 if method == "lora" else 0, lora_targets=targets, lora_dropout=dropout, device="cuda")
+    assert fb[0].params == param_bytes(s)
+    assert inst.grads_total == grad_bytes(s) and inst.optimizer_total == optimizer_bytes(s)
 
 
 def test_parameters_saved_for_backward_are_not_activations(tokenizer, tmp_path):

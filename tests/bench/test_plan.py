@@ -3,6 +3,7 @@ the plan listing and its CLI."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -152,3 +153,43 @@ def test_model_config_from_hf_dir(tmp_path):
     assert (cfg.dim, cfg.n_layers, cfg.n_kv_heads, cfg.vocab_size) == (32, 1, 2, 64)
     with pytest.raises(FileNotFoundError):
         model_config(str(tmp_path / "nope"))
+
+
+def test_setup_holds_a_lora_spec():
+    from solotune.peft import LoRASpec
+
+    s = Setup(TINY, lora_rank=4, lora_targets=("wk",), lora_dropout=0.1)
+    assert s.lora == LoRASpec(rank=4, dropout=0.1, targets=("wk",))
+    assert (s.lora_rank, s.lora_targets, s.lora_dropout, s.method) == (4, ("wk",), 0.1, "lora")
+    full = s.replace(lora_rank=0)  # the convenience names work in replace() too, and keep the rest
+    assert full.method == "full" and full.lora == LoRASpec(rank=0, dropout=0.1, targets=("wk",))
+    assert Setup(TINY, lora=LoRASpec(rank=8, alpha=3.0)).lora.alpha == 3.0
+    assert Setup(TINY).lora == LoRASpec() and Setup(TINY).optimizer == "adamw"
+    with pytest.raises(ValueError, match="optimizer"):
+        Setup(TINY, optimizer="no-such-optimizer")
+
+
+def test_optimizer_state_comes_from_train_optim(monkeypatch):
+    """A new optimizer is one OptimizerSpec in solotune.train.optim: the planner counts its state."""
+    from solotune.train import optim
+
+    spec = optim.OptimizerSpec("one-byte", optim.OPTIMIZERS["adamw"].build, lambda n, dt: n + 16, "test")
+    monkeypatch.setitem(optim.OPTIMIZERS, "one-byte", spec)
+    s = Setup(SEVEN_B, seq_len=128, precision="bf16", lora_rank=16)
+    small = s.replace(optimizer="one-byte")
+    n_lora, tensors = 32 * 2 * 16 * (4096 + 4096), 128
+    assert optimizer_bytes(small) == n_lora + 16 * tensors
+    assert optimizer_bytes(s) == 8 * n_lora + 4 * tensors  # fp32 adapters: two fp32 moments + step
+    assert predict(s).peak - predict(small).peak == optimizer_bytes(s) - optimizer_bytes(small)
+
+
+def test_precision_facts_come_from_the_policy(monkeypatch):
+    """Adapter dtype, weight dtype and autocast all come from solotune.train.precision."""
+    from solotune.train import precision
+
+    s = Setup(TINY, precision="bf16", lora_rank=4, device="cpu")
+    assert set(param_bytes(s)) == {"bf16", "fp32"}  # bf16 weights, fp32 adapters
+    bf16_adapters = dataclasses.replace(precision.POLICIES["bf16"], adapter_dtype=torch.bfloat16)
+    monkeypatch.setitem(precision.POLICIES, "bf16", bf16_adapters)
+    assert set(param_bytes(s)) == {"bf16"}
+    assert predict(s).activations < predict(s.replace(precision="fp32")).activations

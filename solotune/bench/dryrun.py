@@ -1,0 +1,413 @@
+"""Dry run of one training micro-batch on fake tensors: what the planner measures instead of a replica.
+
+The real model (:class:`solotune.model.Transformer`), set up as the training loop sets it up (weights
+in the precision policy's dtype, :func:`solotune.peft.apply_lora` with the policy's adapter dtype,
+the checkpointing policy, train mode), runs one forward and the loop's loss on
+``FakeTensorMode`` tensors: real shapes, dtypes, views and storages, but no data and no memory (a
+3-block 7B forward takes a few tenths of a second of CPU). Every tensor autograd packs for backward goes through the measured
+anatomy's own :class:`~solotune.bench.anatomy.SavedTensorLedger` (by storage; activations vs
+autocast's weight copies; parameters excluded), so the planner counts exactly what the anatomy
+measures, from the code that trains: a new technique in the model, LoRA or the loss is predicted
+as soon as it exists, with no second model to keep in step.
+
+The fake tensors are CPU tensors (a CPU-only torch cannot fake CUDA ones: CUDA autocast and
+autograd need the CUDA runtime), so autocast runs as CPU autocast, which casts this model's ops
+(linear, SDPA) as CUDA autocast does. Two kernels differ on CUDA; for a ``device="cuda"`` dry run
+they are swapped in (:class:`_CudaKernels`), everything else is the CPU code path:
+
+* dropout: CUDA's fused kernel (``native_dropout``) keeps a bool mask; the CPU path multiplies by a
+  noise tensor in the input's dtype.
+* attention: CUDA (sm80+, no cuDNN attention: the loop's choice) runs flash attention in 16 bits,
+  which also keeps its RNG state on the GPU (24 bytes), and the memory-efficient kernel in fp32
+  (flash has no fp32), whose log-sum-exp rows are padded to 32 and whose RNG seed/offset live on
+  the host (not counted, as the anatomy does not count host tensors). Both are called as aten ops
+  on the fake tensors, so their saved tensors come from PyTorch's own meta kernels. (Head dims
+  that are multiples of 8, as in every LLaMA; CUDA pads others for flash.)
+
+Shapes: B batch, T tokens per row, V vocab.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from ..config import ModelConfig
+from ..model import Transformer
+from ..peft import LoRALinear, LoRASpec, apply_lora
+from ..train.loss import token_loss_sum
+from ..train.precision import PrecisionPolicy
+from .anatomy import SavedTensorLedger, autocast_cached
+
+# The part of the model a saved tensor belongs to, by the block child it was saved in.
+_BLOCK_PARTS = {"attention": "attention", "feed_forward": "mlp", "attention_norm": "norm", "ffn_norm": "norm"}
+
+
+# ============================================================================ the model set-up
+def training_model(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec) -> Transformer:
+    """``cfg``'s model as the training loop prepares it: every weight in the policy's dtype, then
+    either LoRA adapters (in the policy's adapter dtype; everything else frozen) or every weight
+    trainable; train mode. Built on whatever device/mode is current (meta, fake)."""
+    model = Transformer(cfg).to(policy.param_dtype)
+    if lora.enabled:
+        apply_lora(model, lora.targets, lora.rank, lora.alpha, lora.dropout, lora_dtype=policy.adapter_dtype)
+    else:
+        model.requires_grad_(True)
+    return model.train()
+
+
+def forward_loss(model: nn.Module, tokens: torch.Tensor, labels: torch.Tensor, policy: PrecisionPolicy,
+                 device_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One micro-batch as the training loop runs it up to ``backward()``: the forward under the
+    policy's autocast, the loss from the logits outside it, normalised and scaled by the policy's
+    loss scaler. tokens, labels [B, T] -> (the tensor backward starts from, logits [B, T, V])."""
+    with policy.autocast(device_type):
+        logits = model(tokens)
+    loss = token_loss_sum(logits, labels)  # fp32 sum over the micro-batch's targets
+    n_targets = max(labels.numel(), 1)  # a Python number, as in the loop: the division saves nothing
+    return policy.make_scaler(device_type).scale(loss / n_targets), logits
+
+
+# ============================================================================== the result
+@dataclass(frozen=True)
+class Saved:
+    """Bytes saved for backward: activations (also by the part of the model that saved them) and
+    autocast's weight copies."""
+
+    activations: int = 0
+    weight_copies: int = 0
+    by_part: tuple[tuple[str, int], ...] = ()  # (part, activation bytes), sorted by part
+
+    def __add__(self, other: "Saved") -> "Saved":
+        parts = dict(self.by_part)
+        for k, v in other.by_part:
+            parts[k] = parts.get(k, 0) + v
+        return Saved(self.activations + other.activations, self.weight_copies + other.weight_copies,
+                     tuple(sorted(parts.items())))
+
+    def __mul__(self, k: int) -> "Saved":
+        return Saved(k * self.activations, k * self.weight_copies, tuple((p, k * v) for p, v in self.by_part if k))
+
+    @property
+    def total(self) -> int:
+        return self.activations + self.weight_copies
+
+
+@dataclass(frozen=True)
+class DryRun:
+    """What one forward + loss saves for backward, split by who saved it.
+
+    Every saved storage belongs to exactly one of: ``outside`` (no block: embedding, head, loss),
+    ``blocks[i]`` (saved by block i alone; a checkpointed block's inputs, which ``checkpoint()``
+    saves just before running it, count as the block's), ``shared`` (saved by several blocks: the
+    RoPE angles; part "shared"). ``standalone[i]``: everything block i saves, shared storages included, which is
+    what its recomputation saves when it is checkpointed (meaningful for blocks that are not).
+    ``inputs[i]``: block i's tensor inputs, less the shared storages: what ``checkpoint()`` keeps of
+    it (recorded whether or not it is checkpointed).
+    """
+
+    outside: Saved
+    shared: Saved
+    blocks: tuple[Saved, ...]
+    standalone: tuple[int, ...]
+    inputs: tuple[Saved, ...]  # per block: its tensor inputs that no other block saves (what checkpoint() keeps)
+    logits: int  # the logits tensor [B, T, V] in its dtype
+    logits_fp32: int  # the loss's fp32 copy of the logits (0 when they are fp32 already)
+    loss_grads: int  # what backward starts with: d(log_softmax) and d(logits), [B, T, V] each, in the loss's dtype
+    head_grad: int  # the output head's weight gradient (0 when it is frozen)
+
+    @property
+    def saved(self) -> Saved:
+        total = self.outside + self.shared
+        for b in self.blocks:
+            total = total + b
+        return total
+
+
+# ====================================================================== CUDA's kernels on CPU
+class _CudaKernels(TorchFunctionMode):
+    """Swap in the kernels CUDA runs where their saved tensors differ from the CPU ones (see the
+    module docstring). ``forget``: called with the tensors that live on the host on CUDA."""
+
+    def __init__(self, forget: Callable[[torch.Tensor], None]) -> None:
+        super().__init__()
+        self.forget = forget
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.dropout:
+            return self._dropout(*args, **kwargs)
+        if func is F.scaled_dot_product_attention:
+            return self._sdpa(*args, **kwargs)
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def _dropout(x: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
+        # at::dropout on a CUDA tensor: the fused kernel whenever 0 < p < 1
+        if training and 0.0 < p < 1.0 and not inplace and x.numel() > 0:
+            return torch.native_dropout(x, p, True)[0]
+        return F.dropout(x, p, training, inplace)
+
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+              dropout_p: float = 0.0, is_causal: bool = False, **rest: Any) -> torch.Tensor:
+        if attn_mask is not None or dropout_p or rest:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, **rest)
+        dev = q.device.type
+        if torch.is_autocast_enabled(dev):  # autocast casts SDPA's inputs (we call the kernels directly)
+            q, k, v = (t.to(torch.get_autocast_dtype(dev)) for t in (q, k, v))
+        if q.dtype in (torch.float16, torch.bfloat16):
+            # flash attention; its RNG state (uint64 seed [2] + offset) is a device tensor, kept for
+            # backward (the int64 seed/offset scalars of older torch versions live on the host)
+            out, _, _, _, _, _, seed, offset, _ = torch.ops.aten._scaled_dot_product_flash_attention(
+                q, k, v, 0.0, is_causal, False)
+            if seed.dtype != torch.uint64:
+                self.forget(seed)
+                self.forget(offset)
+            return out
+        # fp32: the memory-efficient kernel; its seed/offset scalars live on the host
+        lse = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        out, _, seed, offset = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, lse, 0.0, is_causal)
+        self.forget(seed)
+        self.forget(offset)
+        return out
+
+
+# ============================================================================= the dry run
+@dataclass
+class _Storage:
+    nbytes: int
+    copy: bool  # an autocast weight copy (else an activation)
+    part: str  # where it was first saved
+    blocks: set[int]  # the blocks that saved it
+
+
+class _Recorder:
+    """The pack hook: the anatomy's ledger decides what counts; this notes which part of the
+    model, and which block, saved each storage (module hooks keep the stack of running modules)."""
+
+    def __init__(self, model: Transformer) -> None:
+        self.ledger = SavedTensorLedger(model)
+        self.storages: dict[int, _Storage] = {}
+        self.n_blocks = len(model.layers)
+        self.stack: list[tuple[str, nn.Module]] = []  # modules whose forward is running
+        self.pending: list[int] = []  # saved by the model itself: checkpoint inputs of the next block
+        self.inputs: list[dict[int, int]] = [{} for _ in model.layers]  # per block: its tensor inputs' storages
+        self.hooks = []
+        for name, m in model.named_modules():
+            self.hooks.append(m.register_forward_pre_hook(functools.partial(self._enter, name)))
+            self.hooks.append(m.register_forward_hook(self._leave))
+
+    def _enter(self, name: str, module: nn.Module, args: Any) -> None:
+        self.stack.append((name, module))
+        top = name.split(".")
+        if len(top) == 2 and top[0] == "layers":
+            i = int(top[1])
+            for key in self.pending:  # what checkpoint() saved just before running this block
+                self.storages[key].blocks.add(i)
+                self.storages[key].part = "checkpoint inputs"
+            self.pending.clear()
+            for t in args:
+                c = self.ledger.classify(t) if isinstance(t, torch.Tensor) else None
+                if c is not None:
+                    self.inputs[i][c[0]] = c[1]
+
+    def _leave(self, module: nn.Module, args: Any, out: Any) -> None:
+        self.stack.pop()
+
+    def close(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+    def where(self) -> tuple[str, int | None]:
+        """(part, block index) of the module now running; block -1: the model itself (a block's
+        checkpoint inputs when a block runs next, else the head and loss)."""
+        if not self.stack:
+            return "head+loss", None  # the loss and the loss scaler, outside the model
+        name = self.stack[-1][0]
+        if name == "":
+            return "head+loss", -1
+        top = name.split(".")
+        if top[0] != "layers":
+            return ("embedding" if top[0] == "tok_embeddings" else "head+loss"), None
+        lora = [n for n, m in self.stack if isinstance(m, LoRALinear)]
+        if lora and not name.startswith(lora[-1] + ".base"):
+            return "lora", int(top[1])
+        return (_BLOCK_PARTS.get(top[2], top[2]) if len(top) > 2 else "block"), int(top[1])
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        c = self.ledger.add(t)
+        if c is not None:
+            key, n, copy = c
+            part, block = self.where()
+            st = self.storages.setdefault(key, _Storage(n, copy, part, set()))
+            if block == -1:
+                self.pending.append(key)
+            elif block is not None:
+                st.blocks.add(block)
+        return t
+
+    def forget(self, t: torch.Tensor) -> None:
+        key = t.untyped_storage()._cdata
+        self.ledger.saved.pop(key, None)
+        self.storages.pop(key, None)
+
+    def result(self) -> tuple[Saved, Saved, tuple[Saved, ...], tuple[int, ...], tuple[Saved, ...]]:
+        """(outside, shared, per block, standalone per block, inputs per block)."""
+        def saved(group: list[_Storage]) -> Saved:
+            parts: dict[str, int] = {}
+            for st in group:
+                if not st.copy:
+                    parts[st.part] = parts.get(st.part, 0) + st.nbytes
+            return Saved(sum(st.nbytes for st in group if not st.copy), sum(st.nbytes for st in group if st.copy),
+                         tuple(sorted(parts.items())))
+
+        assert sum(st.nbytes for st in self.storages.values()) == self.ledger.activations + self.ledger.weight_copies
+        every = list(self.storages.values())
+        outside = saved([st for st in every if not st.blocks])
+        shared = saved([dataclasses.replace(st, part="shared") for st in every if len(st.blocks) > 1])
+        blocks = tuple(saved([st for st in every if st.blocks == {i}]) for i in range(self.n_blocks))
+        standalone = tuple(sum(st.nbytes for st in every if i in st.blocks) for i in range(self.n_blocks))
+        shared_keys = {key for key, st in self.storages.items() if len(st.blocks) > 1}
+
+        def kept(ins: dict[int, int]) -> Saved:  # what checkpoint() keeps of a block: its unshared inputs
+            n = sum(v for key, v in ins.items() if key not in shared_keys)
+            return Saved(n, 0, (("checkpoint inputs", n),) if n else ())
+
+        return outside, shared, blocks, standalone, tuple(kept(ins) for ins in self.inputs)
+
+
+@functools.lru_cache(maxsize=512)  # a pure function of its (hashable) arguments; plan() asks again and again
+def dry_run(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec, checkpointed: frozenset[int], batch: int, seq_len: int,
+            device: str) -> DryRun:
+    """One forward + loss of ``cfg`` (at its own depth; blocks ``checkpointed`` recomputed in
+    backward) on fake tensors, as the training loop runs it on ``device`` ("cuda" | "cpu"), under
+    the anatomy's saved-tensor hooks."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with torch.device("meta"):  # build, cast and wrap on meta: nothing is allocated or initialised
+        model = training_model(cfg, policy, lora)
+    # Any set of blocks (set_grad_checkpointing takes the off/all/every:K policies only).
+    model.checkpoint_layers = frozenset(checkpointed)
+    with FakeTensorMode():
+        _fake_parameters(model)
+        rec = _Recorder(model)
+        tokens = torch.zeros(batch, seq_len, dtype=torch.long)
+        labels = torch.zeros(batch, seq_len, dtype=torch.long)
+        with _kernels(device, rec), torch.autograd.graph.saved_tensors_hooks(rec.pack, lambda t: t):
+            _check_autocast(policy)
+            _, logits = forward_loss(model, tokens, labels, policy, "cpu")
+        rec.close()
+        head = model.output.weight
+        loss_dtype = torch.promote_types(logits.dtype, torch.float32)  # token_loss_sum works in fp32 (fp64 stays)
+        outside, shared, blocks, standalone, inputs = rec.result()
+        return DryRun(outside, shared, blocks, standalone, inputs, logits=logits.numel() * logits.element_size(),
+                      logits_fp32=logits.numel() * loss_dtype.itemsize if loss_dtype != logits.dtype else 0,
+                      loss_grads=2 * logits.numel() * loss_dtype.itemsize,
+                      head_grad=head.numel() * head.element_size() if head.requires_grad else 0)
+
+
+def _check_autocast(policy: PrecisionPolicy) -> None:
+    if policy.autocast_dtype is not None:
+        with policy.autocast("cpu"):
+            if not torch.is_autocast_enabled("cpu"):
+                raise RuntimeError(f"this torch has no CPU autocast for {policy.autocast_dtype}: cannot plan {policy.name}")
+
+
+def _fake_parameters(model: Transformer) -> None:
+    """Replace every meta parameter by a fresh fake CPU one of the same shape, dtype and
+    requires_grad (``to_empty`` without converting each meta tensor; tied weights stay tied)."""
+    fresh: dict[int, nn.Parameter] = {}
+    for m in model.modules():
+        for name, p in m._parameters.items():
+            if p is not None:
+                if id(p) not in fresh:
+                    fresh[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=p.requires_grad)
+                m._parameters[name] = fresh[id(p)]
+
+
+def _kernels(device: str, rec: _Recorder) -> Any:
+    return _CudaKernels(rec.forget) if device == "cuda" else contextlib.nullcontext()
+
+
+# ========================================================================= any depth, cheaply
+@dataclass(frozen=True)
+class Activations:
+    """What a micro-batch saves for backward at the model's full depth, and the transients the
+    planner's peak model needs."""
+
+    saved: Saved
+    recompute: int  # the largest checkpointed block's recomputation: its saved tensors + copies
+    logits: int
+    logits_fp32: int
+    loss_grads: int
+    head_grad: int
+
+
+def activations(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec, checkpointed: frozenset[int], batch: int,
+                seq_len: int, device: str) -> Activations:
+    """:func:`dry_run` of the full depth, from one dry run of 3 blocks.
+
+    Blocks are identical, and block i >= 1 saves the same whatever its position: its own tensors
+    (or, checkpointed, its inputs) plus the storages every block shares (RoPE's angles). Only
+    block 0 differs (its input, the embedding, needs no gradient unless the embedding is trained).
+    So a model of blocks [plain, checkpointed, plain] measures each kind once, and the full depth is
+    block 0 + n_checkpointed x block 1 + n_plain x block 2, plus the shared storages and everything
+    outside the blocks once. A checkpointed block 0 keeps its inputs: the run checks that this is
+    what checkpointing block 1 kept, else it runs [checkpointed, checkpointed, plain] to measure it.
+    The recomputation of a checkpointed block saves what the block saves plain (blocks 0 and 2).
+    A depth of 3 or less is run as it is. tests/bench/test_dryrun.py checks all of this against
+    full-depth dry runs.
+    """
+    L = cfg.n_layers
+    ckpt = frozenset(checkpointed)
+    run = functools.partial(dry_run, policy=policy, lora=lora, batch=batch, seq_len=seq_len, device=device)
+    if L <= 3:
+        d = run(cfg, checkpointed=ckpt)
+        saved = d.saved
+        ref = run(cfg, checkpointed=frozenset()) if ckpt else d  # what each block saves when recomputed
+        recompute = max((ref.standalone[i] for i in ckpt), default=0)
+        return Activations(saved, recompute, d.logits, d.logits_fp32, d.loss_grads, d.head_grad)
+    d = run(cfg.replace(n_layers=3), checkpointed=frozenset({1}))
+    first = d.blocks[0]
+    if 0 in ckpt:
+        same_rule = d.inputs[1] == d.blocks[1]
+        first = d.inputs[0] if same_rule else run(cfg.replace(n_layers=3), checkpointed=frozenset({0, 1})).blocks[0]
+    n_ckpt = len(ckpt - {0})
+    saved = d.outside + d.shared + first + d.blocks[1] * n_ckpt + d.blocks[2] * (L - 1 - n_ckpt)
+    recompute = max([d.standalone[0]] * (0 in ckpt) + [d.standalone[2]] * (n_ckpt > 0), default=0)
+    return Activations(saved, recompute, d.logits, d.logits_fp32, d.loss_grads, d.head_grad)
+
+
+# ======================================================================== parameters (meta)
+def parameters(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec) -> list[tuple[str, int, torch.dtype, bool]]:
+    """Every parameter tensor of the training model once (a tied head once): (name, numel, dtype,
+    trainable), from the real modules built on the meta device."""
+    return list(_parameters(cfg, policy, lora))
+
+
+@functools.lru_cache(maxsize=64)
+def _parameters(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec) -> tuple[tuple[str, int, torch.dtype, bool], ...]:
+    with torch.device("meta"):
+        model = training_model(cfg, policy, lora)
+    return tuple((n, p.numel(), p.dtype, p.requires_grad) for n, p in model.named_parameters())
+
+
+def autocast_cache(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec) -> list[tuple[str, int]]:
+    """(name, numel) of the weights autocast keeps a 16-bit copy of during the forward (trainable
+    fp32 matmul weights), from the real modules built on the meta device."""
+    return list(_autocast_cache(cfg, policy, lora))
+
+
+@functools.lru_cache(maxsize=64)
+def _autocast_cache(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec) -> tuple[tuple[str, int], ...]:
+    with torch.device("meta"):
+        model = training_model(cfg, policy, lora)
+    return tuple((name, p.numel()) for name, p in autocast_cached(model))
