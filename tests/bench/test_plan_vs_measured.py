@@ -25,11 +25,11 @@ FULL_DEPTH = 32  # the shallowest committed model that is a real depth (llama2-7
 
 def _cells() -> list[tuple[str, dict]]:
     out = []
-    for path in sorted(RESULTS.glob("*/cells.json")):
+    for path in sorted(RESULTS.rglob("cells.json")):  # bench folders, also nested (seams-h200/new/...)
         for rec in json.loads(path.read_text()):
             # ours, and measured: the HF reference cells run transformers' model, not this one
             if rec.get("impl") == "solotune" and rec.get("status") == "ok" and rec.get("peak_alloc_bytes"):
-                out.append((path.parent.name, rec))
+                out.append((str(path.parent.relative_to(RESULTS)), rec))
     return out
 
 
