@@ -60,7 +60,7 @@ def load(source: str | Path, dtype: torch.dtype = torch.float32, device: str | t
         cfg = PRESETS[name]
         if n_layers is not None:
             cfg = cfg.replace(n_layers=n_layers)
-        model = _build(cfg, None, dtype, device, seed, quantize)
+        model = materialize(cfg, None, dtype, device, seed, quantize)
         if cfg.vocab_size != 32000:
             raise ConfigError(f"random_init preset {name!r} has vocab {cfg.vocab_size}; only LLaMA-2-vocab presets "
                              "come with a bundled tokenizer")
@@ -79,7 +79,7 @@ def load(source: str | Path, dtype: torch.dtype = torch.float32, device: str | t
         raise ConfigError("n_layers applies to random_init models only")
     ckpt = load_checkpoint(path)  # names and shapes checked; no weights read yet
     # streamed: each tensor is read, cast and moved on its own, so the host never holds the model twice
-    model = _build(ckpt.config, ckpt.tensors(), dtype, device, seed, quantize)
+    model = materialize(ckpt.config, ckpt.tensors(), dtype, device, seed, quantize)
     if ckpt.metadata is not None and "tokenizer.ggml.model" in ckpt.metadata:
         tokenizer = Tokenizer.from_gguf_metadata(ckpt.metadata, source=str(path))
     elif ckpt.tokenizer_file is not None:
@@ -90,7 +90,7 @@ def load(source: str | Path, dtype: torch.dtype = torch.float32, device: str | t
     return model.eval(), tokenizer
 
 
-def _build(cfg: ModelConfig, source, dtype: torch.dtype, device: torch.device, seed: int | None,
+def materialize(cfg: ModelConfig, source, dtype: torch.dtype, device: torch.device, seed: int | None,
            quantize: str) -> Transformer:
     """``build_model`` (``source`` None: random weights of ``seed``), or with quantized block linears:
     built on meta, quantized modules swapped in, then filled one tensor at a time."""
@@ -107,4 +107,4 @@ def _build(cfg: ModelConfig, source, dtype: torch.dtype, device: torch.device, s
     return load_quantized(model, source, dtype=dtype, device=device)
 
 
-__all__ = ["load", "resolve_device", "Transformer", "ModelConfig"]
+__all__ = ["load", "materialize", "resolve_device", "Transformer", "ModelConfig"]

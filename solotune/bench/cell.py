@@ -36,6 +36,7 @@ import torch
 
 from ..errors import ConfigError
 from .tokens import FoldedTokenizer, cell_tokenizer, preset_cell_tokenizer  # noqa: F401  (re-exported)
+from ..peft.spec import LoRASpec
 
 INJECT_OOM_ENV = "SOLOTUNE_BENCH_INJECT_OOM"  # a cell id (or "all"): that cell raises a fake OOM (tests)
 METHODS = ("lora", "full")
@@ -56,10 +57,10 @@ class CellSpec:
     precision: str = "fp32"
     method: str = "lora"  # lora | full
     impl: str = "solotune"  # solotune | hf (transformers + peft, plain torch loop)
-    lora_rank: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.05
-    lora_targets: tuple[str, ...] = ("wq", "wv")
+    lora_rank: int = LoRASpec.rank  # the defaults are LoRASpec's (peft/spec.py): one source
+    lora_alpha: float = LoRASpec.alpha
+    lora_dropout: float = LoRASpec.dropout
+    lora_targets: tuple[str, ...] = LoRASpec.targets
     lr: float = 1e-5
     seed: int = 0
     device: str = "auto"

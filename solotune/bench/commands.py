@@ -8,6 +8,7 @@ import shlex
 import sys
 
 from .plan import PRECISIONS
+from ..peft.spec import LoRASpec
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -39,10 +40,10 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sdpa", choices=["no-cudnn", "auto"], default="no-cudnn",
                    help="attention kernels on CUDA: no-cudnn (flash / memory-efficient; cuDNN re-plans for every new "
                         "sequence length) or auto (torch's choice)")
-    p.add_argument("--lora-rank", type=int, default=16)
-    p.add_argument("--lora-alpha", type=float, default=32.0)
-    p.add_argument("--lora-dropout", type=float, default=0.05)
-    p.add_argument("--lora-targets", type=_csv, default=("wq", "wv"))
+    p.add_argument("--lora-rank", type=int, default=LoRASpec.rank)
+    p.add_argument("--lora-alpha", type=float, default=LoRASpec.alpha)
+    p.add_argument("--lora-dropout", type=float, default=LoRASpec.dropout)
+    p.add_argument("--lora-targets", type=_csv, default=LoRASpec.targets)
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--seed", type=int, default=0)
 
@@ -104,9 +105,9 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precisions", type=_csv, default=PRECISIONS, help=",".join(PRECISIONS))
     p.add_argument("--checkpointing", type=_csv, default=("off", "every:4", "every:2", "all"),
                    help="policies to consider (off, all, every:K)")
-    p.add_argument("--lora-rank", type=int, default=16)
-    p.add_argument("--lora-targets", type=_csv, default=("wq", "wv"))
-    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--lora-rank", type=int, default=LoRASpec.rank)
+    p.add_argument("--lora-targets", type=_csv, default=LoRASpec.targets)
+    p.add_argument("--lora-dropout", type=float, default=LoRASpec.dropout)
     p.add_argument("--optimizer", default="adamw", help="optimizer whose state to count (solotune.train.optim)")
     p.add_argument("--all", action="store_true", help="also list the configurations that do not fit")
     p.add_argument("--json", action="store_true", help="print the predictions as JSON")

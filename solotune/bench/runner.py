@@ -31,6 +31,7 @@ from ..errors import ConfigError
 from ..train.precision import TRAINING_PRECISIONS
 from .cell import CellSpec
 from .plan import GiB
+from ..peft.spec import LoRASpec
 
 AXES = ("ga", "precision", "lora", "gc")  # the course's columns (GA, mixed precision, LoRA) + checkpointing
 
@@ -47,10 +48,10 @@ class BenchConfig:
     ga_on: int = 8
     gc_on: str = "all"
     precision_on: str = "fp16-amp"
-    lora_rank: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.05
-    lora_targets: tuple[str, ...] = ("wq", "wv")
+    lora_rank: int = LoRASpec.rank  # the defaults are LoRASpec's (peft/spec.py): one source
+    lora_alpha: float = LoRASpec.alpha
+    lora_dropout: float = LoRASpec.dropout
+    lora_targets: tuple[str, ...] = LoRASpec.targets
     lr: float = 1e-5
     seed: int = 0
     reference: str | None = None  # "hf"

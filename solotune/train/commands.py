@@ -247,25 +247,25 @@ def resolve_precision(name: str, device: Any) -> str:
     return "bf16" if device.type == "cuda" else "fp32"
 
 
-def _load_base(args: argparse.Namespace, dtype: Any, default: str | None = None):
-    """(model, tokenizer) from --model (else ``default``, else smollm2-135m) and --tokenizer."""
+def _load_base(args: argparse.Namespace, dtype: Any, default: str | None = None, quantize: str = "none"):
+    """(model, tokenizer) from --model (else ``default``, else smollm2-135m) and --tokenizer;
+    ``quantize``: the base as a QLoRA/int8 adapter was trained on (quantization is deterministic)."""
     import torch
 
-    from ..api import load, resolve_device
+    from ..api import load, materialize, resolve_device
 
     name = args.model or default or "smollm2-135m"
     device = resolve_device(args.device)
     if args.tokenizer is None:
-        return load(name, dtype=dtype, device=device)
+        return load(name, dtype=dtype, device=device, quantize=quantize)
     from ..checkpoint import load_checkpoint
-    from ..model import build_model
     from ..tokenizer import load_tokenizer
 
     if not Path(name).exists():  # a preset: its own tokenizer is replaced by --tokenizer
-        return load(name, dtype=dtype, device=device)[0], load_tokenizer(args.tokenizer)
+        return load(name, dtype=dtype, device=device, quantize=quantize)[0], load_tokenizer(args.tokenizer)
     ckpt = load_checkpoint(name)
     with torch.no_grad():
-        model = build_model(ckpt.config, ckpt.tensors(), dtype=dtype, device=device)
+        model = materialize(ckpt.config, ckpt.tensors(), dtype, device, None, quantize)
     return model.eval(), load_tokenizer(args.tokenizer)
 
 
@@ -287,9 +287,14 @@ def model_and_adapter(args: argparse.Namespace, dtype: Any):
         adapter = load_adapter(args.adapter, model.config)
     else:
         adapter = load_adapter(args.adapter)
-        model, tok = _load_base(args, dtype, adapter.base_model)
+        model, tok = _load_base(args, dtype, adapter.base_model, quantized_base_of(adapter))
     attach_adapter(model, adapter, dropout=0.0)
     return model, tok, adapter
+
+
+def quantized_base_of(adapter: Any) -> str:
+    """``nf4``/``int8`` when the adapter was trained over a quantized base (QLoRA), else ``none``."""
+    return str((adapter.train_config or {}).get("quantize", "none"))
 
 
 # ------------------------------------------------------------------------------------------ eval
@@ -363,9 +368,17 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from .weights import trainable_state, write_tokenizer
 
     model, tokenizer, adapter = model_and_adapter(args, torch.float32)
-    merge_lora(model)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    sd = {k: v.to(dtype) for k, v in trainable_state(model, lora=False).items()}
+    if quantized_base_of(adapter) != "none":
+        # QLoRA: the adapter learned against the dequantized base, so that is what gets merged
+        # (dequantize + delta in fp32, one rounding to --dtype); 4 bits cannot hold the sum.
+        from ..checkpoint.common import strip_tied
+        from ..quant import dense_state_dict
+
+        sd = strip_tied(dict(dense_state_dict(model, dtype)), model.config)
+    else:
+        merge_lora(model)
+        sd = {k: v.to(dtype) for k, v in trainable_state(model, lora=False).items()}
     out = save_hf(model.config, sd, args.output, max_shard_bytes=args.max_shard_bytes)
     has_tok = write_tokenizer(tokenizer, out)
     print(f"merged {adapter.source} into {args.model or adapter.base_model} -> {out} ({args.dtype}"

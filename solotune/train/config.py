@@ -23,6 +23,7 @@ from typing import Any
 
 from ..errors import ConfigError, MissingPathError
 from ..model import checkpoint_policy
+from ..peft.spec import LoRASpec
 
 PRECISIONS = ("fp32", "fp16-amp", "bf16-amp", "bf16", "fp64")  # fp64: numerical reference for tests
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
@@ -61,10 +62,10 @@ class TrainConfig:
     offload: str = "none"  # none | activations: saved activations to pinned host memory (with checkpointing)
     # LoRA (ignored with full=True or lora_rank=0)
     full: bool = False
-    lora_rank: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.05
-    lora_targets: tuple[str, ...] = ("wq", "wv")
+    lora_rank: int = LoRASpec.rank  # the defaults are LoRASpec's (peft/spec.py): one source
+    lora_alpha: float = LoRASpec.alpha
+    lora_dropout: float = LoRASpec.dropout
+    lora_targets: tuple[str, ...] = LoRASpec.targets
     # data
     max_seq_len: int = 512
     train_range: tuple[int, int] | None = None  # record indices [start, stop); None = auto (see module doc)
@@ -185,6 +186,13 @@ class TrainConfig:
     @property
     def use_lora(self) -> bool:
         return not self.full and self.lora_rank > 0
+
+    @property
+    def lora(self) -> LoRASpec:
+        """The run's LoRA configuration (rank 0 for full fine-tuning)."""
+        if not self.use_lora:
+            return LoRASpec(rank=0, targets=self.lora_targets)
+        return LoRASpec(self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_targets)
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)

@@ -280,8 +280,7 @@ def _attach_adapters(model: nn.Module, cfg: TrainConfig, policy: PrecisionPolicy
     policy; returns (trainable, total) parameter counts."""
     if cfg.use_lora:
         gen = torch.Generator(device="cpu").manual_seed(cfg.seed)  # A matrices, same on CPU and CUDA
-        apply_lora(model, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
-                   generator=gen, lora_dtype=policy.adapter_dtype)
+        apply_lora(model, cfg.lora, generator=gen, lora_dtype=policy.adapter_dtype)
     else:
         model.requires_grad_(True)
     model.set_grad_checkpointing(cfg.grad_checkpoint)
