@@ -284,12 +284,17 @@ def lora_disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; shared (tied) tensors count once."""
+    """(trainable, total) parameter counts; shared (tied) tensors count once. A quantized frozen base
+    (a LinearBase that is not an nn.Linear: its weight is stored in buffers) counts its in x out."""
     trainable = total = 0
     for p in model.parameters():  # parameters() already de-duplicates shared tensors
         total += p.numel()
         if p.requires_grad:
             trainable += p.numel()
+    for m in model.modules():
+        if isinstance(m, LinearBase) and not isinstance(m, (nn.Linear, LoRALinear)) and not any(
+                True for _ in m.parameters(recurse=False)):
+            total += int(m.in_features) * int(m.out_features)
     return trainable, total
 
 

@@ -35,6 +35,8 @@ def test_quantized_base_run_equals_lora_over_the_dequantized_weights(tmp_path, d
                      tokenizer=WordTokenizer())
     torch.testing.assert_close(torch.tensor(quant.losses), torch.tensor(plain.losses), rtol=1e-5, atol=0)
     assert quant.losses[-1] < quant.losses[0]
+    # the quantized weights live in buffers, yet count as the model's (frozen) parameters
+    assert (quant.trainable_params, quant.total_params) == (plain.trainable_params, plain.total_params)
 
 
 def test_qlora_leaves_the_base_alone_and_resumes_exactly(tmp_path, data):
