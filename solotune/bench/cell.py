@@ -61,6 +61,9 @@ class CellSpec:
     lora_alpha: float = LoRASpec.alpha
     lora_dropout: float = LoRASpec.dropout
     lora_targets: tuple[str, ...] = LoRASpec.targets
+    quantize: str = "none"  # none | nf4 | int8: the frozen base of LoRA (method lora only)
+    offload: str = "none"  # none | activations
+    memory_limit_bytes: int | None = None  # cap the process (torch.cuda.set_per_process_memory_fraction)
     lr: float = 1e-5
     seed: int = 0
     device: str = "auto"
@@ -77,11 +80,21 @@ class CellSpec:
             raise ConfigError(f"cell impl {self.impl!r}: expected one of {IMPLS}")
         if self.sdpa not in ("no-cudnn", "auto"):
             raise ConfigError(f"cell sdpa {self.sdpa!r}: expected no-cudnn or auto")
+        if self.quantize not in ("none", "nf4", "int8") or (self.quantize != "none" and self.method != "lora"):
+            raise ConfigError(f"cell quantize {self.quantize!r}: none, or nf4/int8 with LoRA")
+        if self.offload not in ("none", "activations"):
+            raise ConfigError(f"cell offload {self.offload!r}: expected none or activations")
+
+    @property
+    def method_name(self) -> str:
+        """What cells.json records: lora | qlora | int8-lora | full."""
+        return {"nf4": "qlora", "int8": "int8-lora"}.get(self.quantize, self.method)
 
     @property
     def cell_id(self) -> str:
-        return (f"ga{self.grad_accum}-gc{self.grad_checkpoint.replace(':', '')}-{self.precision}-{self.method}"
-                f"-{self.impl}")
+        extra = "" if self.offload == "none" else f"-offload{self.offload}"
+        return (f"ga{self.grad_accum}-gc{self.grad_checkpoint.replace(':', '')}-{self.precision}-{self.method_name}"
+                f"{extra}-{self.impl}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -149,11 +162,16 @@ def load_cell_model(spec: CellSpec, device: torch.device) -> tuple[torch.nn.Modu
         cfg = PRESETS[spec.model]
         if spec.layers is not None:
             cfg = cfg.replace(n_layers=spec.layers)
-        model = build_model(cfg, dtype=dtype, device=device, seed=spec.seed)
+        if spec.quantize == "none":
+            model = build_model(cfg, dtype=dtype, device=device, seed=spec.seed)
+        else:  # quantized as it is built: the 16-bit model never exists
+            from ..api import materialize
+
+            model = materialize(cfg, None, dtype, device, spec.seed, spec.quantize)
         return model, preset_cell_tokenizer(cfg.vocab_size), cfg, True
     if spec.layers is not None:
         raise ConfigError("--layers applies to preset architectures (random init) only")
-    model, tok = load(spec.model, dtype=dtype, device=device)
+    model, tok = load(spec.model, dtype=dtype, device=device, quantize=spec.quantize)
     return model, tok, model.config, False
 
 
@@ -240,7 +258,8 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
     result: dict[str, Any] = {
         "model": spec.model, "layers": spec.layers, "seq_len": spec.seq_len, "micro_batch": spec.micro_batch,
         "grad_accum": spec.grad_accum, "grad_checkpoint": spec.grad_checkpoint, "precision": spec.precision,
-        "method": spec.method, "impl": spec.impl, "cell_id": spec.cell_id, "status": "error",
+        "method": spec.method_name, "quantize": spec.quantize, "offload": spec.offload,
+        "memory_limit_bytes": spec.memory_limit_bytes, "impl": spec.impl, "cell_id": spec.cell_id, "status": "error",
         "peak_alloc_bytes": None, "peak_reserved_bytes": None, "predicted_peak_bytes": None, "runtime_s": None,
         "tokens": None, "tokens_per_s": None, "mean_loss": None, "trainable_params": None, "total_params": None,
         "anatomy": None, "predicted": None, "mfu": None, "samples": spec.samples, "samples_done": 0, "steps": 0,
@@ -249,6 +268,7 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
         "command": spec.command, "peak_kind": None, "weights": None, "matmul_tflops": spec.matmul_tflops,
         "lora": {"rank": spec.lora_rank, "alpha": spec.lora_alpha, "dropout": spec.lora_dropout,
                  "targets": list(spec.lora_targets)} if spec.method == "lora" else None,
+        "data": "alpaca-sample", "optimizer": "adamw",
         "max_seq_len_data": None, "max_seq_len_seen": None, "sdpa": spec.sdpa if device.type == "cuda" else None,
         "device_memory_bytes": torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None,
     }
@@ -262,6 +282,9 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
     try:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+            if spec.memory_limit_bytes:  # reproduce a smaller GPU
+                total = torch.cuda.get_device_properties(device).total_memory
+                torch.cuda.set_per_process_memory_fraction(min(1.0, spec.memory_limit_bytes / total), device)
         if spec.impl == "hf":
             from .hf_cell import build_hf_model
 
@@ -312,8 +335,9 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
         result["peak_alloc_bytes"] = meter.peak() if (device.type == "cuda" or inst is not None) else None
         result["peak_reserved_bytes"] = meter.peak_reserved()
     if model is not None and result["trainable_params"] is None:
-        result["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        result["total_params"] = sum(p.numel() for p in model.parameters())
+        from ..peft import count_parameters
+
+        result["trainable_params"], result["total_params"] = count_parameters(model)
     return result
 
 
@@ -354,6 +378,7 @@ def _train_solotune(spec: CellSpec, model: Any, tokenizer: Any, device: torch.de
         lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout, lora_targets=spec.lora_targets,
         max_seq_len=spec.seq_len, train_range=(0, 200), max_samples=spec.samples, val_samples=0,
         generate_samples=False, progress=False, device=str(device), seed=spec.seed, log_every=10**9,
+        quantize=spec.quantize, offload=spec.offload,
     )
     try:
         with contextlib.redirect_stdout(sys.stderr):

@@ -7,7 +7,7 @@ import json
 import shlex
 import sys
 
-from .plan import PRECISIONS
+from .plan import PRECISIONS, parse_bytes
 from ..peft.spec import LoRASpec
 
 
@@ -44,6 +44,11 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-alpha", type=float, default=LoRASpec.alpha)
     p.add_argument("--lora-dropout", type=float, default=LoRASpec.dropout)
     p.add_argument("--lora-targets", type=_csv, default=LoRASpec.targets)
+    p.add_argument("--quantize", choices=["none", "nf4", "int8"], default="none",
+                   help="frozen base of the LoRA cells: nf4 (QLoRA) or int8")
+    p.add_argument("--offload", choices=["none", "activations"], default="none")
+    p.add_argument("--memory-limit", default=None,
+                   help="cap each cell's CUDA memory (e.g. 24GiB) to reproduce a smaller GPU")
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--seed", type=int, default=0)
 
@@ -60,7 +65,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
                      fixed=_parse_fix(args.fix), ga_on=args.ga_on, gc_on=args.gc_on,
                      precision_on=args.precision_on, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                      lora_dropout=args.lora_dropout, lora_targets=args.lora_targets, lr=args.lr, seed=args.seed,
-                     reference=args.reference, device=args.device, out=out, cell_timeout_s=args.cell_timeout,
+                     reference=args.reference, device=args.device, quantize=args.quantize, offload=args.offload,
+                     memory_limit_bytes=parse_bytes(args.memory_limit) if args.memory_limit else None,
+                     out=out, cell_timeout_s=args.cell_timeout,
                      time_budget_s=args.time_budget, sdpa=args.sdpa, command=command)
     from .plan import model_config
 
@@ -91,6 +98,10 @@ def _bench_argv(args: argparse.Namespace, out: str) -> list[str]:
         argv += ["--reference", args.reference]
     if args.time_budget:
         argv += ["--time-budget", f"{args.time_budget:g}"]
+    for flag, value, default in (("--quantize", args.quantize, "none"), ("--offload", args.offload, "none"),
+                                 ("--memory-limit", args.memory_limit, None)):
+        if value != default:
+            argv += [flag, str(value)]
     return argv + ["--out", out]
 
 

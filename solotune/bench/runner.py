@@ -52,6 +52,9 @@ class BenchConfig:
     lora_alpha: float = LoRASpec.alpha
     lora_dropout: float = LoRASpec.dropout
     lora_targets: tuple[str, ...] = LoRASpec.targets
+    quantize: str = "none"  # none | nf4 | int8 (LoRA cells; full fine-tuning cells keep a 16-bit base)
+    offload: str = "none"
+    memory_limit_bytes: int | None = None
     lr: float = 1e-5
     seed: int = 0
     reference: str | None = None  # "hf"
@@ -75,6 +78,9 @@ class BenchConfig:
             raise ConfigError(f"--precision-on {self.precision_on!r}: choose from fp16-amp, bf16-amp, bf16")
         if self.reference not in (None, "hf"):
             raise ConfigError(f"--reference {self.reference!r}: only 'hf' is supported")
+        if self.reference and (self.quantize != "none" or self.offload != "none"):
+            raise ConfigError("--reference hf with --quantize/--offload: the HF + bitsandbytes reference cell is not "
+                              "built yet; run without --reference")
         if self.ga_on < 2:
             raise ConfigError(f"--ga-on must be >= 2, got {self.ga_on}")
         if not 1 <= self.samples <= 200:
@@ -109,7 +115,8 @@ def matrix(bc: BenchConfig) -> list[CellSpec]:
                               micro_batch=bc.micro_batch, lora_rank=bc.lora_rank, lora_alpha=bc.lora_alpha,
                               lora_dropout=bc.lora_dropout, lora_targets=bc.lora_targets, lr=bc.lr, seed=bc.seed,
                               device=bc.device, time_budget_s=bc.time_budget_s, sdpa=bc.sdpa, command=bc.command,
-                              **kw))
+                              quantize=bc.quantize if kw["method"] == "lora" else "none", offload=bc.offload,
+                              memory_limit_bytes=bc.memory_limit_bytes, **kw))
     return cells
 
 

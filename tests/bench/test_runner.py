@@ -172,3 +172,33 @@ def test_precision_facts_come_from_the_policy():
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     with pytest.raises(ValueError, match="precision-on"):
         BenchConfig(precision_on="fp64")
+
+
+@pytest.mark.parametrize("quantize, method", [("nf4", "qlora"), ("int8", "int8-lora")])
+def test_quantized_cell_records_its_method_and_measures_the_quantized_model(quantize, method):
+    kw = dict(model="tiny", samples=4, seq_len=32, method="lora", precision="bf16", device="cpu")
+    q = run_cell(CellSpec(**kw, quantize=quantize, offload="activations", grad_checkpoint="all"))
+    plain = run_cell(CellSpec(**kw))
+    assert q["status"] == "ok", q["error"]
+    assert (q["method"], q["quantize"], q["offload"]) == (method, quantize, "activations")
+    assert q["cell_id"].endswith(f"-{method}-offloadactivations-solotune") and plain["method"] == "lora"
+    assert q["trainable_params"] == plain["trainable_params"] and q["total_params"] == plain["total_params"]
+    # the measured anatomy counts the quantized storage (codes + scales) as the base's weights
+    import torch
+
+    from solotune.config import PRESETS
+    from solotune.model import Transformer
+    from solotune.quant import quantized_modules, swap_in_quantized
+
+    with torch.device("meta"):
+        meta = swap_in_quantized(Transformer(PRESETS["tiny"]), quantize, compute_dtype=torch.bfloat16)
+    assert q["anatomy"]["params"]["quantized"] == sum(m.weight_bytes() for m in quantized_modules(meta).values())
+    assert q["anatomy"]["params_total"] < plain["anatomy"]["params_total"]
+
+
+def test_bench_refuses_an_hf_reference_it_cannot_build():
+    from solotune.bench.runner import BenchConfig
+    from solotune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="bitsandbytes"):
+        BenchConfig(quantize="nf4", reference="hf")
