@@ -119,6 +119,9 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-rank", type=int, default=LoRASpec.rank)
     p.add_argument("--lora-targets", type=_csv, default=LoRASpec.targets)
     p.add_argument("--lora-dropout", type=float, default=LoRASpec.dropout)
+    p.add_argument("--quantize", type=_csv, default=("none",),
+                   help="frozen-base quantizations to consider: none,nf4,int8 (with lora only)")
+    p.add_argument("--offload", type=_csv, default=("none",), help="offload options to consider: none,activations")
     p.add_argument("--optimizer", default="adamw", help="optimizer whose state to count (solotune.train.optim)")
     p.add_argument("--all", action="store_true", help="also list the configurations that do not fit")
     p.add_argument("--json", action="store_true", help="print the predictions as JSON")
@@ -126,17 +129,21 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from .plan import PRECISIONS as KNOWN
-    from .plan import format_plan, model_config, parse_bytes, plan
+    from .plan import OFFLOAD_KINDS, QUANTIZE_KINDS, format_plan, model_config, parse_bytes, plan
 
     cfg = model_config(args.model, args.layers)
     gpu = parse_bytes(args.gpu_mem)
     bad = [m for m in args.methods if m not in ("lora", "full")] + [q for q in args.precisions if q not in KNOWN]
     if bad:
         raise ValueError(f"unknown method/precision {bad}: methods lora,full; precisions {','.join(KNOWN)}")
+    bad = [q for q in args.quantize if q not in QUANTIZE_KINDS] + [o for o in args.offload if o not in OFFLOAD_KINDS]
+    if bad:
+        raise ValueError(f"unknown quantize/offload {bad}: quantize {','.join(QUANTIZE_KINDS)}; "
+                         f"offload {','.join(OFFLOAD_KINDS)}")
     rows = plan(cfg, gpu, seq_len=args.seq_len, batch=args.batch, grad_accum=args.grad_accum,
                 lora_rank=args.lora_rank, lora_targets=args.lora_targets, lora_dropout=args.lora_dropout,
                 methods=args.methods, precisions=args.precisions, checkpointing=args.checkpointing,
-                optimizer=args.optimizer)
+                optimizer=args.optimizer, quantize=args.quantize, offload=args.offload)
     if args.json:
         print(json.dumps([{**p.to_dict(), "relative_cost": c, "fits": f} for p, c, f in rows], indent=1))
     else:

@@ -24,6 +24,19 @@ they are swapped in (:class:`_CudaKernels`), everything else is the CPU code pat
   on the fake tensors, so their saved tensors come from PyTorch's own meta kernels. (Head dims
   that are multiples of 8, as in every LLaMA; CUDA pads others for flash.)
 
+Quantized bases (QLoRA, ``quantize="nf4"|"int8"``): the block linears are swapped for the real
+:class:`~solotune.quant.linear.NF4Linear` / ``Int8Linear`` before LoRA wraps them, as ``api.load``
+does, and their buffers are faked like the parameters; their forward and backward (the PyTorch
+dequantization path, CPU tensors) run on fake tensors as they are. The only real tensors they
+touch are NF4's constant tables (levels, dynamic map), which the fake mode is allowed to convert.
+Their custom autograd Function saves nothing of [out, in] size, so the ledger sees what it sees on
+the GPU; the dequantized weight is a transient the planner adds (:func:`quantized`).
+
+Activation offload: :class:`~solotune.train.offload.ActivationOffload` cannot run here (it moves
+plain ``torch.Tensor`` storages only, and every tensor here is a ``FakeTensor``), so the dry run
+records, per storage, what it would move: activations (not weight copies; parameters and buffers
+are never counted) of at least its ``min_bytes`` (:attr:`Saved.offloadable`, and the largest one).
+
 Shapes: B batch, T tokens per row, V vocab.
 """
 
@@ -32,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -44,19 +58,34 @@ from ..config import ModelConfig
 from ..model import Transformer
 from ..peft import LoRALinear, LoRASpec, apply_lora
 from ..train.loss import token_loss_sum
+from ..quant.load import quantized_modules, swap_in_quantized  # at import: building its tables needs real tensors
+from ..train.offload import ActivationOffload
 from ..train.precision import PrecisionPolicy
 from .anatomy import SavedTensorLedger, autocast_cached
 
 # The part of the model a saved tensor belongs to, by the block child it was saved in.
 _BLOCK_PARTS = {"attention": "attention", "feed_forward": "mlp", "attention_norm": "norm", "ffn_norm": "norm"}
 
+# ActivationOffload's defaults, read from it so the prediction follows the code: storages below
+# min_bytes stay on the device; max_in_flight device-to-host copies may be pending at once.
+_OFFLOAD_DEFAULTS = inspect.signature(ActivationOffload.__init__).parameters
+OFFLOAD_MIN_BYTES: int = _OFFLOAD_DEFAULTS["min_bytes"].default
+OFFLOAD_MAX_IN_FLIGHT: int = _OFFLOAD_DEFAULTS["max_in_flight"].default
+QUANTIZE_KINDS = ("none", "nf4", "int8")
+
 
 # ============================================================================ the model set-up
-def training_model(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec) -> Transformer:
-    """``cfg``'s model as the training loop prepares it: every weight in the policy's dtype, then
-    either LoRA adapters (in the policy's adapter dtype; everything else frozen) or every weight
-    trainable; train mode. Built on whatever device/mode is current (meta, fake)."""
+def training_model(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec, quantize: str = "none") -> Transformer:
+    """``cfg``'s model as the training loop prepares it: every weight in the policy's dtype, the
+    block linears swapped for frozen quantized ones (``quantize`` "nf4" | "int8", LoRA only; compute
+    dtype the policy's ``param_dtype``, as ``api.load``), then either LoRA adapters (in the policy's
+    adapter dtype; everything else frozen) or every weight trainable; train mode. Built on whatever
+    device/mode is current (meta, fake)."""
     model = Transformer(cfg).to(policy.param_dtype)
+    if quantize != "none":
+        if not lora.enabled:
+            raise ValueError(f"quantize {quantize!r} needs LoRA: a quantized base cannot be trained")
+        swap_in_quantized(model, quantize, compute_dtype=policy.param_dtype)
     if lora.enabled:
         apply_lora(model, lora.targets, lora.rank, lora.alpha, lora.dropout, lora_dtype=policy.adapter_dtype)
     else:
@@ -85,16 +114,20 @@ class Saved:
     activations: int = 0
     weight_copies: int = 0
     by_part: tuple[tuple[str, int], ...] = ()  # (part, activation bytes), sorted by part
+    offloadable: int = 0  # activation bytes in storages >= OFFLOAD_MIN_BYTES (what ActivationOffload moves)
+    largest_offloadable: int = 0  # the largest such storage
 
     def __add__(self, other: "Saved") -> "Saved":
         parts = dict(self.by_part)
         for k, v in other.by_part:
             parts[k] = parts.get(k, 0) + v
         return Saved(self.activations + other.activations, self.weight_copies + other.weight_copies,
-                     tuple(sorted(parts.items())))
+                     tuple(sorted(parts.items())), self.offloadable + other.offloadable,
+                     max(self.largest_offloadable, other.largest_offloadable))
 
     def __mul__(self, k: int) -> "Saved":
-        return Saved(k * self.activations, k * self.weight_copies, tuple((p, k * v) for p, v in self.by_part if k))
+        return Saved(k * self.activations, k * self.weight_copies, tuple((p, k * v) for p, v in self.by_part if k),
+                     k * self.offloadable, self.largest_offloadable if k else 0)
 
     @property
     def total(self) -> int:
@@ -266,8 +299,9 @@ class _Recorder:
             for st in group:
                 if not st.copy:
                     parts[st.part] = parts.get(st.part, 0) + st.nbytes
+            big = [st.nbytes for st in group if not st.copy and st.nbytes >= OFFLOAD_MIN_BYTES]
             return Saved(sum(st.nbytes for st in group if not st.copy), sum(st.nbytes for st in group if st.copy),
-                         tuple(sorted(parts.items())))
+                         tuple(sorted(parts.items())), sum(big), max(big, default=0))
 
         assert sum(st.nbytes for st in self.storages.values()) == self.ledger.activations + self.ledger.weight_copies
         every = list(self.storages.values())
@@ -278,25 +312,29 @@ class _Recorder:
         shared_keys = {key for key, st in self.storages.items() if len(st.blocks) > 1}
 
         def kept(ins: dict[int, int]) -> Saved:  # what checkpoint() keeps of a block: its unshared inputs
-            n = sum(v for key, v in ins.items() if key not in shared_keys)
-            return Saved(n, 0, (("checkpoint inputs", n),) if n else ())
+            sizes = [v for key, v in ins.items() if key not in shared_keys]
+            big = [v for v in sizes if v >= OFFLOAD_MIN_BYTES]
+            n = sum(sizes)
+            return Saved(n, 0, (("checkpoint inputs", n),) if n else (), sum(big), max(big, default=0))
 
         return outside, shared, blocks, standalone, tuple(kept(ins) for ins in self.inputs)
 
 
 @functools.lru_cache(maxsize=512)  # a pure function of its (hashable) arguments; plan() asks again and again
 def dry_run(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec, checkpointed: frozenset[int], batch: int, seq_len: int,
-            device: str) -> DryRun:
+            device: str, quantize: str = "none") -> DryRun:
     """One forward + loss of ``cfg`` (at its own depth; blocks ``checkpointed`` recomputed in
     backward) on fake tensors, as the training loop runs it on ``device`` ("cuda" | "cpu"), under
     the anatomy's saved-tensor hooks."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with torch.device("meta"):  # build, cast and wrap on meta: nothing is allocated or initialised
-        model = training_model(cfg, policy, lora)
+        model = training_model(cfg, policy, lora, quantize)
     # Any set of blocks (set_grad_checkpointing takes the off/all/every:K policies only).
     model.checkpoint_layers = frozenset(checkpointed)
-    with FakeTensorMode():
+    # NF4's dequantization indexes real constant tables (module-level levels and dynamic map):
+    # let the fake mode convert those; nothing else in the model is a real tensor.
+    with FakeTensorMode(allow_non_fake_inputs=quantize != "none"):
         _fake_parameters(model)
         rec = _Recorder(model)
         tokens = torch.zeros(batch, seq_len, dtype=torch.long)
@@ -323,7 +361,8 @@ def _check_autocast(policy: PrecisionPolicy) -> None:
 
 def _fake_parameters(model: Transformer) -> None:
     """Replace every meta parameter by a fresh fake CPU one of the same shape, dtype and
-    requires_grad (``to_empty`` without converting each meta tensor; tied weights stay tied)."""
+    requires_grad (``to_empty`` without converting each meta tensor; tied weights stay tied), and
+    every buffer (the quantized linears' codes and scales) by a fake CPU one."""
     fresh: dict[int, nn.Parameter] = {}
     for m in model.modules():
         for name, p in m._parameters.items():
@@ -331,6 +370,9 @@ def _fake_parameters(model: Transformer) -> None:
                 if id(p) not in fresh:
                     fresh[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=p.requires_grad)
                 m._parameters[name] = fresh[id(p)]
+        for name, b in m._buffers.items():
+            if b is not None:
+                m._buffers[name] = torch.empty(b.shape, dtype=b.dtype)
 
 
 def _kernels(device: str, rec: _Recorder) -> Any:
@@ -349,10 +391,15 @@ class Activations:
     logits_fp32: int
     loss_grads: int
     head_grad: int
+    # Offload: the offloadable bytes saved outside the blocks (embedding, head, loss: saved last, so
+    # still pending, and reused in place, when backward starts), and the largest offloadable storage
+    # of the blocks (what moves back and forth during the backward).
+    outside_offloadable: int = 0
+    largest_block_offloadable: int = 0
 
 
 def activations(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec, checkpointed: frozenset[int], batch: int,
-                seq_len: int, device: str) -> Activations:
+                seq_len: int, device: str, quantize: str = "none") -> Activations:
     """:func:`dry_run` of the full depth, from one dry run of 3 blocks.
 
     Blocks are identical, and block i >= 1 saves the same whatever its position: its own tensors
@@ -368,13 +415,16 @@ def activations(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec, check
     """
     L = cfg.n_layers
     ckpt = frozenset(checkpointed)
-    run = functools.partial(dry_run, policy=policy, lora=lora, batch=batch, seq_len=seq_len, device=device)
+    run = functools.partial(dry_run, policy=policy, lora=lora, batch=batch, seq_len=seq_len, device=device,
+                            quantize=quantize)
     if L <= 3:
         d = run(cfg, checkpointed=ckpt)
         saved = d.saved
         ref = run(cfg, checkpointed=frozenset()) if ckpt else d  # what each block saves when recomputed
         recompute = max((ref.standalone[i] for i in ckpt), default=0)
-        return Activations(saved, recompute, d.logits, d.logits_fp32, d.loss_grads, d.head_grad)
+        largest = max([d.shared.largest_offloadable] + [b.largest_offloadable for b in d.blocks])
+        return Activations(saved, recompute, d.logits, d.logits_fp32, d.loss_grads, d.head_grad,
+                           d.outside.offloadable, largest)
     d = run(cfg.replace(n_layers=3), checkpointed=frozenset({1}))
     first = d.blocks[0]
     if 0 in ckpt:
@@ -383,31 +433,66 @@ def activations(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec, check
     n_ckpt = len(ckpt - {0})
     saved = d.outside + d.shared + first + d.blocks[1] * n_ckpt + d.blocks[2] * (L - 1 - n_ckpt)
     recompute = max([d.standalone[0]] * (0 in ckpt) + [d.standalone[2]] * (n_ckpt > 0), default=0)
-    return Activations(saved, recompute, d.logits, d.logits_fp32, d.loss_grads, d.head_grad)
+    blocks = [d.shared, first] + [d.blocks[1]] * (n_ckpt > 0) + [d.blocks[2]] * (L - 1 - n_ckpt > 0)
+    return Activations(saved, recompute, d.logits, d.logits_fp32, d.loss_grads, d.head_grad,
+                       d.outside.offloadable, max(b.largest_offloadable for b in blocks))
 
 
 # ======================================================================== parameters (meta)
-def parameters(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec) -> list[tuple[str, int, torch.dtype, bool]]:
+def parameters(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec,
+               quantize: str = "none") -> list[tuple[str, int, torch.dtype, bool]]:
     """Every parameter tensor of the training model once (a tied head once): (name, numel, dtype,
-    trainable), from the real modules built on the meta device."""
-    return list(_parameters(cfg, policy, lora))
+    trainable), from the real modules built on the meta device. Quantized weights are buffers, not
+    parameters: see :func:`quantized`."""
+    return list(_parameters(cfg, policy, lora, quantize))
 
 
 @functools.lru_cache(maxsize=64)
-def _parameters(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec) -> tuple[tuple[str, int, torch.dtype, bool], ...]:
+def _parameters(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec,
+                quantize: str = "none") -> tuple[tuple[str, int, torch.dtype, bool], ...]:
     with torch.device("meta"):
-        model = training_model(cfg, policy, lora)
+        model = training_model(cfg, policy, lora, quantize)
     return tuple((n, p.numel(), p.dtype, p.requires_grad) for n, p in model.named_parameters())
 
 
-def autocast_cache(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec) -> list[tuple[str, int]]:
-    """(name, numel) of the weights autocast keeps a 16-bit copy of during the forward (trainable
-    fp32 matmul weights), from the real modules built on the meta device."""
-    return list(_autocast_cache(cfg, policy, lora))
+@dataclass(frozen=True)
+class Quantized:
+    """The quantized linears of a training model (all zero without quantization)."""
+
+    storage: int = 0  # bytes of every quantized module's buffers (codes and scales: ``weight_bytes()``)
+    weights: int = 0  # elements of the weights they stand for (sum of out * in)
+    largest: int = 0  # elements of the largest one, [out, in]
+    compute_dtype: torch.dtype | None = None  # what the forward dequantizes into (autocast's dtype when on)
+
+    @property
+    def dequantized(self) -> int:
+        """Bytes of the largest weight dequantized [out, in]: the transient of one quantized matmul
+        (forward, and again in backward for grad_x)."""
+        return self.largest * self.compute_dtype.itemsize if self.compute_dtype is not None else 0
 
 
 @functools.lru_cache(maxsize=64)
-def _autocast_cache(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec) -> tuple[tuple[str, int], ...]:
+def quantized(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec, quantize: str = "none") -> Quantized:
+    """The quantized storage of the training model, from the real modules built on the meta device."""
+    if quantize == "none":
+        return Quantized()
     with torch.device("meta"):
-        model = training_model(cfg, policy, lora)
+        model = training_model(cfg, policy, lora, quantize)
+    mods = list(quantized_modules(model).values())
+    sizes = [m.out_features * m.in_features for m in mods]
+    return Quantized(sum(m.weight_bytes() for m in mods), sum(sizes), max(sizes, default=0),
+                     policy.autocast_dtype or policy.param_dtype)
+
+
+def autocast_cache(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec, quantize: str = "none") -> list[tuple[str, int]]:
+    """(name, numel) of the weights autocast keeps a 16-bit copy of during the forward (trainable
+    fp32 matmul weights), from the real modules built on the meta device."""
+    return list(_autocast_cache(cfg, policy, lora, quantize))
+
+
+@functools.lru_cache(maxsize=64)
+def _autocast_cache(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec,
+                    quantize: str = "none") -> tuple[tuple[str, int], ...]:
+    with torch.device("meta"):
+        model = training_model(cfg, policy, lora, quantize)
     return tuple((name, p.numel()) for name, p in autocast_cached(model))

@@ -32,6 +32,20 @@ fake tensors (shapes and dtypes, no data) for one forward + the training loop's 
   blocks, the optimizer's scratch. Sizes come from the dry run; how they overlap is modelled, not
   measured.
 
+Two options change components rather than add any:
+
+* **quantize** ("nf4" | "int8", LoRA only: QLoRA): the dry run's model has the real quantized
+  linears swapped in before LoRA (``dryrun.training_model``). Their codes and scales are buffers,
+  counted in the parameters under the kind's name (``params["nf4"]``), from ``weight_bytes()``;
+  one dequantized weight (the largest [out, in] in the compute dtype) is a forward/backward
+  transient, since the forward dequantizes for its matmul and the backward dequantizes again.
+* **offload** ("activations"): ``ActivationOffload`` moves every saved activation storage of at
+  least its ``min_bytes`` to pinned host memory (with checkpointing, mostly the block inputs). The
+  device keeps the ledger's activations less those storages, plus (max_in_flight + 2) x the
+  largest of them: the copies still pending in the forward (max_in_flight) and, in backward, the
+  one in use and the one being prefetched; the head's and loss's storages, saved last, are still
+  pending when backward starts and stay. ``Prediction.host_bytes``: the pinned host copies.
+
 ``peak = max(forward/backward phase, optimizer-step phase)``, both in steady state (optimizer
 state allocated; with accumulation the window's gradients already exist while the next
 micro-batch runs).
@@ -56,7 +70,9 @@ from ..train.optim import get_optimizer_spec, optimizer_state_bytes
 from ..train.precision import PrecisionPolicy, get_policy
 from . import dryrun
 from .anatomy import dtype_name
+from .dryrun import OFFLOAD_MAX_IN_FLIGHT, QUANTIZE_KINDS
 
+OFFLOAD_KINDS = ("none", "activations")  # solotune.train.offload
 PRECISIONS = ("fp32", "fp16-amp", "bf16-amp", "bf16")  # the training modes (precision.POLICIES also has fp64)
 DEVICES = ("cuda", "cpu")
 GiB = 1024**3
@@ -85,10 +101,13 @@ class Setup:
     lora: LoRASpec = LoRASpec()
     optimizer: str = "adamw"  # solotune.train.optim
     device: str = "cuda"  # "cuda" | "cpu": dropout masks, attention statistics and the optimizer step differ
+    quantize: str = "none"  # none | nf4 | int8: the frozen base's block linears (LoRA only)
+    offload: str = "none"  # none | activations (solotune.train.offload)
 
     def __init__(self, model: ModelConfig, seq_len: int = 512, batch: int = 1, grad_accum: int = 1,
                  grad_checkpoint: str = "off", precision: str = "fp32", lora: LoRASpec | None = None,
-                 optimizer: str = "adamw", device: str = "cuda", *, lora_rank: int | None = None,
+                 optimizer: str = "adamw", device: str = "cuda", quantize: str = "none", offload: str = "none", *,
+                 lora_rank: int | None = None,
                  lora_targets: Iterable[str] | None = None, lora_dropout: float | None = None) -> None:
         spec = lora if lora is not None else LoRASpec()
         legacy = {k: v for k, v in (("rank", lora_rank), ("targets", lora_targets), ("dropout", lora_dropout))
@@ -97,7 +116,7 @@ class Setup:
             spec = dataclasses.replace(spec, **legacy)
         for name, value in (("model", model), ("seq_len", seq_len), ("batch", batch), ("grad_accum", grad_accum),
                             ("grad_checkpoint", grad_checkpoint), ("precision", precision), ("lora", spec),
-                            ("optimizer", optimizer), ("device", device)):
+                            ("optimizer", optimizer), ("device", device), ("quantize", quantize), ("offload", offload)):
             object.__setattr__(self, name, value)
         self.__post_init__()
 
@@ -109,6 +128,12 @@ class Setup:
         if self.device not in DEVICES:
             raise ValueError(f"device {self.device!r}: expected one of {', '.join(DEVICES)}")
         checkpoint_policy(self.grad_checkpoint, self.model.n_layers)  # validates
+        if self.quantize not in QUANTIZE_KINDS:
+            raise ValueError(f"quantize {self.quantize!r}: expected one of {', '.join(QUANTIZE_KINDS)}")
+        if self.quantize != "none" and not self.lora.enabled:
+            raise ValueError(f"quantize {self.quantize!r} needs LoRA (lora rank > 0): a quantized base is frozen")
+        if self.offload not in OFFLOAD_KINDS:
+            raise ValueError(f"offload {self.offload!r}: expected one of {', '.join(OFFLOAD_KINDS)}")
         get_optimizer_spec(self.optimizer)  # validates
 
     @property
@@ -130,6 +155,12 @@ class Setup:
     @property
     def method(self) -> str:
         return "lora" if self.lora.enabled else "full"
+
+    @property
+    def label(self) -> str:
+        """The method with its options, e.g. ``lora``, ``lora nf4``, ``lora nf4 +offload``."""
+        return " ".join([self.method] + [self.quantize] * (self.quantize != "none")
+                        + ["+offload"] * (self.offload != "none"))
 
     @property
     def amp(self) -> bool:
@@ -171,6 +202,11 @@ class Prediction:
     transient_step: int
     peak_fb: int
     peak_step: int
+    # Activation offload: `activations` is what stays on the device; these are the ledger's bytes
+    # before the offload and the pinned host copies (0 without offload).
+    activations_saved: int = 0
+    host_bytes: int = 0
+    dequantized: int = 0  # one quantized weight dequantized [out, in] (part of transient_fb)
 
     @property
     def params_total(self) -> int:
@@ -202,18 +238,23 @@ class Prediction:
         return {
             "model": s.model.name, "layers": s.model.n_layers, "seq_len": s.seq_len, "batch": s.batch,
             "grad_accum": s.grad_accum, "grad_checkpoint": s.grad_checkpoint, "precision": s.precision,
-            "method": s.method, "trainable_params": self.trainable_params, "total_params": self.total_params,
+            "method": s.method, "quantize": s.quantize, "offload": s.offload, "trainable_params": self.trainable_params, "total_params": self.total_params,
             "params": dict(self.params), "grads": self.grads, "optimizer": self.optimizer,
             "activations": self.activations, "weight_copies": self.weight_copies,
             "autocast_cache": self.autocast_cache, "activations_by_part": dict(self.activations_by_part),
             "transient_fb": self.transient_fb, "transient_step": self.transient_step,
             "peak_fb": self.peak_fb, "peak_step": self.peak_step, "peak": self.peak, "peak_phase": self.peak_phase,
+            "activations_saved": self.activations_saved, "host_bytes": self.host_bytes, "dequantized": self.dequantized,
         }
 
 
 # ================================================================== parameters and optimizer
 def _tensors(s: Setup) -> list[tuple[str, int, torch.dtype, bool]]:
-    return dryrun.parameters(s.model, s.policy, s.lora)
+    return dryrun.parameters(s.model, s.policy, s.lora, s.quantize)
+
+
+def _quantized(s: Setup) -> dryrun.Quantized:
+    return dryrun.quantized(s.model, s.policy, s.lora, s.quantize)
 
 
 def param_tensors(s: Setup) -> list[tuple[str, int, str, bool]]:
@@ -224,9 +265,14 @@ def param_tensors(s: Setup) -> list[tuple[str, int, str, bool]]:
 
 
 def param_bytes(s: Setup) -> dict[str, int]:
+    """Bytes of the model's weights by dtype; a quantized base's codes and scales (buffers) under
+    the kind's name ("nf4", "int8")."""
     by: dict[str, int] = {}
     for _, n, dt, _ in _tensors(s):
         by[dtype_name(dt)] = by.get(dtype_name(dt), 0) + n * dt.itemsize
+    q = _quantized(s)
+    if q.storage:
+        by[s.quantize] = q.storage
     return by
 
 
@@ -244,12 +290,28 @@ def optimizer_bytes(s: Setup) -> int:
 def saved_activations(s: Setup) -> tuple[int, int, dict[str, int], dict[str, int], dict[str, int]]:
     """(saved activation bytes, saved weight-copy bytes, bytes by part, autocast cache by weight,
     transient sizes) for one micro-batch of ``s.batch`` x ``s.seq_len`` tokens, from the dry run."""
-    a = dryrun.activations(s.model, s.policy, s.lora, s.checkpointed, s.batch, s.seq_len, s.device)
+    a = dryrun.activations(s.model, s.policy, s.lora, s.checkpointed, s.batch, s.seq_len, s.device, s.quantize)
     lp = s.policy.autocast_dtype
-    cache = {} if lp is None else {name: n * lp.itemsize for name, n in dryrun.autocast_cache(s.model, s.policy, s.lora)}
+    cache = {} if lp is None else {name: n * lp.itemsize
+                                   for name, n in dryrun.autocast_cache(s.model, s.policy, s.lora, s.quantize)}
     extra = {"logits": a.logits, "logits_fp32": a.logits_fp32, "loss_grads": a.loss_grads, "head_grad": a.head_grad,
-             "recompute": a.recompute}
+             "recompute": a.recompute, "offloadable": a.saved.offloadable,
+             "outside_offloadable": a.outside_offloadable, "largest_offloadable": a.largest_block_offloadable}
     return a.saved.activations, a.saved.weight_copies, dict(a.saved.by_part), cache, extra
+
+
+def offloaded(s: Setup, acts: int, offloadable: int, outside: int, largest: int) -> tuple[int, int]:
+    """(activation bytes that stay on the device, pinned host bytes) under ``s.offload``, from the
+    ledger's activations and the storages ActivationOffload copies to the host (>= its min_bytes;
+    all of them are host bytes). Those saved outside the blocks (head, loss: ``outside``) are saved
+    last, so they are the copies still pending when backward starts and are used in place: they
+    count as resident (an upper bound when there are more than max_in_flight of them). Of the
+    blocks' storages the device keeps up to max_in_flight pending copies and, in backward, the one
+    in use and the one being prefetched: (max_in_flight + 2) x the largest, at most all of them."""
+    if s.offload == "none" or not offloadable:
+        return acts, 0
+    moved = offloadable - outside
+    return acts - moved + min(moved, (OFFLOAD_MAX_IN_FLIGHT + 2) * largest), offloadable
 
 
 # ================================================================================ the peak
@@ -257,10 +319,13 @@ def predict(s: Setup) -> Prediction:
     """Every component and the two phase peaks of ``s`` (steady state)."""
     params = param_bytes(s)
     tensors = _tensors(s)
+    quant = _quantized(s)
     trainable = sum(n for _, n, _, tr in tensors if tr)
-    total = sum(n for _, n, _, _ in tensors)
+    total = sum(n for _, n, _, _ in tensors) + quant.weights
     grads, opt = grad_bytes(s), optimizer_bytes(s)
-    acts, copies, parts, cache, extra = saved_activations(s)
+    acts_saved, copies, parts, cache, extra = saved_activations(s)
+    acts, host = offloaded(s, acts_saved, extra["offloadable"], extra["outside_offloadable"],
+                           extra["largest_offloadable"])
     cache_total = sum(cache.values())
     ckpt = s.checkpointed
     # Trainable weights whose 16-bit copy is not kept by backward (checkpointed blocks) still sit
@@ -270,10 +335,13 @@ def predict(s: Setup) -> Prediction:
     # End of forward: + logits (+ the unsaved cache). Loss: + the fp32 copy of the logits while
     # log_softmax runs. Start of backward: the logits stay alive (the loop holds them until the
     # backward is done) + d(log_softmax) and d(logits) in fp32 (+ the head's weight gradient).
-    fwd_end = cache_unsaved + logits
+    # A quantized linear's dequantized weight lives for its matmul: in the last block's forward
+    # (all but the head's activations saved), and in each block's backward (with its recomputation).
+    deq = quant.dequantized
+    fwd_end = cache_unsaved + max(logits, deq)
     loss = logits + logits_f
     bwd_start = logits + extra["loss_grads"] + head_grad
-    bwd_ckpt = logits + extra["recompute"] + (head_grad if ckpt else 0)
+    bwd_ckpt = logits + extra["recompute"] + (head_grad if ckpt else 0) + deq
     transient_fb = max(fwd_end, loss, bwd_start, bwd_ckpt)
     grads_fb = grads if s.grad_accum > 1 else 0
     # Gradients grow while activations are freed: when the gradients are the bigger of the two
@@ -284,7 +352,7 @@ def predict(s: Setup) -> Prediction:
     transient_step = 0 if s.device == "cuda" else 2 * largest
     peak_step = sum(params.values()) + grads + opt + transient_step
     return Prediction(s, params, trainable, total, grads, opt, acts, copies, cache_total, parts,
-                      transient_fb, transient_step, peak_fb, peak_step)
+                      transient_fb, transient_step, peak_fb, peak_step, acts_saved, host, deq)
 
 
 def _layer_of(name: str) -> int | None:
@@ -303,6 +371,7 @@ def matmul_params(s: Setup) -> tuple[int, int]:
             continue
         total += n
         trainable += n if tr else 0
+    total += _quantized(s).weights  # the quantized bases: buffers, frozen, multiplied through all the same
     head = cfg.vocab_size * cfg.dim
     if cfg.tie_embeddings:
         total += head
@@ -401,15 +470,19 @@ def plan(model: ModelConfig, gpu_mem: int, seq_len: int = 512, batch: int = 1, g
          lora_rank: int = 16, lora_targets: tuple[str, ...] = ("wq", "wv"), lora_dropout: float = 0.05,
          methods: tuple[str, ...] = ("lora", "full"), precisions: tuple[str, ...] = PRECISIONS,
          checkpointing: tuple[str, ...] = PLAN_CHECKPOINTING, optimizer: str = "adamw",
-         device: str = "cuda") -> list[tuple[Prediction, float, bool]]:
-    """Every configuration as (prediction, relative cost, fits), fitting ones first, fastest first."""
+         device: str = "cuda", quantize: tuple[str, ...] = ("none",),
+         offload: tuple[str, ...] = ("none",)) -> list[tuple[Prediction, float, bool]]:
+    """Every configuration as (prediction, relative cost, fits), fitting ones first, fastest first.
+    Quantized bases are combined with LoRA only."""
     rows = []
-    for method, prec, gc in itertools.product(methods, precisions, checkpointing):
+    for method, quant, prec, gc, off in itertools.product(methods, quantize, precisions, checkpointing, offload):
         if gc.startswith("every:") and int(gc.split(":")[1]) >= model.n_layers:
+            continue
+        if quant != "none" and method != "lora":
             continue
         lora = LoRASpec(rank=lora_rank if method == "lora" else 0, dropout=lora_dropout, targets=tuple(lora_targets))
         s = Setup(model, seq_len=seq_len, batch=batch, grad_accum=grad_accum, grad_checkpoint=gc, precision=prec,
-                  lora=lora, optimizer=optimizer, device=device)
+                  lora=lora, optimizer=optimizer, device=device, quantize=quant, offload=off)
         p = predict(s)
         rows.append((p, relative_cost(s), p.peak <= gpu_mem))
     rows.sort(key=lambda r: (not r[2], r[1], r[0].peak))
@@ -420,16 +493,18 @@ def format_plan(rows: list[tuple[Prediction, float, bool]], gpu_mem: int, show_a
     """The ``solotune plan`` table (GiB)."""
     fit = [r for r in rows if r[2]]
     best = min((c for _, c, _ in rows), default=1.0)
+    host = any(p.host_bytes for p, _, _ in rows)  # a host column only when something is offloaded
     head = ("| # | method | precision | checkpointing | peak | params | grads | optimizer | activations | "
-            "weight copies | transients | rel. time |\n|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+            "weight copies | transients | " + "host (pinned) | " * host + "rel. time |\n"
+            "|---:|---|---|---|" + "---:|" * (8 + host))
     lines = []
 
     def row(i: int, p: Prediction, cost: float) -> str:
         s = p.setup
-        return (f"| {i} | {s.method} | {s.precision} | {s.grad_checkpoint} | {fmt_gib(p.peak)} | "
+        return (f"| {i} | {s.label} | {s.precision} | {s.grad_checkpoint} | {fmt_gib(p.peak)} | "
                 f"{fmt_gib(p.params_total)} | {fmt_gib(p.grads)} | {fmt_gib(p.optimizer)} | {fmt_gib(p.activations)} | "
                 f"{fmt_gib(p.weight_copies)} | {fmt_gib(p.peak - p.params_total - p.grads - p.optimizer - p.activations - p.weight_copies)} | "
-                f"{cost / best:.2f} |")
+                + (f"{fmt_gib(p.host_bytes)} | " if host else "") + f"{cost / best:.2f} |")
 
     if rows:
         s = rows[0][0].setup
@@ -448,6 +523,8 @@ def format_plan(rows: list[tuple[Prediction, float, bool]], gpu_mem: int, show_a
         lines.extend(row(i + 1, p, c) for i, (p, c, _) in enumerate(rest))
     elif rest:
         lines.append(f"\n{len(rest)} more configurations do not fit (--all lists them).")
+    if host:
+        lines.append("\nWith +offload, activations are what stays on the GPU; host (pinned): the copies in host memory.")
     lines.append("\nrel. time: model FLOPs + recomputation over a per-precision speed factor "
                  f"({', '.join(f'{k} {v:g}x' for k, v in PRECISION_SPEED.items())}); a ranking, not a measurement.")
     return "\n".join(lines)
