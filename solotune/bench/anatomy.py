@@ -153,7 +153,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def params_by_dtype(model: nn.Module) -> dict[str, int]:
     """Weight bytes by dtype name; a quantized frozen base (its weight lives in buffers, it reports
-    ``weight_bytes()``) is counted under ``"quantized"``."""
+    ``weight_bytes()``) is counted under its ``kind`` (``nf4``, ``int8``), as the planner does."""
     seen: dict[int, tuple[int, str]] = {}
     for p in model.parameters():
         st = p.untyped_storage()
@@ -161,10 +161,10 @@ def params_by_dtype(model: nn.Module) -> dict[str, int]:
     out: dict[str, int] = {}
     for n, dt in seen.values():
         out[dt] = out.get(dt, 0) + n
-    quantized = sum(m.weight_bytes() for m in model.modules()
-                    if hasattr(m, "weight_bytes") and isinstance(m, nn.Module) and not any(True for _ in m.parameters()))
-    if quantized:
-        out["quantized"] = quantized
+    for m in model.modules():
+        if hasattr(m, "weight_bytes") and not any(True for _ in m.parameters()):
+            kind = getattr(m, "kind", "quantized")
+            out[kind] = out.get(kind, 0) + m.weight_bytes()
     return out
 
 

@@ -212,7 +212,8 @@ def planner_setup(spec: CellSpec, cfg: Any, seq_len: int, device: torch.device):
     return Setup(cfg, seq_len=seq_len, batch=spec.micro_batch, grad_accum=spec.grad_accum,
                  grad_checkpoint=spec.grad_checkpoint, precision=spec.precision,
                  lora_rank=spec.lora_rank if spec.method == "lora" else 0, lora_targets=spec.lora_targets,
-                 lora_dropout=spec.lora_dropout, device="cuda" if device.type == "cuda" else "cpu")
+                 lora_dropout=spec.lora_dropout, quantize=spec.quantize, offload=spec.offload,
+                 device="cuda" if device.type == "cuda" else "cpu")
 
 
 class _InjectedOOM:

@@ -124,6 +124,8 @@ class NF4Linear(QuantizedLinear):
     ``NF4Linear(in, out, dtype, device="meta")`` makes an empty one to fill with :meth:`load_weight`.
     """
 
+    kind = "nf4"  # the name anatomy and planner file its storage under
+
     def __init__(self, in_features: int, out_features: int, compute_dtype: torch.dtype = torch.bfloat16, *,
                  device: torch.device | str | None = None, blocksize: int = BLOCKSIZE,
                  scale_blocksize: int = SCALE_BLOCKSIZE) -> None:
@@ -169,6 +171,8 @@ class Int8Linear(QuantizedLinear):
 
     Buffers: ``qweight`` int8 [out, in], ``scale_bits`` int32 [out] (fp32 bit patterns).
     """
+
+    kind = "int8"  # the name anatomy and planner file its storage under
 
     def __init__(self, in_features: int, out_features: int, compute_dtype: torch.dtype = torch.bfloat16, *,
                  device: torch.device | str | None = None) -> None:

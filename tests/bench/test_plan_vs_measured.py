@@ -40,10 +40,11 @@ def setup_of(rec: dict) -> Setup:
     """The planner's Setup of a recorded cell, for the longest micro-batch it ran."""
     lora = rec.get("lora") or {}
     spec = LoRASpec(rank=lora.get("rank", 0), alpha=lora.get("alpha", 32.0), dropout=lora.get("dropout", 0.0),
-                    targets=tuple(lora.get("targets", ("wq", "wv")))) if rec["method"] == "lora" else LoRASpec(rank=0)
+                    targets=tuple(lora.get("targets", ("wq", "wv")))) if rec["method"] != "full" else LoRASpec(rank=0)
     return Setup(model_config(rec["model"], rec["layers"]), seq_len=rec["max_seq_len_seen"], batch=rec["micro_batch"],
                  grad_accum=rec["grad_accum"], grad_checkpoint=rec["grad_checkpoint"], precision=rec["precision"],
-                 lora=spec, optimizer=rec.get("optimizer", "adamw"),
+                 lora=spec, optimizer=rec.get("optimizer", "adamw"), quantize=rec.get("quantize", "none"),
+                 offload=rec.get("offload", "none"),
                  device="cuda" if str(rec.get("peak_kind", "")).startswith("cuda") else "cpu")
 
 

@@ -192,7 +192,7 @@ def test_quantized_cell_records_its_method_and_measures_the_quantized_model(quan
 
     with torch.device("meta"):
         meta = swap_in_quantized(Transformer(PRESETS["tiny"]), quantize, compute_dtype=torch.bfloat16)
-    assert q["anatomy"]["params"]["quantized"] == sum(m.weight_bytes() for m in quantized_modules(meta).values())
+    assert q["anatomy"]["params"][quantize] == sum(m.weight_bytes() for m in quantized_modules(meta).values())
     assert q["anatomy"]["params_total"] < plain["anatomy"]["params_total"]
 
 
