@@ -19,6 +19,8 @@ RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 # is the largest error of the planner before the dry run (the hand-written replica, commit
 # 9cd7c57: 7.82% on the fp16-amp LoRA cells with full checkpointing), rounded up to 8%.
 FULL_DEPTH_BOUND = 0.02
+# Quantized bases and activation offload (issue 10's target for every new configuration): 5%.
+NEW_TECHNIQUE_BOUND = 0.05
 SHALLOW_BOUNDS = {"bench-7b-1layer": 0.08}
 FULL_DEPTH = 32  # the shallowest committed model that is a real depth (llama2-7b)
 
@@ -55,7 +57,9 @@ def test_there_are_committed_cells_of_both_depths():
 
 @pytest.mark.parametrize("folder,rec", CELLS, ids=[f"{f}/{r['cell_id']}" for f, r in CELLS])
 def test_planner_within_bound_of_measured_peak(folder, rec):
-    if rec["layers"] >= FULL_DEPTH:
+    if rec.get("quantize", "none") != "none" or rec.get("offload", "none") != "none":
+        bound = NEW_TECHNIQUE_BOUND
+    elif rec["layers"] >= FULL_DEPTH:
         bound = FULL_DEPTH_BOUND
     else:
         assert folder in SHALLOW_BOUNDS, f"{folder}: shallow cells need a documented bound in SHALLOW_BOUNDS"
@@ -76,5 +80,10 @@ def test_measured_components_equal_the_dry_run(folder, rec):
     kernels save other tensors than the recording's (``rec["torch"]``) would show here first."""
     p, a = predict(setup_of(rec)), rec["anatomy"]
     assert (p.params_total, p.grads, p.optimizer) == (a["params_total"], a["grads_total"], a["optimizer_total"])
+    if rec.get("offload", "none") != "none":
+        # Under offload the anatomy's ledger sees only what the offload keeps; the copies still
+        # pending on the device at backward's start (the head's) are the planner's estimate, so
+        # only the peak is compared for these cells (test_planner_within_bound_of_measured_peak).
+        return
     assert (p.activations, p.weight_copies) == (a["max_activations"], a["max_weight_copies"])
     assert p.autocast_cache == a["autocast_cache"]
