@@ -7,10 +7,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?OUT}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH="$PWD:/tmp/site"
-nvidia-smi > "$OUT/gpu.txt" 2>&1
+source benchmarks/device_env.sh
 B=(python3 -m solotune bench --model llama2-7b --axes none --fix gc=on,precision=on --precision-on bf16 --time-budget 15)
 "${B[@]}" --quantize nf4 --out "$OUT/nf4-b1" 2>&1 | tee "$OUT/nf4-b1.console.log"
 "${B[@]}" --quantize nf4 --micro-batch 8 --out "$OUT/nf4-b8" 2>&1 | tee "$OUT/nf4-b8.console.log"

@@ -10,10 +10,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?OUT}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH="$PWD:/tmp/site"
-nvidia-smi > "$OUT/gpu.txt" 2>&1
+source benchmarks/device_env.sh
 python3 -m pytest -q -m gpu -p no:cacheprovider tests/quant tests/train/test_offload.py 2>&1 | tee "$OUT/gpu_tests.log"
 
 run() {  # NAME FLAGS...

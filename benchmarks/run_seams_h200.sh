@@ -15,13 +15,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?OUT}; PART=${2:?PART}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-fi
+source benchmarks/device_env.sh
 SITE=/tmp/site
-nvidia-smi > "$OUT/gpu.txt" 2>&1
-python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)" >> "$OUT/gpu.txt"
 
 bench() {  # ROOT NAME ARGS...
   local root=$1 name=$2; shift 2

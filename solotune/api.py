@@ -48,7 +48,6 @@ def load(source: str | Path, dtype: torch.dtype = torch.float32, device: str | t
         quantized as it streams in (random ones too), so the 16-bit model never exists anywhere.
     """
     from .checkpoint import load_checkpoint
-    from .errors import ConfigError, MissingPathError
     from .hub import EMBEDDED, model_path
     from .tokenizer import Tokenizer, load_tokenizer
 

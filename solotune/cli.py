@@ -12,8 +12,6 @@ import importlib
 import sys
 from typing import Callable, Sequence
 
-from .errors import SolotuneError
-
 # subcommand -> (module, add-arguments function, run function, help)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "finetune": ("solotune.train.commands", "add_finetune_args", "cmd_finetune",

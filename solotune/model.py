@@ -241,7 +241,6 @@ class Transformer(nn.Module):
         if isinstance(tokens, Batch):
             batch, tokens, positions = tokens, tokens.input_ids, tokens.positions
             mask = document_mask(batch.seq_lens, tokens.shape[1], tokens.device) if batch.packed else None
-            B, T = tokens.shape
             start = 0
         else:
             B, T = tokens.shape

@@ -35,8 +35,8 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from .tokens import FoldedTokenizer, cell_tokenizer, preset_cell_tokenizer  # noqa: F401  (re-exported)
 from ..peft.spec import LoRASpec
+from .tokens import FoldedTokenizer, cell_tokenizer, preset_cell_tokenizer  # noqa: F401  (re-exported)
 
 INJECT_OOM_ENV = "SOLOTUNE_BENCH_INJECT_OOM"  # a cell id (or "all"): that cell raises a fake OOM (tests)
 METHODS = ("lora", "full")
@@ -152,9 +152,8 @@ def device_name(device: torch.device) -> str:
 
 def load_cell_model(spec: CellSpec, device: torch.device) -> tuple[torch.nn.Module, Any, Any, bool]:
     """(model, tokenizer, ModelConfig, random_init) for a solotune cell."""
-    from ..api import load
+    from ..api import load, materialize
     from ..config import PRESETS
-    from ..model import build_model
     from ..train.precision import get_policy
 
     dtype = get_policy(spec.precision).param_dtype  # the weights' dtype; amp modes cast per op
@@ -162,12 +161,7 @@ def load_cell_model(spec: CellSpec, device: torch.device) -> tuple[torch.nn.Modu
         cfg = PRESETS[spec.model]
         if spec.layers is not None:
             cfg = cfg.replace(n_layers=spec.layers)
-        if spec.quantize == "none":
-            model = build_model(cfg, dtype=dtype, device=device, seed=spec.seed)
-        else:  # quantized as it is built: the 16-bit model never exists
-            from ..api import materialize
-
-            model = materialize(cfg, None, dtype, device, spec.seed, spec.quantize)
+        model = materialize(cfg, None, dtype, device, spec.seed, spec.quantize)  # quantized as it is built
         return model, preset_cell_tokenizer(cfg.vocab_size), cfg, True
     if spec.layers is not None:
         raise ConfigError("--layers applies to preset architectures (random init) only")

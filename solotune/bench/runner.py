@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any, Callable, TextIO
 
 from ..errors import ConfigError
+from ..peft.spec import LoRASpec
 from ..train.precision import TRAINING_PRECISIONS
 from .cell import CellSpec
 from .plan import GiB
-from ..peft.spec import LoRASpec
 
 AXES = ("ga", "precision", "lora", "gc")  # the course's columns (GA, mixed precision, LoRA) + checkpointing
 

@@ -45,13 +45,6 @@ class Batch:
         """True when some row holds more than one document (attention must not cross them)."""
         return any(len(row) > 1 for row in self.seq_lens)
 
-    @property
-    def attention_mask(self) -> torch.Tensor:
-        """[B, T] bool, True on real tokens."""
-        T = self.input_ids.shape[1]
-        lens = torch.tensor([sum(row) for row in self.seq_lens])
-        return torch.arange(T)[None, :] < lens[:, None]
-
     def cu_seqlens(self) -> torch.Tensor:
         """int32 [D + 1] cumulative document lengths over the flattened [B * T] tokens (each row's
         padding, if any, counts as one more segment), the layout varlen attention kernels take."""

@@ -38,10 +38,14 @@ class CheckpointSaver:
         """A periodic checkpoint after this step: every ``save_every`` steps, or once
         ``save_every_minutes`` of training passed since the last one (rank 0 decides for all)."""
         cfg, step = self.cfg, self.state.step
-        by_steps = bool(cfg.save_every) and step % cfg.save_every == 0
+        if not cfg.save:
+            return False
+        if cfg.save_every and step % cfg.save_every == 0:
+            return True  # the same step on every rank: no collective needed
+        if not cfg.save_every_minutes:
+            return False
         since = self.state.runtime_s - self._saved_at_runtime
-        by_time = bool(cfg.save_every_minutes) and since >= 60.0 * cfg.save_every_minutes
-        return cfg.save and bool(self.par.broadcast(by_steps or by_time))
+        return bool(self.par.broadcast(since >= 60.0 * cfg.save_every_minutes))  # clocks differ across ranks
 
     def save_periodic(self) -> None:
         with deferred_signals():  # a periodic checkpoint is finished before Ctrl-C acts

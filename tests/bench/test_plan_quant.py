@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from solotune.bench.anatomy import params_by_dtype
 from solotune.bench.plan import Setup, plan, predict

@@ -11,6 +11,8 @@ from solotune.checkpoint import save_hf
 from solotune.config import ModelConfig
 from solotune.model import build_model
 
+from train_fixtures import write_records
+
 TOKENIZER = Path(__file__).resolve().parents[1] / "assets" / "llama2_tokenizer.model"
 CFG = ModelConfig(name="tiny-llama2-vocab", dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32000,
                   hidden_dim=64, max_seq_len=256)
@@ -35,3 +37,13 @@ def common_flags(base: Path, data: Path, out: Path | str | None = None, ranges: 
     if ranges:
         flags += ["--train-range", "0:32", "--val-range", "32:48"]
     return flags
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    return write_tiny_base(tmp_path_factory.mktemp("base") / "hf")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_records(tmp_path_factory.mktemp("data") / "records.json")

@@ -11,7 +11,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 from solotune import cli
 from solotune.errors import RunDirError, SolotuneError

@@ -17,18 +17,7 @@ from solotune.train.commands import add_finetune_args, finetune_config
 from solotune.train.config import FULL_FINETUNE, PROFILES
 from solotune.train.weights import attach_adapter, load_adapter
 
-from cli_fixtures import CFG, common_flags, write_tiny_base
-from train_fixtures import write_records
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    return write_tiny_base(tmp_path_factory.mktemp("base") / "hf")
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return write_records(tmp_path_factory.mktemp("data") / "records.json")
+from cli_fixtures import CFG, base, common_flags, data  # noqa: F401  (module fixtures)
 
 
 def _parse(*argv: str) -> argparse.Namespace:

@@ -15,18 +15,8 @@ from solotune import cli
 from solotune.errors import ConfigError
 from solotune.train import TrainConfig
 
-from cli_fixtures import common_flags, write_tiny_base
+from cli_fixtures import base, common_flags, data  # noqa: F401  (module fixtures)
 from train_fixtures import write_records
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    return write_tiny_base(tmp_path_factory.mktemp("base") / "hf")
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return write_records(tmp_path_factory.mktemp("data") / "records.json")
 
 
 def one_error_line(capsys, command: str) -> str:
