@@ -30,6 +30,9 @@ LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 LR_SCHEDULES = ("cosine", "constant")
 QUANTIZE = ("none", "nf4", "int8")  # solotune.quant: the frozen base's storage
 OFFLOAD = ("none", "activations")  # solotune.train.offload
+PACKING = ("off", "on")  # solotune.data.packing: several records per row, no padding
+COMPILE = ("off", "blocks")  # torch.compile of each transformer block
+KERNELS = ("off", "triton")  # solotune.kernels: fused RMSNorm / RoPE / SwiGLU
 DISTRIBUTED = ("none", "fsdp")  # solotune.parallel: one process, or FSDP2 over torchrun's processes
 
 
@@ -60,6 +63,10 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | fp16-amp | bf16-amp | bf16
     quantize: str = "none"  # none | nf4 | int8: the frozen base of LoRA in 4 or 8 bits (QLoRA: nf4)
     offload: str = "none"  # none | activations: saved activations to pinned host memory (with checkpointing)
+    packing: str = "off"  # off | on: records packed into rows of max_seq_len tokens (padding-free)
+    compile: str = "off"  # off | blocks: torch.compile each transformer block
+    kernels: str = "off"  # off | triton: fused RMSNorm / RoPE / SwiGLU kernels
+    loss: str = "full-logits"  # a name in solotune.train.loss.LOSSES (how the head's logits come to exist)
     # LoRA (ignored with full=True or lora_rank=0)
     full: bool = False
     lora_rank: int = LoRASpec.rank  # the defaults are LoRASpec's (peft/spec.py): one source
@@ -130,6 +137,13 @@ class TrainConfig:
         if self.offload != "none" and self.distributed != "none":
             bad("offload", "activation offload does not run under FSDP (it would race FSDP's freeing of "
                            "unsharded weights)")
+        for fld, allowed in (("packing", PACKING), ("compile", COMPILE), ("kernels", KERNELS)):
+            if getattr(self, fld) not in allowed:
+                bad(fld, f"{getattr(self, fld)!r} is not one of {', '.join(allowed)}")
+        from .loss import LOSSES
+
+        if self.loss not in LOSSES:
+            bad("loss", f"{self.loss!r} is not one of {', '.join(LOSSES)}")
         if self.lr_schedule not in LR_SCHEDULES:
             bad("lr_schedule", f"{self.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
         try:
