@@ -10,8 +10,14 @@ caught and reported as ``status: "oom"`` with the size of the allocation that fa
 denominator) as JSON.
 
 Weights: random for a preset architecture (memory and speed do not depend on the values), or the
-checkpoint's when ``model`` is a path. Data: the first ``samples`` records of the bundled Alpaca
-sample, tokenised with the model's tokenizer (presets: the bundled LLaMA-2 SentencePiece model).
+checkpoint's when ``model`` is a path. Data (``data``): the first ``samples`` records of the bundled
+Alpaca sample, tokenised with the model's tokenizer (presets: the bundled LLaMA-2 SentencePiece
+model), or ``random``: ``samples`` rows of exactly ``seq_len`` random tokens, every position a target
+(``solotune.data.synthetic``, the same rows for solotune's loop and the HF reference).
+
+Timing: the first ``warmup_steps`` optimizer steps (CUDA start-up, autotuning, ``torch.compile``)
+are reported apart (``warmup_s``; ``compile_s`` when compiling) and ``steady_tokens_per_s`` counts
+the later steps only.
 """
 
 from __future__ import annotations
@@ -36,11 +42,17 @@ import torch
 
 from ..errors import ConfigError
 from ..peft.spec import LoRASpec
+from ..data.synthetic import RANDOM, RandomTokens
 from .tokens import FoldedTokenizer, cell_tokenizer, preset_cell_tokenizer  # noqa: F401  (re-exported)
 
 INJECT_OOM_ENV = "SOLOTUNE_BENCH_INJECT_OOM"  # a cell id (or "all"): that cell raises a fake OOM (tests)
 METHODS = ("lora", "full")
-IMPLS = ("solotune", "hf")
+IMPLS = ("solotune", "hf", "hf-liger")  # hf-liger: HF + PEFT with Liger-Kernel's fused kernels (when installed)
+REFERENCE_IMPLS = IMPLS[1:]
+DATA = ("alpaca-sample", RANDOM)
+# solotune-only options of the training loop (TrainConfig fields), with their off values: the HF
+# reference cells always run them off.
+LOOP_OPTIONS = {"packing": "off", "compile": "off", "kernels": "off", "loss": "full-logits"}
 
 
 @dataclass
@@ -49,14 +61,20 @@ class CellSpec:
 
     model: str = "llama2-7b"  # preset name or checkpoint path
     layers: int | None = None  # override the preset's depth
-    samples: int = 200  # Alpaca records 0..samples-1
-    seq_len: int = 512  # truncation cap
+    samples: int = 200  # Alpaca records 0..samples-1 (data "random": rows 0..samples-1)
+    seq_len: int = 512  # truncation cap (data "random": every row's length)
+    data: str = "alpaca-sample"  # alpaca-sample | random (solotune.data.synthetic)
     micro_batch: int = 1
     grad_accum: int = 1
     grad_checkpoint: str = "off"
     precision: str = "fp32"
     method: str = "lora"  # lora | full
-    impl: str = "solotune"  # solotune | hf (transformers + peft, plain torch loop)
+    impl: str = "solotune"  # solotune | hf (transformers + peft, plain torch loop) | hf-liger (+ Liger-Kernel)
+    packing: str = LOOP_OPTIONS["packing"]  # TrainConfig.packing / compile / kernels / loss (solotune cells)
+    compile: str = LOOP_OPTIONS["compile"]
+    kernels: str = LOOP_OPTIONS["kernels"]
+    loss: str = LOOP_OPTIONS["loss"]
+    warmup_steps: int = 2  # first optimizer steps timed apart from the steady state
     lora_rank: int = LoRASpec.rank  # the defaults are LoRASpec's (peft/spec.py): one source
     lora_alpha: float = LoRASpec.alpha
     lora_dropout: float = LoRASpec.dropout
@@ -84,6 +102,13 @@ class CellSpec:
             raise ConfigError(f"cell quantize {self.quantize!r}: none, or nf4/int8 with LoRA")
         if self.offload not in ("none", "activations"):
             raise ConfigError(f"cell offload {self.offload!r}: expected none or activations")
+        if self.data not in DATA:
+            raise ConfigError(f"cell data {self.data!r}: expected one of {DATA}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"cell warmup_steps {self.warmup_steps}: must be >= 0")
+        _check_loop_options(self)
+        if self.impl != "solotune":
+            _check_reference(self)
 
     @property
     def method_name(self) -> str:
@@ -91,10 +116,21 @@ class CellSpec:
         return {"nf4": "qlora", "int8": "int8-lora"}.get(self.quantize, self.method)
 
     @property
+    def loop_options(self) -> dict[str, str]:
+        """The solotune-only loop options that are not off (packing, compile, kernels, loss)."""
+        return {k: getattr(self, k) for k, off in LOOP_OPTIONS.items() if getattr(self, k) != off}
+
+    @property
     def cell_id(self) -> str:
         extra = "" if self.offload == "none" else f"-offload{self.offload}"
+        extra += "".join(f"-{k}{v}" for k, v in self.loop_options.items())
         return (f"ga{self.grad_accum}-gc{self.grad_checkpoint.replace(':', '')}-{self.precision}-{self.method_name}"
                 f"{extra}-{self.impl}")
+
+    def as_reference(self, impl: str) -> "CellSpec":
+        """This cell run by reference implementation ``impl``: the same model, data, method and
+        memory techniques, solotune's own loop options off."""
+        return CellSpec.from_dict({**self.to_dict(), **LOOP_OPTIONS, "impl": impl})
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -108,6 +144,34 @@ class CellSpec:
         if unknown:
             raise ConfigError(f"unknown cell fields: {unknown}")
         return cls(**d)
+
+
+def _check_loop_options(spec: CellSpec) -> None:
+    from ..train.config import COMPILE, KERNELS, PACKING
+    from ..train.loss import LOSSES
+
+    for name, allowed in (("packing", PACKING), ("compile", COMPILE), ("kernels", KERNELS), ("loss", tuple(LOSSES))):
+        if getattr(spec, name) not in allowed:
+            raise ConfigError(f"cell {name} {getattr(spec, name)!r}: expected one of {', '.join(allowed)}")
+
+
+def reference_gap(spec: CellSpec) -> str | None:
+    """Why an HF reference cell has no equivalent of this cell's memory techniques (None: it has
+    one). solotune's loop options do not count: :meth:`CellSpec.as_reference` turns them off."""
+    if spec.grad_checkpoint not in ("off", "all"):
+        return f"HF has no {spec.grad_checkpoint} checkpointing policy (every layer or none)"
+    if spec.quantize not in ("none", "nf4"):
+        return f"no HF reference for quantize {spec.quantize!r} (nf4: bitsandbytes)"
+    if spec.offload != "none":
+        return "HF has no activation-offload equivalent of --offload activations"
+    return None
+
+
+def _check_reference(spec: CellSpec) -> None:
+    gap = reference_gap(spec) or (f"{', '.join(spec.loop_options)}: solotune loop options (a reference cell runs "
+                                  "them off)" if spec.loop_options else None)
+    if gap:
+        raise ConfigError(f"cell impl {spec.impl}: {gap}")
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -169,9 +233,10 @@ def load_cell_model(spec: CellSpec, device: torch.device) -> tuple[torch.nn.Modu
     return model, tok, model.config, False
 
 
-def prepare_data(spec: CellSpec, tokenizer: Any, workdir: str) -> tuple[str, list[int]]:
+def prepare_data(spec: CellSpec, tokenizer: Any, workdir: str) -> tuple[str | None, list[int]]:
     """Write the cell's training records (Alpaca records 0..samples-1) to ``workdir/data.json``;
-    returns (path, token counts after truncation, in file order).
+    returns (path, token counts after truncation, in file order). Random rows need no file: (None,
+    ``samples`` x [seq_len]).
 
     With a time budget the cell sees only the first steps, so the longest example is swapped to the
     position the loop's (seeded) order reaches in the second optimizer step: the peak, which the
@@ -182,6 +247,10 @@ def prepare_data(spec: CellSpec, tokenizer: Any, workdir: str) -> tuple[str, lis
 
     from ..data import AlpacaDataset, epoch_order, load_records
 
+    if spec.data == RANDOM:
+        if spec.samples < 1 or spec.seq_len < 2:
+            raise ConfigError(f"--data random: --samples >= 1 and --seq-len >= 2 (got {spec.samples}, {spec.seq_len})")
+        return None, [spec.seq_len] * spec.samples
     if not 1 <= spec.samples <= 200:
         raise ConfigError(f"--samples {spec.samples}: must be 1..200 (the course's training split)")
     recs = list(load_records("alpaca-sample")[: spec.samples])
@@ -200,13 +269,23 @@ def prepare_data(spec: CellSpec, tokenizer: Any, workdir: str) -> tuple[str, lis
     return path, lengths
 
 
+def cell_examples(spec: CellSpec, tokenizer: Any, data_path: str | None) -> Any:
+    """The cell's training examples as the reference cells read them; solotune's loop builds the
+    same ones from its TrainConfig (``data``, ``train_range``, ``seed``, ``max_seq_len``)."""
+    if spec.data == RANDOM:
+        return RandomTokens(range(spec.samples), spec.seq_len, tokenizer.vocab_size, spec.seed)
+    from ..data import AlpacaDataset, load_records
+
+    return AlpacaDataset(list(load_records(data_path)), tokenizer, spec.seq_len)
+
+
 def planner_setup(spec: CellSpec, cfg: Any, seq_len: int, device: torch.device):
     from .plan import Setup
 
     return Setup(cfg, seq_len=seq_len, batch=spec.micro_batch, grad_accum=spec.grad_accum,
                  grad_checkpoint=spec.grad_checkpoint, precision=spec.precision,
                  lora_rank=spec.lora_rank if spec.method == "lora" else 0, lora_targets=spec.lora_targets,
-                 lora_dropout=spec.lora_dropout, quantize=spec.quantize, offload=spec.offload,
+                 lora_dropout=spec.lora_dropout, quantize=spec.quantize, offload=spec.offload, loss=spec.loss,
                  device="cuda" if device.type == "cuda" else "cpu")
 
 
@@ -263,7 +342,9 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
         "command": spec.command, "peak_kind": None, "weights": None, "matmul_tflops": spec.matmul_tflops,
         "lora": {"rank": spec.lora_rank, "alpha": spec.lora_alpha, "dropout": spec.lora_dropout,
                  "targets": list(spec.lora_targets)} if spec.method == "lora" else None,
-        "data": "alpaca-sample", "optimizer": "adamw",
+        "data": spec.data, "optimizer": "adamw", **{k: getattr(spec, k) for k in LOOP_OPTIONS},
+        "warmup_steps": None, "warmup_s": None, "compile_s": None, "steady_tokens_per_s": None, "steady_steps": 0,
+        "peak_note": None,
         "max_seq_len_data": None, "max_seq_len_seen": None, "sdpa": spec.sdpa if device.type == "cuda" else None,
         "device_memory_bytes": torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None,
     }
@@ -280,10 +361,11 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
             if spec.memory_limit_bytes:  # reproduce a smaller GPU
                 total = torch.cuda.get_device_properties(device).total_memory
                 torch.cuda.set_per_process_memory_fraction(min(1.0, spec.memory_limit_bytes / total), device)
-        if spec.impl == "hf":
-            from .hf_cell import build_hf_model
+        if spec.impl != "solotune":
+            from .hf_cell import build_hf_model, peak_note
 
             model, tokenizer, cfg = build_hf_model(spec, device)
+            result["peak_note"] = peak_note(spec)
             random_init = True
         else:
             model, tokenizer, cfg, random_init = load_cell_model(spec, device)
@@ -294,24 +376,32 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
         result["max_seq_len_data"] = max(lengths)
         n_micro = math.ceil(len(lengths) / spec.micro_batch)
         n_steps = math.ceil(n_micro / spec.grad_accum)
-        setup = planner_setup(spec, cfg, max(lengths), device)
-        pred = predict(setup)
-        result["predicted"] = pred.to_dict()
-        result["predicted_peak_bytes"] = pred.peak
-        log(f"planner: peak {pred.peak / 2**30:.2f} GiB for the longest example ({max(lengths)} tokens)")
+        try:
+            setup = planner_setup(spec, cfg, max(lengths), device)
+            pred = predict(setup)
+            result["predicted"] = pred.to_dict()
+            result["predicted_peak_bytes"] = pred.peak
+            log(f"planner: peak {pred.peak / 2**30:.2f} GiB for the longest example ({max(lengths)} tokens)")
+        except ValueError as e:  # a setting the planner does not model (e.g. a loss its dry run lacks)
+            setup = None
+            log(f"planner: no prediction ({e})")
         inst = AnatomyInstrument(model, meter, stop_after=n_steps)
-        instrument: Any = _BudgetInstrument(inst, spec.time_budget_s) if spec.time_budget_s else inst
+        instrument: Any = (_BudgetInstrument(inst, spec.time_budget_s, min_steps=max(2, spec.warmup_steps + 1))
+                           if spec.time_budget_s else inst)
         if _wants_injected_oom(spec):
             instrument = _InjectedOOM(instrument)
         with meter.tracking(model):
-            if spec.impl == "hf":
+            if spec.impl != "solotune":
                 from .hf_cell import train_hf
 
-                steps = train_hf(spec, model, tokenizer, device, instrument, n_steps, data_path)
+                steps = train_hf(spec, model, tokenizer, device, instrument, n_steps,
+                                 cell_examples(spec, tokenizer, data_path))
             else:
                 steps = _train_solotune(spec, model, tokenizer, device, instrument, workdir, data_path)
         log(f"trained {len(steps)} steps")
         _fill_success(result, spec, steps, inst, lengths, device, setup, train_flops)
+    except _reference_unavailable() as e:  # a missing package or device: not a failure of the cell
+        result.update(status="skipped", error=str(e)[:1000])
     except torch.OutOfMemoryError as e:
         msg = str(e).strip()
         result.update(status="oom", error=msg.splitlines()[0][:500] if msg else "out of memory",
@@ -334,6 +424,12 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
 
         result["trainable_params"], result["total_params"] = count_parameters(model)
     return result
+
+
+def _reference_unavailable() -> type[Exception]:
+    from .hf_cell import ReferenceUnavailable
+
+    return ReferenceUnavailable
 
 
 class _BudgetInstrument:
@@ -361,19 +457,20 @@ class _BudgetInstrument:
 
 
 def _train_solotune(spec: CellSpec, model: Any, tokenizer: Any, device: torch.device, instrument: Any,
-                    workdir: str, data_path: str) -> list[dict[str, Any]]:
+                    workdir: str, data_path: str | None) -> list[dict[str, Any]]:
     """Run solotune's own training loop; returns its per-step metrics records."""
     from ..train import TrainConfig, finetune
     from .anatomy import StopTraining
 
+    rows = (0, spec.samples) if spec.data == RANDOM else (0, 200)
     cfg = TrainConfig(
-        model=spec.model, data=data_path, output_dir=os.path.join(workdir, "run"), epochs=1, lr=spec.lr,
+        model=spec.model, data=RANDOM if spec.data == RANDOM else data_path, output_dir=os.path.join(workdir, "run"), epochs=1, lr=spec.lr,
         batch_size=spec.micro_batch, grad_accum=spec.grad_accum, grad_checkpoint=spec.grad_checkpoint,
         precision=spec.precision, full=spec.method == "full", lora_rank=spec.lora_rank if spec.method == "lora" else 0,
         lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout, lora_targets=spec.lora_targets,
-        max_seq_len=spec.seq_len, train_range=(0, 200), max_samples=spec.samples, val_samples=0,
+        max_seq_len=spec.seq_len, train_range=rows, max_samples=spec.samples, val_samples=0,
         generate_samples=False, progress=False, device=str(device), seed=spec.seed, log_every=10**9,
-        quantize=spec.quantize, offload=spec.offload,
+        quantize=spec.quantize, offload=spec.offload, **{k: getattr(spec, k) for k in LOOP_OPTIONS},
     )
     try:
         with contextlib.redirect_stdout(sys.stderr):
@@ -383,6 +480,22 @@ def _train_solotune(spec: CellSpec, model: Any, tokenizer: Any, device: torch.de
     path = os.path.join(workdir, "run", "metrics.jsonl")
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def _warmup_and_steady(result: dict[str, Any], spec: CellSpec, log: list[dict[str, Any]]) -> tuple[float, int, float]:
+    """Record the warm-up (the first ``spec.warmup_steps`` steps, fewer when the cell ran fewer
+    than warmup + 1) and the steady state (the later steps); returns (warm-up seconds, warm-up
+    tokens, steady seconds per token). ``compile_s`` (compiled cells): what the warm-up steps took
+    beyond the steady time per step."""
+    steps, runtime, tokens = len(log), float(log[-1]["time_s"]), int(log[-1]["tokens"])
+    k = min(spec.warmup_steps, steps - 1)
+    t0, k0 = (float(log[k - 1]["time_s"]), int(log[k - 1]["tokens"])) if k else (0.0, 0)
+    rate = (runtime - t0) / max(tokens - k0, 1)
+    steady = (tokens - k0) / (runtime - t0) if runtime > t0 else None
+    result.update(warmup_steps=k, warmup_s=t0, steady_steps=steps - k, steady_tokens_per_s=steady)
+    if spec.compile != "off" and k:
+        result["compile_s"] = max(0.0, t0 - k * (runtime - t0) / (steps - k))
+    return t0, k0, rate
 
 
 def _fill_success(result: dict[str, Any], spec: CellSpec, log: list[dict[str, Any]], inst: Any, lengths: list[int],
@@ -401,24 +514,22 @@ def _fill_success(result: dict[str, Any], spec: CellSpec, log: list[dict[str, An
                   tokens_per_s=tokens / runtime if runtime > 0 else None)
     seen = max((t for _, t in rows), default=0)
     result["max_seq_len_seen"] = seen
-    if seen and seen != setup.seq_len:  # predict for the longest micro-batch that actually ran
+    if setup is not None and seen and seen != setup.seq_len:  # predict for the longest micro-batch that ran
         pred = predict(setup.replace(seq_len=seen))
         result["predicted"] = pred.to_dict()
         result["predicted_peak_bytes"] = pred.peak
+    _, _, rate = _warmup_and_steady(result, spec, log)
     if done < len(lengths):
         # Stopped by the time budget: keep what was measured and add the unseen tokens at the rate of
-        # the steady-state steps (after step 2: step 1 carries the warm-up, step 2 the longest example).
-        first = 2 if steps > 2 else 1 if steps > 1 else 0
-        t0, k0 = (float(log[first - 1]["time_s"]), int(log[first - 1]["tokens"])) if first else (0.0, 0)
-        rate = (runtime - t0) / max(tokens - k0, 1)
+        # the steady-state steps (with alpaca data step 2 also holds the longest example).
         result["runtime_extrapolated"] = True
         result["runtime_s"] = runtime + rate * (sum(lengths) - tokens)
         result["tokens_total"] = sum(lengths)
     else:
         result["runtime_s"] = runtime
-    flops = sum(train_flops(setup, [t] * b) for b, t in rows)
+    flops = sum(train_flops(setup, [t] * b) for b, t in rows) if setup is not None else None
     result["model_flops"] = flops
-    if spec.matmul_tflops and runtime > 0:
+    if flops and spec.matmul_tflops and runtime > 0:
         result["mfu"] = flops / runtime / (spec.matmul_tflops * 1e12)
     result["anatomy"] = inst.anatomy()
     result["peak_alloc_bytes"] = inst.meter.peak()

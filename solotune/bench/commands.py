@@ -18,19 +18,26 @@ def _csv(text: str) -> tuple[str, ...]:
 def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="llama2-7b", help="architecture preset (random init) or checkpoint path")
     p.add_argument("--layers", type=int, default=None, help="override the preset's depth (e.g. 1)")
-    p.add_argument("--samples", type=int, default=200, help="Alpaca training records per cell (1..200)")
-    p.add_argument("--seq-len", type=int, default=512, help="truncate examples to this many tokens")
+    p.add_argument("--samples", type=int, default=200,
+                   help="Alpaca training records per cell (1..200); --data random: rows per cell")
+    p.add_argument("--seq-len", type=int, default=512,
+                   help="truncate examples to this many tokens (--data random: every row's length)")
+    p.add_argument("--data", choices=["alpaca-sample", "random"], default="alpaca-sample",
+                   help="alpaca-sample (bundled records, prompt-masked) or random: fixed-length rows of random "
+                        "tokens, every position a target (seeded; the same rows for every implementation)")
     p.add_argument("--micro-batch", type=int, default=1, help="examples per micro-batch (course: 1)")
     p.add_argument("--axes", type=_csv, default=("ga", "precision", "lora", "gc"),
-                   help="techniques to switch on/off, from ga,precision,lora,gc (default: all four = 16 cells)")
+                   help="techniques to switch on/off, from ga,precision,lora,gc,packing,compile,kernels "
+                        "(default: the course's four = 16 cells)")
     p.add_argument("--fix", type=_csv, default=(),
                    help="pin axes left out of --axes, e.g. ga=on,precision=on (default: ga/gc/precision off, lora on)")
     p.add_argument("--precision-on", default="fp16-amp", choices=["fp16-amp", "bf16-amp", "bf16"],
                    help="what 'mixed precision on' means (off = fp32); the course used fp16 AMP")
     p.add_argument("--ga-on", type=int, default=8, help="accumulation steps when GA is on")
     p.add_argument("--gc-on", default="all", help="checkpointing policy when GC is on (all | every:K)")
-    p.add_argument("--reference", choices=["hf"], default=None,
-                   help="also run each cell with HF transformers + peft (when installed)")
+    p.add_argument("--reference", default=None,
+                   help="also run each cell with hf (transformers + peft; with --quantize nf4: + bitsandbytes) "
+                        "and/or hf-liger (+ Liger-Kernel's fused kernels), comma-separated, when installed")
     p.add_argument("--out", default=None, help="output directory (default benchmarks/results/bench-MODEL[-Nl])")
     p.add_argument("--device", default="auto")
     p.add_argument("--cell-timeout", type=float, default=1200.0, help="seconds before a cell is killed")
@@ -49,6 +56,18 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offload", choices=["none", "activations"], default="none")
     p.add_argument("--memory-limit", default=None,
                    help="cap each cell's CUDA memory (e.g. 24GiB) to reproduce a smaller GPU")
+    p.add_argument("--packing", default="off", help="TrainConfig.packing of the solotune cells (off | on)")
+    p.add_argument("--compile", default="off", help="TrainConfig.compile of the solotune cells (off | blocks)")
+    p.add_argument("--kernels", default="off", help="TrainConfig.kernels of the solotune cells (off | triton)")
+    p.add_argument("--loss", default="full-logits", help="TrainConfig.loss of the solotune cells (train/loss.py)")
+    p.add_argument("--warmup-steps", type=int, default=2,
+                   help="first optimizer steps timed apart (warm-up, compilation); tokens/s steady = the later steps")
+    p.add_argument("--find-max-seq-len", action="store_true",
+                   help="instead of the matrix: the longest --data random row that trains at micro-batch 1 under "
+                        "--memory-limit, by real cells around the planner's longest (max_seq_len.json)")
+    p.add_argument("--max-probes", type=int, default=3, help="cells per --find-max-seq-len search")
+    p.add_argument("--probe-step", type=float, default=0.04,
+                   help="--find-max-seq-len: relative distance of the first probes from the planner's longest")
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--seed", type=int, default=0)
 
@@ -67,11 +86,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
                      lora_dropout=args.lora_dropout, lora_targets=args.lora_targets, lr=args.lr, seed=args.seed,
                      reference=args.reference, device=args.device, quantize=args.quantize, offload=args.offload,
                      memory_limit_bytes=parse_bytes(args.memory_limit) if args.memory_limit else None,
-                     out=out, cell_timeout_s=args.cell_timeout,
+                     out=out, cell_timeout_s=args.cell_timeout, data=args.data, packing=args.packing,
+                     compile=args.compile, kernels=args.kernels, loss=args.loss, warmup_steps=args.warmup_steps,
                      time_budget_s=args.time_budget, sdpa=args.sdpa, command=command)
     from .plan import model_config
 
     model_config(args.model, args.layers)  # fail fast on a bad model name/path
+    if args.find_max_seq_len:
+        from .runner import find_max_seq_len
+
+        found = find_max_seq_len(bc, max_probes=args.max_probes, rel_step=args.probe_step)
+        return 0 if found.get("longest_fit") else 1
     results = run_bench(bc)
     return 0 if any(r["status"] == "ok" for r in results) else 1
 
@@ -90,7 +115,8 @@ def _bench_argv(args: argparse.Namespace, out: str) -> list[str]:
     argv = ["--model", args.model]
     if args.layers:
         argv += ["--layers", str(args.layers)]
-    argv += ["--samples", str(args.samples), "--seq-len", str(args.seq_len), "--axes", ",".join(args.axes),
+    argv += ["--samples", str(args.samples), "--seq-len", str(args.seq_len), "--micro-batch", str(args.micro_batch),
+             "--axes", ",".join(args.axes),
              "--precision-on", args.precision_on]
     if args.fix:
         argv += ["--fix", ",".join(args.fix)]
@@ -99,7 +125,9 @@ def _bench_argv(args: argparse.Namespace, out: str) -> list[str]:
     if args.time_budget:
         argv += ["--time-budget", f"{args.time_budget:g}"]
     for flag, value, default in (("--quantize", args.quantize, "none"), ("--offload", args.offload, "none"),
-                                 ("--memory-limit", args.memory_limit, None)):
+                                 ("--memory-limit", args.memory_limit, None), ("--data", args.data, "alpaca-sample"),
+                                 ("--packing", args.packing, "off"), ("--compile", args.compile, "off"),
+                                 ("--kernels", args.kernels, "off"), ("--loss", args.loss, "full-logits")):
         if value != default:
             argv += [flag, str(value)]
     return argv + ["--out", out]
@@ -112,10 +140,11 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=512, help="tokens per example (plan for the longest)")
     p.add_argument("--batch", type=int, default=1, help="examples per micro-batch")
     p.add_argument("--grad-accum", type=int, default=8)
-    p.add_argument("--methods", type=_csv, default=("lora", "full"), help="lora,full")
-    p.add_argument("--precisions", type=_csv, default=PRECISIONS, help=",".join(PRECISIONS))
-    p.add_argument("--checkpointing", type=_csv, default=("off", "every:4", "every:2", "all"),
-                   help="policies to consider (off, all, every:K)")
+    p.add_argument("--methods", type=_csv, default=None, help="lora,full (default both; --max-seq-len: lora)")
+    p.add_argument("--precisions", type=_csv, default=None,
+                   help=",".join(PRECISIONS) + " (default all; --max-seq-len: bf16)")
+    p.add_argument("--checkpointing", type=_csv, default=None,
+                   help="policies to consider (off, all, every:K; default off,every:4,every:2,all; --max-seq-len: all)")
     p.add_argument("--lora-rank", type=int, default=LoRASpec.rank)
     p.add_argument("--lora-targets", type=_csv, default=LoRASpec.targets)
     p.add_argument("--lora-dropout", type=float, default=LoRASpec.dropout)
@@ -123,6 +152,12 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
                    help="frozen-base quantizations to consider: none,nf4,int8 (with lora only)")
     p.add_argument("--offload", type=_csv, default=("none",), help="offload options to consider: none,activations")
     p.add_argument("--optimizer", default="adamw", help="optimizer whose state to count (solotune.train.optim)")
+    p.add_argument("--loss", type=_csv, default=("full-logits",), help="losses to consider (train/loss.py)")
+    p.add_argument("--max-seq-len", action="store_true",
+                   help="the longest sequence that fits --gpu-mem at --batch (default 1) per configuration, by "
+                        "bisection over seq_len with the planner's dry run")
+    p.add_argument("--seq-len-step", type=int, default=128, help="--max-seq-len resolution (tokens)")
+    p.add_argument("--seq-len-cap", type=int, default=1 << 20, help="--max-seq-len upper bound (tokens)")
     p.add_argument("--all", action="store_true", help="also list the configurations that do not fit")
     p.add_argument("--json", action="store_true", help="print the predictions as JSON")
 
@@ -133,6 +168,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     cfg = model_config(args.model, args.layers)
     gpu = parse_bytes(args.gpu_mem)
+    longest = args.max_seq_len
+    args.methods = args.methods or (("lora",) if longest else ("lora", "full"))
+    args.precisions = args.precisions or (("bf16",) if longest else KNOWN)
+    args.checkpointing = args.checkpointing or (("all",) if longest else ("off", "every:4", "every:2", "all"))
     bad = [m for m in args.methods if m not in ("lora", "full")] + [q for q in args.precisions if q not in KNOWN]
     if bad:
         raise ValueError(f"unknown method/precision {bad}: methods lora,full; precisions {','.join(KNOWN)}")
@@ -140,12 +179,28 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if bad:
         raise ValueError(f"unknown quantize/offload {bad}: quantize {','.join(QUANTIZE_KINDS)}; "
                          f"offload {','.join(OFFLOAD_KINDS)}")
+    if longest:
+        return _cmd_plan_longest(args, cfg, gpu)
     rows = plan(cfg, gpu, seq_len=args.seq_len, batch=args.batch, grad_accum=args.grad_accum,
                 lora_rank=args.lora_rank, lora_targets=args.lora_targets, lora_dropout=args.lora_dropout,
                 methods=args.methods, precisions=args.precisions, checkpointing=args.checkpointing,
-                optimizer=args.optimizer, quantize=args.quantize, offload=args.offload)
+                optimizer=args.optimizer, quantize=args.quantize, offload=args.offload, losses=args.loss)
     if args.json:
         print(json.dumps([{**p.to_dict(), "relative_cost": c, "fits": f} for p, c, f in rows], indent=1))
     else:
         print(format_plan(rows, gpu, show_all=args.all))
     return 0 if any(f for _, _, f in rows) else 1
+
+
+def _cmd_plan_longest(args: argparse.Namespace, cfg, gpu: int) -> int:
+    from .plan import format_longest, plan_longest
+
+    lora = LoRASpec(rank=args.lora_rank, dropout=args.lora_dropout, targets=tuple(args.lora_targets))
+    rows = plan_longest(cfg, gpu, batch=args.batch, lora=lora, methods=args.methods, precisions=args.precisions,
+                        checkpointing=args.checkpointing, quantize=args.quantize, offload=args.offload,
+                        losses=args.loss, optimizer=args.optimizer, step=args.seq_len_step, cap=args.seq_len_cap)
+    if args.json:
+        print(json.dumps([{**r.to_dict(), "label": r.setup.label} for r in rows], indent=1))
+    else:
+        print(format_longest(rows, gpu, args.seq_len_step))
+    return 0 if any(r.seq_len for r in rows) else 1

@@ -73,6 +73,9 @@ from .anatomy import dtype_name
 from .dryrun import OFFLOAD_MAX_IN_FLIGHT, QUANTIZE_KINDS
 
 OFFLOAD_KINDS = ("none", "activations")  # solotune.train.offload
+# Losses (solotune.train.loss.LOSSES) the dry run models: dryrun.forward_loss projects every
+# position (full logits). A chunked / fused loss is planned once the dry run runs it.
+PLANNED_LOSSES = ("full-logits",)
 PRECISIONS = ("fp32", "fp16-amp", "bf16-amp", "bf16")  # the training modes (precision.POLICIES also has fp64)
 DEVICES = ("cuda", "cpu")
 GiB = 1024**3
@@ -103,11 +106,12 @@ class Setup:
     device: str = "cuda"  # "cuda" | "cpu": dropout masks, attention statistics and the optimizer step differ
     quantize: str = "none"  # none | nf4 | int8: the frozen base's block linears (LoRA only)
     offload: str = "none"  # none | activations (solotune.train.offload)
+    loss: str = "full-logits"  # solotune.train.loss.LOSSES; PLANNED_LOSSES are the ones the dry run models
 
     def __init__(self, model: ModelConfig, seq_len: int = 512, batch: int = 1, grad_accum: int = 1,
                  grad_checkpoint: str = "off", precision: str = "fp32", lora: LoRASpec | None = None,
-                 optimizer: str = "adamw", device: str = "cuda", quantize: str = "none", offload: str = "none", *,
-                 lora_rank: int | None = None,
+                 optimizer: str = "adamw", device: str = "cuda", quantize: str = "none", offload: str = "none",
+                 loss: str = "full-logits", *, lora_rank: int | None = None,
                  lora_targets: Iterable[str] | None = None, lora_dropout: float | None = None) -> None:
         spec = lora if lora is not None else LoRASpec()
         legacy = {k: v for k, v in (("rank", lora_rank), ("targets", lora_targets), ("dropout", lora_dropout))
@@ -116,7 +120,8 @@ class Setup:
             spec = dataclasses.replace(spec, **legacy)
         for name, value in (("model", model), ("seq_len", seq_len), ("batch", batch), ("grad_accum", grad_accum),
                             ("grad_checkpoint", grad_checkpoint), ("precision", precision), ("lora", spec),
-                            ("optimizer", optimizer), ("device", device), ("quantize", quantize), ("offload", offload)):
+                            ("optimizer", optimizer), ("device", device), ("quantize", quantize), ("offload", offload),
+                            ("loss", loss)):
             object.__setattr__(self, name, value)
         self.__post_init__()
 
@@ -135,6 +140,8 @@ class Setup:
         if self.offload not in OFFLOAD_KINDS:
             raise ValueError(f"offload {self.offload!r}: expected one of {', '.join(OFFLOAD_KINDS)}")
         get_optimizer_spec(self.optimizer)  # validates
+        if self.loss not in PLANNED_LOSSES:
+            raise ValueError(f"loss {self.loss!r}: the planner's dry run models {', '.join(PLANNED_LOSSES)} only")
 
     @property
     def policy(self) -> PrecisionPolicy:
@@ -160,7 +167,7 @@ class Setup:
     def label(self) -> str:
         """The method with its options, e.g. ``lora``, ``lora nf4``, ``lora nf4 +offload``."""
         return " ".join([self.method] + [self.quantize] * (self.quantize != "none")
-                        + ["+offload"] * (self.offload != "none"))
+                        + ["+offload"] * (self.offload != "none") + [f"+{self.loss}"] * (self.loss != "full-logits"))
 
     @property
     def amp(self) -> bool:
@@ -238,7 +245,7 @@ class Prediction:
         return {
             "model": s.model.name, "layers": s.model.n_layers, "seq_len": s.seq_len, "batch": s.batch,
             "grad_accum": s.grad_accum, "grad_checkpoint": s.grad_checkpoint, "precision": s.precision,
-            "method": s.method, "quantize": s.quantize, "offload": s.offload, "trainable_params": self.trainable_params, "total_params": self.total_params,
+            "method": s.method, "quantize": s.quantize, "offload": s.offload, "loss": s.loss, "trainable_params": self.trainable_params, "total_params": self.total_params,
             "params": dict(self.params), "grads": self.grads, "optimizer": self.optimizer,
             "activations": self.activations, "weight_copies": self.weight_copies,
             "autocast_cache": self.autocast_cache, "activations_by_part": dict(self.activations_by_part),
@@ -471,22 +478,115 @@ def plan(model: ModelConfig, gpu_mem: int, seq_len: int = 512, batch: int = 1, g
          methods: tuple[str, ...] = ("lora", "full"), precisions: tuple[str, ...] = PRECISIONS,
          checkpointing: tuple[str, ...] = PLAN_CHECKPOINTING, optimizer: str = "adamw",
          device: str = "cuda", quantize: tuple[str, ...] = ("none",),
-         offload: tuple[str, ...] = ("none",)) -> list[tuple[Prediction, float, bool]]:
+         offload: tuple[str, ...] = ("none",), losses: tuple[str, ...] = ("full-logits",),
+         ) -> list[tuple[Prediction, float, bool]]:
     """Every configuration as (prediction, relative cost, fits), fitting ones first, fastest first.
     Quantized bases are combined with LoRA only."""
     rows = []
-    for method, quant, prec, gc, off in itertools.product(methods, quantize, precisions, checkpointing, offload):
+    for method, quant, prec, gc, off, loss in itertools.product(methods, quantize, precisions, checkpointing,
+                                                                offload, losses):
         if gc.startswith("every:") and int(gc.split(":")[1]) >= model.n_layers:
             continue
         if quant != "none" and method != "lora":
             continue
         lora = LoRASpec(rank=lora_rank if method == "lora" else 0, dropout=lora_dropout, targets=tuple(lora_targets))
         s = Setup(model, seq_len=seq_len, batch=batch, grad_accum=grad_accum, grad_checkpoint=gc, precision=prec,
-                  lora=lora, optimizer=optimizer, device=device, quantize=quant, offload=off)
+                  lora=lora, optimizer=optimizer, device=device, quantize=quant, offload=off, loss=loss)
         p = predict(s)
         rows.append((p, relative_cost(s), p.peak <= gpu_mem))
     rows.sort(key=lambda r: (not r[2], r[1], r[0].peak))
     return rows
+
+
+# ======================================================================= longest sequence
+@dataclass(frozen=True)
+class LongestFit:
+    """The longest ``seq_len`` (a multiple of ``step``) of a setup that the planner fits in ``gpu_mem``."""
+
+    setup: Setup  # at batch 1 and the longest seq_len that fits (or ``step`` when none does)
+    seq_len: int | None  # None: not even ``step`` tokens fit
+    prediction: Prediction  # at ``seq_len`` (or at ``step`` when nothing fits)
+    first_over: int | None  # the shortest probed seq_len that does not fit (None: the cap fits)
+    probes: int  # dry runs made
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"seq_len": self.seq_len, "first_over": self.first_over, "probes": self.probes,
+                "peak": self.prediction.peak, "prediction": self.prediction.to_dict()}
+
+
+def longest_seq_len(setup: Setup, gpu_mem: int, step: int = 128, cap: int = 1 << 20) -> LongestFit:
+    """Longest multiple of ``step`` up to ``cap`` whose predicted peak at ``setup.batch`` rows fits
+    ``gpu_mem``: doubling from ``step`` until a length does not fit, then bisection between the
+    last that fit and the first that did not (the peak grows with seq_len). About 2 log2(cap/step)
+    dry runs."""
+    if step < 1 or cap < step:
+        raise ValueError(f"seq_len step {step} and cap {cap}: need 1 <= step <= cap")
+    probes = 0
+
+    def at(T: int) -> Prediction:
+        nonlocal probes
+        probes += 1
+        return predict(setup.replace(seq_len=T))
+
+    p = at(step)
+    if p.peak > gpu_mem:
+        return LongestFit(setup.replace(seq_len=step), None, p, step, probes)
+    best, best_p, over = step, p, None
+    while over is None and best < cap:
+        T = min(2 * best, cap)
+        q = at(T)
+        if q.peak <= gpu_mem:
+            best, best_p = T, q
+        else:
+            over = T
+    while over is not None and over - best > step:
+        mid = (best + over) // 2 // step * step
+        q = at(mid)
+        if q.peak <= gpu_mem:
+            best, best_p = mid, q
+        else:
+            over = mid
+    return LongestFit(setup.replace(seq_len=best), best, best_p, over, probes)
+
+
+def plan_longest(model: ModelConfig, gpu_mem: int, batch: int = 1, lora: LoRASpec = LoRASpec(),
+                 methods: tuple[str, ...] = ("lora",), precisions: tuple[str, ...] = ("bf16",),
+                 checkpointing: tuple[str, ...] = ("all",), quantize: tuple[str, ...] = ("none",),
+                 offload: tuple[str, ...] = ("none",), losses: tuple[str, ...] = ("full-logits",),
+                 optimizer: str = "adamw", device: str = "cuda", step: int = 128,
+                 cap: int = 1 << 20) -> list[LongestFit]:
+    """:func:`longest_seq_len` of every configuration, longest first (quantized bases with LoRA only)."""
+    rows = []
+    for method, quant, prec, gc, off, loss in itertools.product(methods, quantize, precisions, checkpointing,
+                                                                offload, losses):
+        if quant != "none" and method != "lora":
+            continue
+        spec = lora if method == "lora" else dataclasses.replace(lora, rank=0)
+        s = Setup(model, seq_len=step, batch=batch, grad_accum=1, grad_checkpoint=gc, precision=prec, lora=spec,
+                  optimizer=optimizer, device=device, quantize=quant, offload=off, loss=loss)
+        rows.append(longest_seq_len(s, gpu_mem, step, cap))
+    rows.sort(key=lambda r: -(r.seq_len or 0))
+    return rows
+
+
+def format_longest(rows: list[LongestFit], gpu_mem: int, step: int = 128) -> str:
+    """The ``solotune plan --max-seq-len`` table."""
+    if not rows:
+        return "(no configuration)"
+    s0 = rows[0].setup
+    lines = [f"{s0.model.name}: {s0.model.n_layers} layers, micro-batch {s0.batch}; GPU memory {fmt_gib(gpu_mem)} GiB. "
+             "Longest sequence that trains (planner), sizes in GiB.\n",
+             "| # | method | precision | checkpointing | longest seq_len | peak there | params | activations | "
+             "transients | first over |", "|---:|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for i, r in enumerate(rows, 1):
+        p, s = r.prediction, r.setup
+        longest = "does not fit" if r.seq_len is None else f"{r.seq_len:,}"
+        over = "–" if r.first_over is None else f"{r.first_over:,}"
+        lines.append(f"| {i} | {s.label} | {s.precision} | {s.grad_checkpoint} | {longest} | {fmt_gib(p.peak)} | "
+                     f"{fmt_gib(p.params_total)} | {fmt_gib(p.activations)} | {fmt_gib(p.transient_fb)} | {over} |")
+    lines.append(f"\nDoubling, then bisection over seq_len in steps of {step} tokens (the peak grows with it); "
+                 "`first over`: the shortest length probed that does not fit (– : the cap fits).")
+    return "\n".join(lines)
 
 
 def format_plan(rows: list[tuple[Prediction, float, bool]], gpu_mem: int, show_all: bool = False) -> str:

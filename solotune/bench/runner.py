@@ -2,13 +2,21 @@
 
 Axes (each on/off): ``ga`` gradient accumulation (1 / ``ga_on``), ``precision`` (fp32 /
 ``precision_on``, fp16 AMP by default as in the course), ``lora`` (full fine-tuning / LoRA), ``gc``
-gradient checkpointing (off / ``gc_on``). An axis left out of ``axes`` stays at its fixed value: off for
-ga, gc and precision, on for LoRA (the product's default method), unless ``fixed`` pins it
-(``--fix ga=on``); ``--axes none --fix ...`` runs a single cell.
+gradient checkpointing (off / ``gc_on``), and the training-speed options of the loop ``packing``,
+``compile``, ``kernels`` (off / their ``--packing``/``--compile``/``--kernels`` value, or the first
+non-off choice). An axis left out of ``axes`` stays at its fixed value: off for ga, gc and
+precision, on for LoRA (the product's default method), the flag's value for the speed options,
+unless ``fixed`` pins it (``--fix ga=on``); ``--axes none --fix ...`` runs a single cell.
 
-With ``reference="hf"`` every solotune cell that ran is followed by the same cell in HF
-transformers + peft (when both are importable); cells that ran out of memory in solotune, and
-checkpointing policies HF lacks, are recorded as ``skipped``.
+With ``reference="hf"`` (or ``hf-liger``, or both: ``hf,hf-liger``) every solotune cell that ran is
+followed by the same cell in HF transformers + peft (+ Liger-Kernel); solotune's loop options are
+off there, so cells that differ only in them share one reference cell. A reference cell is
+recorded as ``skipped`` with the reason when the solotune cell did not fit, when HF has no
+equivalent (``every:K`` checkpointing, int8, offload) or when its packages are missing.
+
+``--find-max-seq-len`` (:func:`find_max_seq_len`): instead of the matrix, the longest row that
+trains at micro-batch 1 under ``--memory-limit``, by real cells on random rows: first at the
+planner's longest, then a few probes around it (``probes.json``, ``max_seq_len.json``).
 
 The raw log (every cell's stderr and the progress lines) goes to ``OUT/bench.log``; ``cells.json``
 is rewritten after every cell, so an interrupted run keeps what it measured.
@@ -30,10 +38,12 @@ from typing import Any, Callable, TextIO
 from ..errors import ConfigError
 from ..peft.spec import LoRASpec
 from ..train.precision import TRAINING_PRECISIONS
-from .cell import CellSpec
+from .cell import DATA, LOOP_OPTIONS, REFERENCE_IMPLS, CellSpec, reference_gap
 from .plan import GiB
 
 AXES = ("ga", "precision", "lora", "gc")  # the course's columns (GA, mixed precision, LoRA) + checkpointing
+SPEED_AXES = ("packing", "compile", "kernels")  # training-speed options of the loop (issue 11)
+ALL_AXES = AXES + SPEED_AXES
 
 
 @dataclass
@@ -43,6 +53,7 @@ class BenchConfig:
     samples: int = 200
     seq_len: int = 512
     micro_batch: int = 1
+    data: str = "alpaca-sample"  # alpaca-sample | random (fixed-length rows of random tokens)
     axes: tuple[str, ...] = AXES
     fixed: dict[str, bool] = field(default_factory=dict)  # pins for axes left out (default: FIXED)
     ga_on: int = 8
@@ -55,9 +66,14 @@ class BenchConfig:
     quantize: str = "none"  # none | nf4 | int8 (LoRA cells; full fine-tuning cells keep a 16-bit base)
     offload: str = "none"
     memory_limit_bytes: int | None = None
+    packing: str = LOOP_OPTIONS["packing"]  # the loop options' values (when their axis is on, or fixed)
+    compile: str = LOOP_OPTIONS["compile"]
+    kernels: str = LOOP_OPTIONS["kernels"]
+    loss: str = LOOP_OPTIONS["loss"]
+    warmup_steps: int = 2
     lr: float = 1e-5
     seed: int = 0
-    reference: str | None = None  # "hf"
+    reference: str | None = None  # "hf", "hf-liger" or "hf,hf-liger"
     device: str = "auto"
     out: str = "benchmarks/results/bench"
     cell_timeout_s: float = 1200.0
@@ -68,26 +84,46 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         self.axes = tuple(dict.fromkeys(self.axes))
-        bad = [a for a in self.axes if a not in AXES]
+        bad = [a for a in self.axes if a not in ALL_AXES]
         if bad:
-            raise ConfigError(f"--axes {','.join(self.axes)}: choose from {','.join(AXES)} (or none)")
-        clash = [a for a in self.fixed if a not in AXES or a in self.axes]
+            raise ConfigError(f"--axes {','.join(self.axes)}: choose from {','.join(ALL_AXES)} (or none)")
+        clash = [a for a in self.fixed if a not in ALL_AXES or a in self.axes]
         if clash:
-            raise ConfigError(f"--fix {','.join(clash)}: pin only axes that --axes leaves out ({','.join(AXES)})")
+            raise ConfigError(f"--fix {','.join(clash)}: pin only axes that --axes leaves out ({','.join(ALL_AXES)})")
         if self.precision_on not in TRAINING_PRECISIONS or self.precision_on == "fp32":
             raise ConfigError(f"--precision-on {self.precision_on!r}: choose from fp16-amp, bf16-amp, bf16")
-        if self.reference not in (None, "hf"):
-            raise ConfigError(f"--reference {self.reference!r}: only 'hf' is supported")
-        if self.reference and (self.quantize != "none" or self.offload != "none"):
-            raise ConfigError("--reference hf with --quantize/--offload: the HF + bitsandbytes reference cell is not "
-                              "built yet; run without --reference")
+        bad = [r for r in self.references if r not in REFERENCE_IMPLS]
+        if bad:
+            raise ConfigError(f"--reference {self.reference!r}: choose from {', '.join(REFERENCE_IMPLS)} (comma-separated)")
+        if self.data not in DATA:
+            raise ConfigError(f"--data {self.data!r}: choose from {', '.join(DATA)}")
+        CellSpec(packing=self.packing, compile=self.compile, kernels=self.kernels, loss=self.loss,
+                 warmup_steps=self.warmup_steps)  # validates the loop options (one place: CellSpec)
         if self.ga_on < 2:
             raise ConfigError(f"--ga-on must be >= 2, got {self.ga_on}")
-        if not 1 <= self.samples <= 200:
+        if self.data != "random" and not 1 <= self.samples <= 200:
             raise ConfigError(f"--samples must be in 1..200 (the course's training split), got {self.samples}")
+        if self.samples < 1:
+            raise ConfigError(f"--samples must be >= 1, got {self.samples}")
+
+    @property
+    def references(self) -> tuple[str, ...]:
+        """The reference implementations to run after each solotune cell, in order."""
+        return tuple(dict.fromkeys(r.strip() for r in (self.reference or "").split(",") if r.strip()))
+
+    def on_value(self, axis: str) -> str:
+        """What a speed axis's "on" means: its flag's value, or the first choice that is not off."""
+        value = getattr(self, axis)
+        if value != LOOP_OPTIONS[axis]:
+            return value
+        from ..train import config as tc
+
+        return {"packing": tc.PACKING, "compile": tc.COMPILE, "kernels": tc.KERNELS}[axis][1]
 
 
 def axis_values(bc: BenchConfig, axis: str, on: bool) -> dict[str, Any]:
+    if axis in SPEED_AXES:
+        return {axis: bc.on_value(axis) if on else LOOP_OPTIONS[axis]}
     return {
         "ga": {"grad_accum": bc.ga_on if on else 1},
         "gc": {"grad_checkpoint": bc.gc_on if on else "off"},
@@ -99,19 +135,26 @@ def axis_values(bc: BenchConfig, axis: str, on: bool) -> dict[str, Any]:
 FIXED = {"ga": False, "gc": False, "precision": False, "lora": True}
 
 
+def fixed_state(bc: BenchConfig) -> dict[str, bool]:
+    """Each axis's value when --axes leaves it out: FIXED, the speed flags' own (on when not off),
+    then the --fix pins."""
+    return {**FIXED, **{a: getattr(bc, a) != LOOP_OPTIONS[a] for a in SPEED_AXES}, **bc.fixed}
+
+
 def matrix(bc: BenchConfig) -> list[CellSpec]:
     """The solotune cells in the course's table order: GA, mixed precision, LoRA, then checkpointing
     (off before on, the last axis varying fastest)."""
     cells = []
-    for combo in itertools.product((False, True), repeat=len(AXES)):
-        state = dict(zip(AXES, combo))
-        fixed = {**FIXED, **bc.fixed}
-        if any(state[a] != fixed[a] for a in AXES if a not in bc.axes):
+    fixed = fixed_state(bc)
+    for combo in itertools.product((False, True), repeat=len(ALL_AXES)):
+        state = dict(zip(ALL_AXES, combo))
+        if any(state[a] != fixed[a] for a in ALL_AXES if a not in bc.axes):
             continue
         kw: dict[str, Any] = {}
-        for a in AXES:
+        for a in ALL_AXES:
             kw.update(axis_values(bc, a, state[a]))
         cells.append(CellSpec(model=bc.model, layers=bc.layers, samples=bc.samples, seq_len=bc.seq_len,
+                              data=bc.data, loss=bc.loss, warmup_steps=bc.warmup_steps,
                               micro_batch=bc.micro_batch, lora_rank=bc.lora_rank, lora_alpha=bc.lora_alpha,
                               lora_dropout=bc.lora_dropout, lora_targets=bc.lora_targets, lr=bc.lr, seed=bc.seed,
                               device=bc.device, time_budget_s=bc.time_budget_s, sdpa=bc.sdpa, command=bc.command,
@@ -143,10 +186,17 @@ def run_cell_subprocess(spec: CellSpec, timeout_s: float, log: TextIO) -> dict[s
     return res
 
 
-def _failed(spec: CellSpec, message: str, wall: float, status: str = "error") -> dict[str, Any]:
+def _failed(spec: CellSpec, message: str, wall: float, status: str = "error", impl: str | None = None) -> dict[str, Any]:
+    """The result of a cell that produced none; ``impl``: a reference cell of ``spec`` that was not run."""
+    impl = impl or spec.impl
+    options = {} if impl == spec.impl else LOOP_OPTIONS  # a reference cell runs the loop options off
+    cell_id = spec.cell_id if impl == spec.impl else CellSpec.from_dict(
+        {**spec.to_dict(), **LOOP_OPTIONS}).cell_id.rsplit("-", 1)[0] + f"-{impl}"
     return {"model": spec.model, "layers": spec.layers, "seq_len": spec.seq_len, "micro_batch": spec.micro_batch,
             "grad_accum": spec.grad_accum, "grad_checkpoint": spec.grad_checkpoint, "precision": spec.precision,
-            "method": spec.method, "impl": spec.impl, "cell_id": spec.cell_id, "status": status,
+            "method": spec.method_name, "quantize": spec.quantize, "offload": spec.offload, "data": spec.data,
+            **{k: options.get(k, getattr(spec, k)) for k in LOOP_OPTIONS},
+            "memory_limit_bytes": spec.memory_limit_bytes, "impl": impl, "cell_id": cell_id, "status": status,
             "peak_alloc_bytes": None, "peak_reserved_bytes": None, "predicted_peak_bytes": None, "runtime_s": None,
             "tokens": None, "tokens_per_s": None, "mean_loss": None, "trainable_params": None, "anatomy": None,
             "mfu": None, "error": message, "device": None, "torch": None,
@@ -185,17 +235,13 @@ def progress_line(i: int, n: int, r: dict[str, Any]) -> str:
 def run_bench(bc: BenchConfig, say: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Run the matrix and write the report; returns the cell results."""
     from . import report
-    from .hf_cell import available as hf_available
 
     out = Path(bc.out)
     out.mkdir(parents=True, exist_ok=True)
     cells = matrix(bc)
-    want_hf = bc.reference == "hf"
-    if want_hf and not hf_available():
-        say("--reference hf: transformers and/or peft are not installed; running solotune cells only")
-        want_hf = False
-    n = len(cells) * (2 if want_hf else 1)
+    refs = bc.references
     results: list[dict[str, Any]] = []
+    shared: dict[str, dict[str, Any]] = {}  # reference cells already run (cells differing in loop options share one)
     t_start = time.perf_counter()
     with open(out / "bench.log", "a") as log:
         log.write(f"\n##### {time.strftime('%Y-%m-%d %H:%M:%S')} {bc.command}\n")
@@ -203,29 +249,140 @@ def run_bench(bc: BenchConfig, say: Callable[[str], None] = print) -> list[dict[
         bc.extra["matmul"] = mm
         if mm.get("matmul_tflops"):
             say(f"{mm['device']}: measured bf16 matmul rate {mm['matmul_tflops']:.0f} TFLOP/s (MFU denominator)")
-        i = 0
+
+        def record(r: dict[str, Any]) -> None:
+            results.append(r)
+            line = progress_line(len(results), len(cells) * (1 + len(refs)), r)
+            say(line)
+            log.write(line + "\n")
+            log.flush()
+            report.write_json(out / "cells.json", results)
+
         for spec in cells:
             spec.matmul_tflops = mm.get("matmul_tflops")
-            todo = [spec]
-            if want_hf:
-                todo.append(CellSpec.from_dict({**spec.to_dict(), "impl": "hf"}))
-            for s in todo:
-                i += 1
-                if s.impl == "hf" and (results[-1]["status"] != "ok" or s.grad_checkpoint not in ("off", "all")):
-                    why = ("the solotune cell did not fit" if results[-1]["status"] == "oom" else
-                           f"the solotune cell ended with {results[-1]['status']}" if results[-1]["status"] != "ok"
-                           else f"HF has no {s.grad_checkpoint} checkpointing policy")
-                    r = _failed(s, f"not run: {why}", 0.0, status="skipped")
-                else:
-                    r = run_cell_subprocess(s, bc.cell_timeout_s, log)
-                results.append(r)
-                line = progress_line(i, n, r)
-                say(line)
-                log.write(line + "\n")
-                log.flush()
-                report.write_json(out / "cells.json", results)
+            ours = run_cell_subprocess(spec, bc.cell_timeout_s, log)
+            record(ours)
+            for impl in refs:
+                r = reference_cell(spec, impl, ours, shared, bc.cell_timeout_s, log)
+                if r is not None:
+                    record(r)
         log.write(f"##### done in {time.perf_counter() - t_start:.0f} s\n")
     report.write_report(out, results, bc)
     say(f"wrote {out / 'report.md'}, cells.json, cells.csv, anatomy.png, memory_runtime.png "
         f"({time.perf_counter() - t_start:.0f} s)")
     return results
+
+
+def reference_cell(spec: CellSpec, impl: str, ours: dict[str, Any], shared: dict[str, dict[str, Any]],
+                   timeout_s: float, log: TextIO) -> dict[str, Any] | None:
+    """The reference ``impl``'s cell after solotune's ``spec`` (result ``ours``): run, ``skipped``
+    with the reason, or None when the same reference cell already ran for an earlier solotune cell."""
+    from .hf_cell import missing_package
+
+    why = reference_gap(spec) or missing_package(impl, spec.quantize) or (
+        None if ours["status"] == "ok" else
+        "the solotune cell did not fit" if ours["status"] == "oom" else f"the solotune cell ended with {ours['status']}")
+    if why is not None:
+        return _failed(spec, f"not run: {why}", 0.0, status="skipped", impl=impl)
+    ref = spec.as_reference(impl)
+    key = json.dumps({**ref.to_dict(), "command": "", "matmul_tflops": None}, sort_keys=True)
+    if key in shared:
+        return None
+    shared[key] = run_cell_subprocess(ref, timeout_s, log)
+    return shared[key]
+
+
+# ------------------------------------------------------------------- longest trainable row
+def probe_lengths(predicted: int, results: dict[int, str], rel_step: float, step: int = 128) -> int | None:
+    """The next seq_len to probe, from the planner's longest and the statuses so far ({T: "ok" |
+    "oom"}): the prediction first; then, until both sides are known, ``rel_step`` (doubling each
+    time) beyond the last probe; then the midpoint of the bracket. None when the bracket is one
+    ``step`` wide."""
+    if not results:
+        return predicted
+    fit = max((t for t, st in results.items() if st == "ok"), default=None)
+    over = min((t for t, st in results.items() if st != "ok"), default=None)
+    if fit is not None and over is not None:
+        if over - fit <= step:
+            return None
+        return max(fit + step, (fit + over) // 2 // step * step)
+    k = len(results) - 1  # probes already made on this side (beyond the first)
+    factor = rel_step * 2**k
+    if over is None:
+        return -(-int(fit * (1 + factor)) // step) * step
+    return max(step, int(over * (1 - factor)) // step * step)
+
+
+def find_max_seq_len(bc: BenchConfig, max_probes: int = 3, rel_step: float = 0.04, step: int = 128,
+                     say: Callable[[str], None] = print) -> dict[str, Any]:
+    """The longest row that trains at micro-batch 1 within ``bc.memory_limit_bytes``, measured by
+    real cells (random rows of exactly T tokens, 2 optimizer steps each so the optimizer state
+    exists) around the planner's longest; writes ``probes.json`` (the cells) and
+    ``max_seq_len.json`` (predicted and measured) under ``bc.out``; returns the latter."""
+    import torch
+
+    from . import report
+    from .cell import planner_setup
+    from .plan import longest_seq_len, model_config
+
+    if not bc.memory_limit_bytes:
+        raise ConfigError("--find-max-seq-len needs --memory-limit (the memory to fit in, e.g. 24GiB)")
+    cells = matrix(BenchConfig(**{**_fields(bc), "data": "random", "micro_batch": 1, "samples": 2}))
+    if len(cells) != 1:
+        raise ConfigError(f"--find-max-seq-len searches one configuration; --axes/--fix give {len(cells)} cells "
+                          "(use --axes none --fix ...)")
+    base = cells[0]
+    cfg = model_config(bc.model, bc.layers)
+    device = torch.device("cpu" if bc.device == "cpu" else "cuda")  # the planner's kernels; nothing runs here
+    planned = longest_seq_len(planner_setup(base, cfg, step, device), bc.memory_limit_bytes, step=step)
+    out = Path(bc.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, Any] = {
+        "model": bc.model, "layers": cfg.n_layers, "method": base.method_name, "quantize": base.quantize,
+        "offload": base.offload, "precision": base.precision, "grad_checkpoint": base.grad_checkpoint,
+        "loss": base.loss, "micro_batch": 1, "data": "random", "memory_limit_bytes": bc.memory_limit_bytes,
+        "predicted_longest": planned.seq_len, "predicted_first_over": planned.first_over,
+        "predicted_peak_at_longest": planned.prediction.peak, "longest_fit": None, "shortest_oom": None,
+        "probes": [], "command": bc.command, "step": step}
+    say(f"planner: longest {planned.seq_len} tokens within {bc.memory_limit_bytes / 2**30:.2f} GiB "
+        f"(peak {planned.prediction.peak / 2**30:.2f} GiB; {planned.first_over} does not fit)")
+    results: list[dict[str, Any]] = []
+    statuses: dict[int, str] = {}
+    with open(out / "bench.log", "a") as log:
+        log.write(f"\n##### {time.strftime('%Y-%m-%d %H:%M:%S')} {bc.command}\n")
+        while len(statuses) < max_probes and planned.seq_len:
+            T = probe_lengths(planned.seq_len, statuses, rel_step, step)
+            if T is None or T in statuses:
+                break
+            r = run_cell_subprocess(CellSpec.from_dict({**base.to_dict(), "seq_len": T}), bc.cell_timeout_s, log)
+            r["probe"] = len(results) + 1
+            results.append(r)
+            statuses[T] = r["status"]
+            peak = r.get("peak_alloc_bytes")
+            line = (f"[probe {len(results)}/{max_probes}] seq_len {T}: {r['status']}"
+                    + (f", peak {peak / 2**30:.2f} GiB" if peak else "")
+                    + (f" (pred {r['predicted_peak_bytes'] / 2**30:.2f} GiB)" if r.get("predicted_peak_bytes") else "")
+                    + (f" {r.get('error')}" if r["status"] not in ("ok", "oom") else ""))
+            say(line)
+            log.write(line + "\n")
+            log.flush()
+            report.write_json(out / "probes.json", results)
+            if r["status"] not in ("ok", "oom"):
+                break  # an error is neither side of the bracket
+    fits = [t for t, st in statuses.items() if st == "ok"]
+    ooms = [t for t, st in statuses.items() if st == "oom"]
+    summary.update(longest_fit=max(fits, default=None), shortest_oom=min(ooms, default=None),
+                   probes=[{k: r.get(k) for k in ("seq_len", "status", "peak_alloc_bytes", "peak_reserved_bytes",
+                                                  "predicted_peak_bytes", "oom_request_bytes", "steady_tokens_per_s",
+                                                  "error")} for r in results],
+                   device=next((r.get("device") for r in results if r.get("device")), None))
+    report.write_json(out / "max_seq_len.json", [summary])
+    say(f"measured: longest that trained {summary['longest_fit']}, shortest out of memory {summary['shortest_oom']} "
+        f"(planner: {planned.seq_len}); wrote {out / 'max_seq_len.json'}")
+    return summary
+
+
+def _fields(bc: BenchConfig) -> dict[str, Any]:
+    import dataclasses
+
+    return {f.name: getattr(bc, f.name) for f in dataclasses.fields(bc)}

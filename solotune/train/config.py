@@ -42,7 +42,8 @@ class TrainConfig:
 
     # what to train, on what, where to write
     model: str = "smollm2-135m"  # preset name or checkpoint path (Meta dir, HF dir, .gguf)
-    data: str = "alpaca-sample"  # "alpaca-sample" (bundled), a .json/.jsonl file, or an HF datasets id
+    # "alpaca-sample" (bundled), a .json/.jsonl file, an HF datasets id, or "random" (data/synthetic.py)
+    data: str = "alpaca-sample"
     output_dir: str = "runs/finetune"
     # how long: max_steps optimizer steps if given, else `epochs` passes over the train split
     max_steps: int | None = None

@@ -16,6 +16,7 @@ from typing import Any, Iterator
 
 from ..data import AlpacaDataset, AlpacaRecords, DataError, Record, load_records, split
 from ..data.alpaca import DEFAULT_TRAIN, DEFAULT_VAL, SAMPLE_NAME
+from ..data.synthetic import RANDOM, RandomSplit
 from ..errors import ConfigError
 from .config import TrainConfig
 
@@ -53,12 +54,15 @@ def auto_ranges(data: str, total: int, train: tuple[int, int] | None,
             range(*val) if val is not None else auto_val)
 
 
-def check_data(cfg: TrainConfig) -> CheckedData:
+def check_data(cfg: TrainConfig) -> CheckedData | RandomSplit:
     """Read ``cfg.data`` and split it per ``cfg`` (ranges, max_samples, val_samples), no tokenizer.
 
     Raises DataError for bad records and ConfigError for ranges that do not fit the data; the
     message names the flags and the record count.
     """
+    if cfg.data == RANDOM:  # synthetic rows (data/synthetic.py): nothing to read or check
+        return RandomSplit.of(cfg.max_seq_len, cfg.seed, cfg.train_range, cfg.val_range, cfg.max_samples,
+                              cfg.val_samples)
     records = load_records(cfg.data, skip_bad=cfg.skip_bad_records)
     train_range, val_range = auto_ranges(cfg.data, records.total, cfg.train_range, cfg.val_range)
     train_range = train_range[: cfg.max_samples] if cfg.max_samples is not None else train_range
@@ -87,6 +91,8 @@ def load_data(cfg: TrainConfig, tokenizer: Any, say=print,
     """Checked records (``records``, else :func:`check_data`) -> tokenised train/val sets; reports
     the split, skipped and empty-output records, and truncation (one line each, only when any)."""
     data = records if records is not None else check_data(cfg)
+    if isinstance(data, RandomSplit):
+        return data.datasets(tokenizer.vocab_size, say)
     src = data.source
     if src.skipped:
         say(f"skipped {src.skipped} bad records in {src.source} (first: {src.problems[0]})")

@@ -146,7 +146,9 @@ def test_hf_reference_cell_runs_on_cpu():
 def test_time_budget_extrapolates_and_still_sees_the_longest_example():
     r = run_cell(CellSpec(model="tiny", samples=12, seq_len=64, grad_accum=2, time_budget_s=1e-6, device="cpu"))
     assert r["status"] == "ok", r["error"]
-    assert r["steps"] == 2 and r["samples_done"] == 4  # stopped at the first chance: after step 2
+    # stopped at the first chance: after the 2 warm-up steps and one steady-state step
+    assert r["steps"] == 3 and r["samples_done"] == 6
+    assert r["warmup_steps"] == 2 and r["steady_steps"] == 1 and r["steady_tokens_per_s"] > 0
     assert r["runtime_extrapolated"] and r["runtime_s"] > r["runtime_measured_s"]
     assert r["tokens_total"] > r["tokens"]
     assert r["max_seq_len_seen"] == r["max_seq_len_data"]  # the longest example was moved into step 2
@@ -196,9 +198,9 @@ def test_quantized_cell_records_its_method_and_measures_the_quantized_model(quan
     assert q["anatomy"]["params_total"] < plain["anatomy"]["params_total"]
 
 
-def test_bench_refuses_an_hf_reference_it_cannot_build():
-    from solotune.bench.runner import BenchConfig
+def test_bench_refuses_an_unknown_reference():
     from solotune.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="bitsandbytes"):
-        BenchConfig(quantize="nf4", reference="hf")
+    with pytest.raises(ConfigError, match="--reference"):
+        BenchConfig(reference="hf,torchtune")
+    assert BenchConfig(reference="hf, hf-liger,hf").references == ("hf", "hf-liger")
