@@ -20,7 +20,10 @@ from typing import Any, Iterable, Sequence
 from .plan import GiB
 
 TECHNIQUES = {"ga": "Gradient accumulation", "precision": "Mixed precision", "lora": "LoRA",
-              "gc": "Gradient checkpointing"}
+              "gc": "Gradient checkpointing", "packing": "Padding-free packing", "compile": "torch.compile",
+              "kernels": "Fused kernels"}
+SPEED = ("packing", "compile", "kernels")  # solotune loop options: reference cells run them off
+OFF = {"packing": "off", "compile": "off", "kernels": "off", "loss": "full-logits"}
 THRESHOLD = 0.05  # |relative change| below this is "–"
 
 # (label, measured anatomy key, predicted key) of the components Table 1 compares
@@ -37,9 +40,9 @@ PART_LABELS = {"params_total": "parameters", "grads": "gradients", "optimizer": 
                "activations": "saved activations", "weight_copies": "autocast weight copies", "rest": "rest"}
 COLORS = {"params_total": "#4c72b0", "grads": "#dd8452", "optimizer": "#55a868", "activations": "#c44e52",
           "weight_copies": "#8172b3", "rest": "#bbbbbb"}
-CSV_FIELDS = ("cell_id", "impl", "model", "layers", "seq_len", "micro_batch", "grad_accum", "grad_checkpoint",
-              "precision", "method", "status", "peak_alloc_bytes", "peak_reserved_bytes", "predicted_peak_bytes",
-              "runtime_s", "runtime_extrapolated", "tokens", "tokens_per_s", "mean_loss", "trainable_params", "mfu",
+CSV_FIELDS = ("cell_id", "impl", "model", "layers", "data", "seq_len", "micro_batch", "grad_accum", "grad_checkpoint",
+              "precision", "method", "quantize", "offload", "packing", "compile", "kernels", "loss", "status", "peak_alloc_bytes", "peak_reserved_bytes", "predicted_peak_bytes",
+              "runtime_s", "runtime_extrapolated", "tokens", "tokens_per_s", "steady_tokens_per_s", "warmup_s", "compile_s", "mean_loss", "trainable_params", "mfu",
               "anatomy_phase", "anatomy_params", "anatomy_grads", "anatomy_optimizer", "anatomy_activations",
               "anatomy_weight_copies", "anatomy_rest", "oom_request_bytes", "error", "device", "torch", "date", "command")
 
@@ -110,8 +113,23 @@ def onoff(b: bool) -> str:
 
 
 def state(r: dict[str, Any]) -> dict[str, bool]:
+    """Each technique on/off in cell ``r`` (cells.json written before a field existed: off)."""
     return {"ga": r["grad_accum"] > 1, "gc": r["grad_checkpoint"] != "off", "precision": r["precision"] != "fp32",
-            "lora": r["method"] == "lora"}
+            "lora": r["method"] != "full", **{k: r.get(k, OFF[k]) != OFF[k] for k in SPEED}}
+
+
+def options(r: dict[str, Any]) -> str:
+    """The cell's settings beyond the course's four axes, e.g. ``qlora, compile=blocks``."""
+    parts = [r["method"]] if r["method"] not in ("lora", "full") else []
+    parts += [f"offload {r['offload']}"] if r.get("offload", "none") != "none" else []
+    parts += [f"{k}={r[k]}" for k in OFF if r.get(k, OFF[k]) != OFF[k]]
+    return ", ".join(parts)
+
+
+def ref_key(r: dict[str, Any]) -> tuple:
+    """What a solotune cell and its reference cells share (the loop options are solotune's own)."""
+    s = state(r)
+    return (tuple(s[k] for k in ("ga", "precision", "lora", "gc")), r.get("quantize", "none"), r.get("offload", "none"))
 
 
 def describe(r: dict[str, Any]) -> str:
@@ -124,7 +142,8 @@ def label(r: dict[str, Any]) -> str:
     s = state(r)
     flags = [n for n, k in (("GA", "ga"), ("MP", "precision"), ("LoRA", "lora"), ("GC", "gc")) if s[k]]
     base = "+".join(flags) if flags else "none"
-    return base + (" (HF)" if r["impl"] == "hf" else "")
+    extra = options(r)
+    return base + (f" [{extra}]" if extra else "") + ({"hf": " (HF)", "hf-liger": " (HF+Liger)"}.get(r["impl"], ""))
 
 
 def _key(r: dict[str, Any], skip: str) -> tuple:
@@ -398,16 +417,41 @@ def write_report(out: Path, results: Sequence[dict[str, Any]], bc: Any) -> Path:
 def table_order(r: dict[str, Any]) -> tuple:
     """Rows in the course's column order: GA, mixed precision, LoRA, then checkpointing (off first)."""
     s = state(r)
-    return (s["ga"], s["precision"], s["lora"], s["gc"], r["impl"] != "solotune")
+    return (s["ga"], s["precision"], s["lora"], s["gc"], *(s[k] for k in SPEED), r["impl"] != "solotune", r["impl"])
+
+
+def speed_table(results: Sequence[dict[str, Any]], ref_cells: dict[tuple, dict[str, Any]], u: Units) -> list[str]:
+    """Steady-state tokens/s (after the warm-up steps) of every cell, against the references."""
+    L = ["## Speed: steady state", "",
+         "tokens/s over the optimizer steps after the first `warmup_steps` (the warm-up: CUDA start-up, autotuning, "
+         "compilation; `compile` = what the warm-up took beyond the steady time per step, compiled cells only). "
+         "vs HF / vs HF+Liger: steady tokens/s over the reference's.", "",
+         f"| cell | impl | micro-batch × seq_len | status | tokens/s steady | warm-up (s, steps) | compile (s) | "
+         f"peak ({u.name}) | vs HF | vs HF+Liger |",
+         "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        tps = r.get("steady_tokens_per_s")
+        ratios = []
+        for ref in ("hf", "hf-liger"):
+            h = ref_cells.get((ref, ref_key(r)))
+            ht = h.get("steady_tokens_per_s") if h else None
+            ratios.append(f"{tps / ht:.2f}×" if r["impl"] == "solotune" and tps and ht else "–")
+        warm = f"{r['warmup_s']:.1f} ({r.get('warmup_steps')})" if r.get("warmup_s") is not None else "–"
+        comp = f"{r['compile_s']:.1f}" if r.get("compile_s") is not None else "–"
+        L.append(f"| {label(r)} | {r['impl']} | {r.get('micro_batch')} × {r.get('seq_len')} | {r['status']} | "
+                 f"{f'{tps:,.0f}' if tps else '–'} | {warm} | {comp} | {u(r.get('peak_alloc_bytes'))} | "
+                 f"{ratios[0]} | {ratios[1]} |")
+    L.append("")
+    return L
 
 
 def render(results: Sequence[dict[str, Any]], bc: Any) -> str:
     u = units_for(results)
     results = sorted(results, key=table_order)
     sol = [r for r in results if r["impl"] == "solotune"]
-    hf = {_key(r, ""): r for r in results if r["impl"] == "hf"}
+    refs = [i for i in ("hf", "hf-liger") if any(r["impl"] == i for r in results)]
+    ref_cells = {(r["impl"], ref_key(r)): r for r in results if r["impl"] != "solotune"}
     first = next((r for r in results if r.get("device")), results[0] if results else {})
-    has_hf = any(r["status"] == "ok" for r in results if r["impl"] == "hf")
     mm = (getattr(bc, "extra", {}) or {}).get("matmul") or {}
     L: list[str] = []
     layers = next((r["layers"] for r in sol if r.get("layers")), bc.layers)
@@ -417,9 +461,15 @@ def render(results: Sequence[dict[str, Any]], bc: Any) -> str:
     L.append(f"- Device: {first.get('device')}; torch {first.get('torch')}; {first.get('date')}"
              + (f"; measured bf16 matmul rate {mm['matmul_tflops']:.0f} TFLOP/s" if mm.get("matmul_tflops") else ""))
     weights = next((r.get("weights") for r in sol if r.get("weights")), "random init")
-    L.append(f"- Model: {bc.model}, {layers} layer{'' if layers == 1 else 's'}, **{weights}** weights (memory and speed do not depend on the values). "
-             f"Data: Alpaca records 0–{bc.samples - 1} (bundled sample), prompt template + masked labels, cut at "
-             f"{bc.seq_len} tokens; longest sample {next((r.get('max_seq_len_data') for r in sol if r.get('max_seq_len_data')), '?')} tokens.")
+    if getattr(bc, "data", "alpaca-sample") == "random":
+        data = (f"Data: {bc.samples} rows of exactly {bc.seq_len} random tokens (seeded, `--data random`), every "
+                "position a target; the same rows for every implementation.")
+    else:
+        data = (f"Data: Alpaca records 0–{bc.samples - 1} (bundled sample), prompt template + masked labels, cut at "
+                f"{bc.seq_len} tokens; longest sample "
+                f"{next((r.get('max_seq_len_data') for r in sol if r.get('max_seq_len_data')), '?')} tokens.")
+    L.append(f"- Model: {bc.model}, {layers} layer{'' if layers == 1 else 's'}, **{weights}** weights (memory and speed "
+             f"do not depend on the values). {data}")
     L.append(f"- Course hyperparameters: micro-batch {bc.micro_batch}, accumulation {bc.ga_on} when on, checkpointing "
              f"`{bc.gc_on}` when on, mixed precision = `{bc.precision_on}` when on (fp32 when off), LoRA r={bc.lora_rank} "
              f"α={bc.lora_alpha:g} dropout {bc.lora_dropout:g} on {','.join(bc.lora_targets)} (full fine-tuning when off), "
@@ -443,19 +493,21 @@ def render(results: Sequence[dict[str, Any]], bc: Any) -> str:
     L.append(f"Runtime: wall time of the training loop over the {bc.samples} samples (s). Memory in {u.name}. "
              "OOM cells show the planner's predicted requirement.")
     L.append("")
-    head = f"| Gradient accumulation | Mixed precision | LoRA | Gradient checkpointing | Peak memory ({u.name}) | Runtime (s) | Predicted ({u.name}) |"
-    sep = "|---|---|---|---|---:|---:|---:|"
-    if has_hf:
-        head += f" HF peak ({u.name}) | HF runtime (s) | memory ratio | speed-up |"
+    head = (f"| Gradient accumulation | Mixed precision | LoRA | Gradient checkpointing | options | Peak memory ({u.name}) "
+            f"| Runtime (s) | Predicted ({u.name}) |")
+    sep = "|---|---|---|---|---|---:|---:|---:|"
+    names = {"hf": "HF", "hf-liger": "HF+Liger"}
+    for ref in refs:
+        head += f" {names[ref]} peak ({u.name}) | {names[ref]} runtime (s) | memory ratio | speed-up |"
         sep += "---:|---:|---:|---:|"
     L += [head, sep]
     for r in sol:
         s = state(r)
         peak, rt = _status_cell(r, u)
-        row = (f"| {onoff(s['ga'])} | {onoff(s['precision'])} | {onoff(s['lora'])} | {onoff(s['gc'])} | {peak} | {rt} | "
-               f"{u(r.get('predicted_peak_bytes'))} |")
-        if has_hf:
-            h = hf.get(("hf",) + _key(r, "")[1:])
+        row = (f"| {onoff(s['ga'])} | {onoff(s['precision'])} | {onoff(s['lora'])} | {onoff(s['gc'])} | {options(r)} | "
+               f"{peak} | {rt} | {u(r.get('predicted_peak_bytes'))} |")
+        for ref in refs:
+            h = ref_cells.get((ref, ref_key(r)))
             hp, hr = _status_cell(h, u)
             ratio = speed = "–"
             if h and h["status"] == "ok" and r["status"] == "ok":
@@ -463,11 +515,13 @@ def render(results: Sequence[dict[str, Any]], bc: Any) -> str:
                 speed = f"{h['runtime_s'] / r['runtime_s']:.2f}×"
             row += f" {hp} | {hr} | {ratio} | {speed} |"
         L.append(row)
-    if has_hf:
+    if refs:
         L.append("")
-        L.append("memory ratio = solotune peak / HF peak; speed-up = HF runtime / solotune runtime. "
-                 "`skipped` HF cells were not run because the solotune cell did not fit (or HF lacks the policy).")
+        L.append("memory ratio = solotune peak / reference peak; speed-up = reference runtime / solotune runtime. "
+                 "`skipped` reference cells were not run: the solotune cell did not fit, HF has no equivalent, or a "
+                 "package is missing (the per-cell details say which).")
     L.append("")
+    L += speed_table(results, ref_cells, u)
 
     # ---- Table 1
     L.append("## Table 1: what each technique does (derived from the measurements)")
@@ -477,7 +531,7 @@ def render(results: Sequence[dict[str, Any]], bc: Any) -> str:
              "state: their full size; activations and weight copies: the largest micro-batch). "
              "ᵖ: no such pair ran, so the arrow comes from the planner's predictions for the cells.")
     L.append("")
-    L += table1(results, [t for t in ("ga", "precision", "lora", "gc") if t in bc.axes])
+    L += table1(results, [t for t in TECHNIQUES if t in bc.axes])
     L.append("")
 
     # ---- anatomy

@@ -1,0 +1,182 @@
+"""issue 11/10 bench pieces on CPU: random-data cells (ours and the HF reference on the same rows),
+warm-up vs steady-state timing, the loop options as axes, reference cells shared and skipped,
+the HF + bitsandbytes layer swap, and the longest-sequence searches (planner and probes)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from solotune.bench import cell as cellmod
+from solotune.bench import runner
+from solotune.bench.cell import CellSpec, run_cell
+from solotune.bench.plan import GiB, LoRASpec, Setup, longest_seq_len, predict
+from solotune.config import PRESETS
+from solotune.errors import ConfigError
+
+HF = pytest.mark.skipif(not __import__("solotune.bench.hf_cell", fromlist=["available"]).available(),
+                        reason="transformers/peft not installed")
+KW = dict(model="tiny", samples=3, seq_len=16, data="random", precision="bf16", device="cpu")
+
+
+@HF
+def test_random_rows_are_the_same_for_our_cell_and_the_hf_cell():
+    ours = run_cell(CellSpec(**KW))
+    hf = run_cell(CellSpec(**KW, impl="hf"))
+    for r in (ours, hf):
+        assert r["status"] == "ok", r["error"]
+        assert r["data"] == "random" and r["max_seq_len_data"] == 16
+        assert r["tokens"] == 3 * 16  # every row exactly seq_len tokens
+        assert r["warmup_steps"] == 2 and r["steady_steps"] == 1 and r["steady_tokens_per_s"] > 0
+        assert r["compile_s"] is None  # not a compiled cell
+    assert hf["trainable_params"] == ours["trainable_params"]
+    # the rows the HF cell reads are the loop's: same ids for the same (seed, index)
+    from solotune.bench.tokens import preset_cell_tokenizer
+
+    tok = preset_cell_tokenizer(PRESETS["tiny"].vocab_size)
+    rows = cellmod.cell_examples(CellSpec(**KW), tok, None)
+    from solotune.data.synthetic import random_row
+
+    assert [e.input_ids for e in rows] == [random_row(i, 16, tok.vocab_size, 0).input_ids for i in range(3)]
+
+
+def test_warmup_and_steady_state_are_timed_apart():
+    log = [{"time_s": 5.0, "tokens": 100}, {"time_s": 6.0, "tokens": 200}, {"time_s": 6.5, "tokens": 300},
+           {"time_s": 7.0, "tokens": 400}]
+    res: dict = {}
+    cellmod._warmup_and_steady(res, CellSpec(compile="blocks", warmup_steps=2), log)
+    assert res["warmup_steps"] == 2 and res["warmup_s"] == 6.0 and res["steady_steps"] == 2
+    assert res["steady_tokens_per_s"] == pytest.approx(200 / 1.0)
+    assert res["compile_s"] == pytest.approx(6.0 - 2 * 0.5)  # the warm-up beyond two steady steps
+    short: dict = {}
+    cellmod._warmup_and_steady(short, CellSpec(warmup_steps=2), log[:1])
+    assert short["warmup_steps"] == 0 and short["steady_steps"] == 1 and short.get("compile_s") is None
+
+
+def test_loop_options_are_axes_flags_and_part_of_the_cell():
+    cells = runner.matrix(runner.BenchConfig(model="tiny", axes=("compile",), fixed={"precision": True},
+                                             precision_on="bf16", data="random", kernels="triton"))
+    assert [c.compile for c in cells] == ["off", "blocks"] and {c.kernels for c in cells} == {"triton"}
+    assert {c.data for c in cells} == {"random"} and len({c.cell_id for c in cells}) == 2
+    assert cells[1].cell_id.endswith("-compileblocks-kernelstriton-solotune")
+    ref = cells[1].as_reference("hf")
+    assert (ref.impl, ref.compile, ref.kernels) == ("hf", "off", "off")
+    with pytest.raises(ConfigError, match="compile"):
+        CellSpec(compile="everything")
+    with pytest.raises(ConfigError, match="loop options"):
+        CellSpec(impl="hf", packing="on")
+    with pytest.raises(ConfigError, match="--fix"):
+        runner.BenchConfig(axes=("compile",), fixed={"compile": True})
+
+
+def test_reference_cells_are_shared_across_loop_options_and_skipped_with_a_reason(tmp_path, monkeypatch):
+    ran: list[CellSpec] = []
+
+    def fake(spec, timeout_s, log):
+        ran.append(spec)
+        return {**runner._failed(spec, "", 0.0, status="ok"), "error": None, "wall_s": 0.0, "runtime_s": 1.0,
+                "mean_loss": 1.0, "peak_alloc_bytes": 1}
+
+    monkeypatch.setattr(runner, "run_cell_subprocess", fake)
+    monkeypatch.setattr(runner, "measure_matmul", lambda *a: {"device": None, "matmul_tflops": None})
+    monkeypatch.setattr("solotune.bench.hf_cell.missing_package",
+                        lambda impl, q: "liger-kernel is not installed" if impl == "hf-liger" else None)
+    bc = runner.BenchConfig(model="tiny", axes=("compile",), reference="hf,hf-liger", out=str(tmp_path), data="random")
+    results = runner.run_bench(bc, say=lambda *_: None)
+    assert [s.impl for s in ran] == ["solotune", "hf", "solotune"]  # one HF cell for both compile settings
+    liger = [r for r in results if r["impl"] == "hf-liger"]
+    assert len(liger) == 2 and all(r["status"] == "skipped" and "liger-kernel" in r["error"] for r in liger)
+    assert json.loads((tmp_path / "cells.json").read_text())[0]["data"] == "random"
+    md = (tmp_path / "report.md").read_text()
+    assert "## Speed: steady state" in md and "HF+Liger peak" in md and "random tokens" in md
+    assert "compile=blocks" in md  # the loop option is shown on its row
+    gap = CellSpec(model="tiny", grad_checkpoint="every:2")
+    assert "every:2" in cellmod.reference_gap(gap)
+    assert runner.reference_cell(gap, "hf", {"status": "ok"}, {}, 1.0, None)["status"] == "skipped"
+
+
+def test_reference_cells_without_their_device_are_skipped_not_failed():
+    for spec in (CellSpec(model="tiny", impl="hf-liger", device="cpu"),
+                 CellSpec(model="tiny", impl="hf", quantize="nf4", device="cpu")):
+        r = run_cell(spec)
+        assert r["status"] == "skipped" and ("CUDA" in r["error"] or "not installed" in r["error"]), r["error"]
+    with pytest.raises(ConfigError, match="int8"):
+        CellSpec(impl="hf", quantize="int8")
+
+
+@HF
+def test_the_bnb_swap_replaces_every_decoder_linear_and_nothing_else():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from solotune.bench.hf_cell import swap_linears
+
+    cfg = PRESETS["tiny"]
+    hf = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in cfg.to_hf_config().items()
+                                         if k not in ("architectures", "model_type", "torch_dtype")}))
+    seen = []
+
+    class Marker(torch.nn.Module):
+        def __init__(self, lin):
+            super().__init__()
+            seen.append(tuple(lin.weight.shape))
+
+    n = swap_linears(hf.model.layers, Marker)
+    assert n == 7 * cfg.n_layers == len(seen)
+    assert not any(type(m) is torch.nn.Linear for m in hf.model.layers.modules())
+    assert type(hf.lm_head) is torch.nn.Linear
+
+
+# ------------------------------------------------------------------------ longest sequence
+def _setup(**kw):
+    return Setup(PRESETS["tiny"], batch=1, grad_checkpoint="all", precision="bf16", lora=LoRASpec(), device="cpu", **kw)
+
+
+def test_longest_seq_len_is_the_last_length_that_fits():
+    s = _setup()  # each dry run takes a second or two on a busy CPU: few probes
+    mem = predict(s.replace(seq_len=1000)).peak
+    r = longest_seq_len(s, mem, step=256, cap=2048)
+    assert r.seq_len == 768 and r.prediction.peak <= mem and r.first_over == 1024  # 256, 512, 1024, 768
+    assert r.probes == 4
+    assert longest_seq_len(s, 1, step=256).seq_len is None
+    assert longest_seq_len(s, 100 * GiB, step=256, cap=512).seq_len == 512  # the cap fits
+
+
+def test_plan_max_seq_len_cli(capsys):
+    from solotune.cli import main
+
+    code = main(["plan", "--max-seq-len", "--model", "tiny", "--gpu-mem", "2MiB", "--quantize", "nf4",
+                 "--seq-len-step", "256", "--seq-len-cap", "1024", "--json"])
+    rows = json.loads(capsys.readouterr().out)
+    assert code == 0 and len(rows) == 1 and rows[0]["seq_len"] and rows[0]["peak"] <= 2 * 2**20
+    assert rows[0]["label"] == "lora nf4" and rows[0]["prediction"]["precision"] == "bf16"  # the mode's defaults
+
+
+def test_probe_lengths_bracket_the_prediction():
+    assert runner.probe_lengths(1000, {}, 0.04, 128) == 1000
+    assert runner.probe_lengths(1024, {1024: "ok"}, 0.04, 128) == 1152  # 4% up, rounded up to a step
+    assert runner.probe_lengths(1024, {1024: "oom"}, 0.04, 128) == 896
+    assert runner.probe_lengths(1024, {1024: "ok", 1152: "ok"}, 0.04, 128) >= 1152 * 1.08
+    assert runner.probe_lengths(1024, {1024: "ok", 2048: "oom"}, 0.04, 128) == 1536
+    assert runner.probe_lengths(1024, {1024: "ok", 1152: "oom"}, 0.04, 128) is None
+
+
+def test_find_max_seq_len_measures_around_the_planner(tmp_path, monkeypatch):
+    true_max = 300
+
+    def fake(spec, timeout_s, log):
+        assert (spec.data, spec.micro_batch, spec.samples, spec.memory_limit_bytes) == ("random", 1, 2, 2 * 2**20)
+        st = "ok" if spec.seq_len <= true_max else "oom"
+        return {**runner._failed(spec, "", 0.0, status=st), "error": None, "peak_alloc_bytes": spec.seq_len}
+
+    monkeypatch.setattr(runner, "run_cell_subprocess", fake)
+    bc = runner.BenchConfig(model="tiny", axes=(), fixed={"gc": True, "precision": True}, precision_on="bf16",
+                            memory_limit_bytes=2 * 2**20, out=str(tmp_path), device="cpu")
+    found = runner.find_max_seq_len(bc, max_probes=8, rel_step=0.5, step=64, say=lambda *_: None)
+    assert found["predicted_longest"] and found["longest_fit"] <= true_max < found["shortest_oom"]
+    assert found["shortest_oom"] - found["longest_fit"] <= 64 and len(found["probes"]) <= 8
+    saved = json.loads((tmp_path / "max_seq_len.json").read_text())[0]
+    assert saved["longest_fit"] == found["longest_fit"] and len(saved["probes"]) == len(found["probes"])
+    with pytest.raises(ConfigError, match="memory-limit"):
+        runner.find_max_seq_len(runner.BenchConfig(model="tiny"))
