@@ -66,6 +66,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                    help="instead of the matrix: the longest --data random row that trains at micro-batch 1 under "
                         "--memory-limit, by real cells around the planner's longest (max_seq_len.json)")
     p.add_argument("--max-probes", type=int, default=3, help="cells per --find-max-seq-len search")
+    p.add_argument("--probe-samples", type=int, default=2,
+                   help="--find-max-seq-len: optimizer steps per probe (2: steady state; 1: faster, misses LoRA's "
+                        "small optimizer state)")
     p.add_argument("--probe-step", type=float, default=0.04,
                    help="--find-max-seq-len: relative distance of the first probes from the planner's longest")
     p.add_argument("--lr", type=float, default=1e-5)
@@ -95,7 +98,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.find_max_seq_len:
         from .runner import find_max_seq_len
 
-        found = find_max_seq_len(bc, max_probes=args.max_probes, rel_step=args.probe_step)
+        found = find_max_seq_len(bc, max_probes=args.max_probes, rel_step=args.probe_step,
+                                 probe_samples=args.probe_samples)
         return 0 if found.get("longest_fit") else 1
     results = run_bench(bc)
     return 0 if any(r["status"] == "ok" for r in results) else 1
@@ -175,6 +179,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     bad = [m for m in args.methods if m not in ("lora", "full")] + [q for q in args.precisions if q not in KNOWN]
     if bad:
         raise ValueError(f"unknown method/precision {bad}: methods lora,full; precisions {','.join(KNOWN)}")
+    from ..errors import ConfigError
+    from .plan import PLANNED_LOSSES
+
+    unplanned = [x for x in args.loss if x not in PLANNED_LOSSES]
+    if unplanned:
+        raise ConfigError(f"--loss {','.join(unplanned)}: the planner's dry run models {', '.join(PLANNED_LOSSES)}")
     bad = [q for q in args.quantize if q not in QUANTIZE_KINDS] + [o for o in args.offload if o not in OFFLOAD_KINDS]
     if bad:
         raise ValueError(f"unknown quantize/offload {bad}: quantize {','.join(QUANTIZE_KINDS)}; "

@@ -314,10 +314,11 @@ def probe_lengths(predicted: int, results: dict[int, str], rel_step: float, step
 
 
 def find_max_seq_len(bc: BenchConfig, max_probes: int = 3, rel_step: float = 0.04, step: int = 128,
-                     say: Callable[[str], None] = print) -> dict[str, Any]:
+                     probe_samples: int = 2, say: Callable[[str], None] = print) -> dict[str, Any]:
     """The longest row that trains at micro-batch 1 within ``bc.memory_limit_bytes``, measured by
-    real cells (random rows of exactly T tokens, 2 optimizer steps each so the optimizer state
-    exists) around the planner's longest; writes ``probes.json`` (the cells) and
+    real cells (random rows of exactly T tokens, ``probe_samples`` optimizer steps each: with 2 the
+    optimizer state exists, as the planner assumes; 1 saves a long step and misses only LoRA's
+    small AdamW state) around the planner's longest; writes ``probes.json`` (the cells) and
     ``max_seq_len.json`` (predicted and measured) under ``bc.out``; returns the latter."""
     import torch
 
@@ -327,7 +328,8 @@ def find_max_seq_len(bc: BenchConfig, max_probes: int = 3, rel_step: float = 0.0
 
     if not bc.memory_limit_bytes:
         raise ConfigError("--find-max-seq-len needs --memory-limit (the memory to fit in, e.g. 24GiB)")
-    cells = matrix(BenchConfig(**{**_fields(bc), "data": "random", "micro_batch": 1, "samples": 2}))
+    cells = matrix(BenchConfig(**{**_fields(bc), "data": "random", "micro_batch": 1,
+                                       "samples": probe_samples}))
     if len(cells) != 1:
         raise ConfigError(f"--find-max-seq-len searches one configuration; --axes/--fix give {len(cells)} cells "
                           "(use --axes none --fix ...)")
@@ -343,7 +345,7 @@ def find_max_seq_len(bc: BenchConfig, max_probes: int = 3, rel_step: float = 0.0
         "loss": base.loss, "micro_batch": 1, "data": "random", "memory_limit_bytes": bc.memory_limit_bytes,
         "predicted_longest": planned.seq_len, "predicted_first_over": planned.first_over,
         "predicted_peak_at_longest": planned.prediction.peak, "longest_fit": None, "shortest_oom": None,
-        "probes": [], "command": bc.command, "step": step}
+        "probes": [], "command": bc.command, "step": step, "probe_samples": probe_samples}
     say(f"planner: longest {planned.seq_len} tokens within {bc.memory_limit_bytes / 2**30:.2f} GiB "
         f"(peak {planned.prediction.peak / 2**30:.2f} GiB; {planned.first_over} does not fit)")
     results: list[dict[str, Any]] = []

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Issues 11 + 10 on one H200 (Llama-2-7B architecture, random init, bf16, LoRA r16 on q,v):
+#   speed      random 512-token rows, micro-batch 8, LoRA, checkpointing off/all: solotune vs HF + PEFT
+#              vs HF + PEFT + Liger-Kernel (the issue-11 table's rows)                           ~2.5 min
+#   qlora      random 512-token rows, NF4 QLoRA + checkpointing, micro-batch 1 and 8: solotune vs
+#              HF + PEFT + bitsandbytes                                                          ~2.5 min
+#   context24  longest row that trains at batch 1 within 24 GiB (--memory-limit), LoRA and QLoRA:
+#              planner first, then real probes around it                                          ~3 min
+#   context80  the same within 80 GiB (1 optimizer step per probe: the rows are long)             ~5 min
+#   offload    (not in "all") context24 with --offload activations, LoRA and QLoRA                ~3 min
+#
+#   bash benchmarks/run_bench_h200.sh OUT [PART ...]      (default: speed qlora context24 context80)
+#
+# Wheels carried in .whl/ (installed by device_env.sh): bitsandbytes (HF QLoRA reference) and
+# liger-kernel (pure Python; torch and triton are on the machine). Without them those reference
+# cells are recorded as "skipped" with the reason. Each PART writes its own folder under OUT.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:?OUT}
+shift
+PARTS=("$@")
+[ ${#PARTS[@]} -eq 0 ] && PARTS=(speed qlora context24 context80)
+mkdir -p "$OUT"
+source benchmarks/device_env.sh
+python3 - >> "$OUT/gpu.txt" 2>&1 <<'PY'
+import importlib.util
+for m in ("bitsandbytes", "liger_kernel"):
+    spec = importlib.util.find_spec(m)
+    v = __import__(m).__version__ if spec else "not installed"
+    print(m, v)
+PY
+S=(python3 -m solotune bench --model llama2-7b --precision-on bf16 --cell-timeout 300)
+R=(--data random --seq-len 512 --samples 200)
+run() { local name=$1; shift; "${S[@]}" "$@" --out "$OUT/$name" 2>&1 | tee "$OUT/$name.console.log"; }
+for part in "${PARTS[@]}"; do
+  case "$part" in
+    speed)
+      run lora-random-mb8 "${R[@]}" --micro-batch 8 --axes gc --fix precision=on --reference hf,hf-liger \
+          --time-budget 6 ;;
+    qlora)
+      run qlora-random-b1 "${R[@]}" --micro-batch 1 --axes none --fix gc=on,precision=on --quantize nf4 \
+          --reference hf --time-budget 6
+      run qlora-random-b8 "${R[@]}" --micro-batch 8 --axes none --fix gc=on,precision=on --quantize nf4 \
+          --reference hf --time-budget 6 ;;
+    context24|context80|offload)
+      limit=24GiB; extra=(); samples=2
+      [ "$part" = context80 ] && { limit=80GiB; samples=1; }
+      [ "$part" = offload ] && extra=(--offload activations)
+      for q in none nf4; do
+        run "maxlen-$part-$q" --find-max-seq-len --memory-limit "$limit" --axes none --fix gc=on,precision=on \
+            --quantize "$q" "${extra[@]}" --max-probes 3 --probe-step 0.04 --probe-samples "$samples"
+      done ;;
+    *) echo "unknown part $part (speed qlora context24 context80 offload)"; exit 2 ;;
+  esac
+done
