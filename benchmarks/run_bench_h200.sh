@@ -10,6 +10,9 @@
 #   offload    (not in "all") context24 with --offload activations, LoRA and QLoRA                ~3 min
 #
 #   bash benchmarks/run_bench_h200.sh OUT [PART ...]      (default: speed qlora context24 context80)
+#   OPTS="--compile blocks --kernels triton" bash benchmarks/run_bench_h200.sh OUT speed
+#        (OPTS: extra flags for every bench call, e.g. solotune's loop options once they are wired;
+#         the reference cells run those off)
 #
 # Wheels carried in .whl/ (installed by device_env.sh): bitsandbytes (HF QLoRA reference) and
 # liger-kernel (pure Python; torch and triton are on the machine). Without them those reference
@@ -31,7 +34,8 @@ for m in ("bitsandbytes", "liger_kernel"):
 PY
 S=(python3 -m solotune bench --model llama2-7b --precision-on bf16 --cell-timeout 300)
 R=(--data random --seq-len 512 --samples 200)
-run() { local name=$1; shift; "${S[@]}" "$@" --out "$OUT/$name" 2>&1 | tee "$OUT/$name.console.log"; }
+# shellcheck disable=SC2086  # OPTS is a list of flags
+run() { local name=$1; shift; "${S[@]}" "$@" ${OPTS:-} --out "$OUT/$name" 2>&1 | tee "$OUT/$name.console.log"; }
 for part in "${PARTS[@]}"; do
   case "$part" in
     speed)
