@@ -6,7 +6,7 @@
 #              HF + PEFT + bitsandbytes                                                          ~2.5 min
 #   context24  longest row that trains at batch 1 within 24 GiB (--memory-limit), LoRA and QLoRA:
 #              planner first, then real probes around it                                          ~3 min
-#   context80  the same within 80 GiB (1 optimizer step per probe: the rows are long)             ~5 min
+#   context80  the same within 80 GiB (1 optimizer step per probe: ~100k-token rows)             ~7 min
 #   offload    (not in "all") context24 with --offload activations, LoRA and QLoRA                ~3 min
 #
 #   bash benchmarks/run_bench_h200.sh OUT [PART ...]      (default: speed qlora context24 context80)

@@ -616,3 +616,25 @@ def render(results: Sequence[dict[str, Any]], bc: Any) -> str:
     L.append("")
     L.append("Files: `cells.json` (every field of every cell), `cells.csv`, `bench.log` (raw log of every cell).")
     return "\n".join(L) + "\n"
+
+
+def write_longest(path: Path, m: dict[str, Any]) -> None:
+    """``max_seq_len.md``: the planner's longest row against the probes of ``bench --find-max-seq-len``."""
+    gib = Units(GiB)
+    limit = m["memory_limit_bytes"]
+    L = [f"# Longest trainable row: {m['model']} {m['method']} ({m['precision']}, checkpointing {m['grad_checkpoint']}"
+         + (f", offload {m['offload']}" if m.get("offload", "none") != "none" else "") + f") in {gib(limit)} GiB", "",
+         f"- Command: `{m['command']}`; device {m.get('device')}",
+         f"- Planner (`solotune plan --max-seq-len`, steps of {m['step']}): longest {m['predicted_longest']} tokens "
+         f"(peak {gib(m['predicted_peak_at_longest'])} GiB); {m['predicted_first_over']} does not fit.",
+         f"- Measured (micro-batch 1, random rows, {m.get('probe_samples', 2)} optimizer step(s) per probe, the process "
+         f"capped with `set_per_process_memory_fraction`): longest that trained **{m['longest_fit']}**, shortest out "
+         f"of memory **{m['shortest_oom']}**.", "",
+         "| probe | seq_len | status | peak (GiB) | predicted (GiB) | reserved (GiB) | tokens/s |",
+         "|---:|---:|---|---:|---:|---:|---:|"]
+    for i, p in enumerate(m["probes"], 1):
+        tps = p.get("steady_tokens_per_s")
+        L.append(f"| {i} | {p['seq_len']} | {p['status']} | {gib(p.get('peak_alloc_bytes'))} | "
+                 f"{gib(p.get('predicted_peak_bytes'))} | {gib(p.get('peak_reserved_bytes'))} | "
+                 f"{f'{tps:,.0f}' if tps else '–'} |")
+    _atomic_write(Path(path), ("\n".join(L) + "\n").encode())

@@ -379,6 +379,7 @@ def find_max_seq_len(bc: BenchConfig, max_probes: int = 3, rel_step: float = 0.0
                                                   "error")} for r in results],
                    device=next((r.get("device") for r in results if r.get("device")), None))
     report.write_json(out / "max_seq_len.json", [summary])
+    report.write_longest(out / "max_seq_len.md", summary)
     say(f"measured: longest that trained {summary['longest_fit']}, shortest out of memory {summary['shortest_oom']} "
         f"(planner: {planned.seq_len}); wrote {out / 'max_seq_len.json'}")
     return summary

@@ -178,5 +178,6 @@ def test_find_max_seq_len_measures_around_the_planner(tmp_path, monkeypatch):
     assert found["shortest_oom"] - found["longest_fit"] <= 64 and len(found["probes"]) <= 8
     saved = json.loads((tmp_path / "max_seq_len.json").read_text())[0]
     assert saved["longest_fit"] == found["longest_fit"] and len(saved["probes"]) == len(found["probes"])
+    assert f"longest that trained **{found['longest_fit']}**" in (tmp_path / "max_seq_len.md").read_text()
     with pytest.raises(ConfigError, match="memory-limit"):
         runner.find_max_seq_len(runner.BenchConfig(model="tiny"))
