@@ -43,6 +43,7 @@ import torch
 from ..errors import ConfigError
 from ..peft.spec import LoRASpec
 from ..data.synthetic import RANDOM, RandomTokens
+from ..train.config import TrainConfig
 from .tokens import FoldedTokenizer, cell_tokenizer, preset_cell_tokenizer  # noqa: F401  (re-exported)
 
 INJECT_OOM_ENV = "SOLOTUNE_BENCH_INJECT_OOM"  # a cell id (or "all"): that cell raises a fake OOM (tests)
@@ -50,9 +51,9 @@ METHODS = ("lora", "full")
 IMPLS = ("solotune", "hf", "hf-liger")  # hf-liger: HF + PEFT with Liger-Kernel's fused kernels (when installed)
 REFERENCE_IMPLS = IMPLS[1:]
 DATA = ("alpaca-sample", RANDOM)
-# solotune-only options of the training loop (TrainConfig fields), with their off values: the HF
-# reference cells always run them off.
-LOOP_OPTIONS = {"packing": "off", "compile": "off", "kernels": "off", "loss": "full-logits"}
+# solotune-only options of the training loop (TrainConfig fields) with their off values, TrainConfig's
+# defaults: the HF reference cells always run them off.
+LOOP_OPTIONS = {name: TrainConfig.__dataclass_fields__[name].default for name in ("packing", "compile", "kernels", "loss")}
 
 
 @dataclass
