@@ -140,6 +140,9 @@ class TrainConfig:
         for fld, allowed in (("packing", PACKING), ("compile", COMPILE), ("kernels", KERNELS)):
             if getattr(self, fld) not in allowed:
                 bad(fld, f"{getattr(self, fld)!r} is not one of {', '.join(allowed)}")
+        for fld in ("packing", "compile"):
+            if getattr(self, fld) != "off" and self.distributed != "none":
+                bad(fld, f"{fld} is single-process for now (distributed='none')")
         from .loss import LOSSES
 
         if self.loss not in LOSSES:

@@ -1,0 +1,62 @@
+"""Attention forms for training batches, chosen from the batch by ``Transformer.forward``.
+
+* one document per row: plain causal SDPA (``mask=None`` in the blocks; flash attention on CUDA);
+* several documents per row (packing), on CUDA with ``torch.nn.attention.varlen``: :class:`Varlen`,
+  flash attention over the flattened [B * T] tokens with the documents' boundaries — no mask;
+* several documents per row elsewhere: the exact dense block-diagonal mask (``model.document_mask``),
+  [B, 1, T, T] bool, through SDPA (CPU, old torch).
+
+Shapes: B rows, T tokens per row, H query heads, Hkv key/value heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+
+@functools.lru_cache(maxsize=1)
+def _varlen_fn():
+    """torch's public varlen flash attention and how this version spells causal, or None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # torch < 2.9
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    if "window_size" in params:
+        return varlen_attn, {"window_size": (-1, 0)}
+    if "is_causal" in params:
+        return varlen_attn, {"is_causal": True}
+    return None
+
+
+def varlen_available(device: torch.device) -> bool:
+    """Varlen flash attention runs here: a CUDA device and a torch that has it."""
+    return device.type == "cuda" and _varlen_fn() is not None
+
+
+@dataclass(frozen=True)
+class Varlen:
+    """Block-diagonal causal attention over the flattened rows of a packed batch.
+
+    cu_seqlens: int32 [N + 1] on the device: cumulative document lengths over the B * T tokens, a
+        row's trailing padding being one more segment (``Batch.cu_seqlens``).
+    max_len: an upper bound of the longest segment (T: a segment never crosses a row).
+    """
+
+    cu_seqlens: torch.Tensor
+    max_len: int
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [B, T, H, D], k/v [B, T, Hkv, D] (Hkv already repeated to H) -> [B, T, H, D]."""
+        B, T, H, D = q.shape
+        fn, causal = _varlen_fn()
+        y = fn(q.reshape(B * T, H, D), k.reshape(B * T, -1, D), v.reshape(B * T, -1, D),
+               self.cu_seqlens, self.cu_seqlens, self.max_len, self.max_len, **causal)
+        return y.view(B, T, H, D)
+
+
+__all__ = ["Varlen", "varlen_available"]
