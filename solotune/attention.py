@@ -16,6 +16,9 @@ import inspect
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+
+_FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
 
 @functools.lru_cache(maxsize=1)
@@ -53,10 +56,26 @@ class Varlen:
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [B, T, H, D], k/v [B, T, Hkv, D] (Hkv already repeated to H) -> [B, T, H, D]."""
         B, T, H, D = q.shape
+        if q.dtype not in _FLASH_DTYPES:
+            dev = q.device.type
+            if not torch.is_autocast_enabled(dev):
+                return self._dense(q, k, v)  # fp32/fp64 weights without autocast: flash cannot
+            dtype = torch.get_autocast_dtype(dev)  # as SDPA would under autocast
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         fn, causal = _varlen_fn()
         y = fn(q.reshape(B * T, H, D), k.reshape(B * T, -1, D), v.reshape(B * T, -1, D),
                self.cu_seqlens, self.cu_seqlens, self.max_len, self.max_len, **causal)
         return y.view(B, T, H, D)
+
+    def _dense(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The same attention through SDPA with the block-diagonal causal mask [B, 1, T, T]."""
+        B, T = q.shape[:2]
+        token = torch.arange(B * T, device=q.device)
+        doc = torch.searchsorted(self.cu_seqlens[1:].long(), token, right=True).view(B, T)
+        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        mask = ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+        return y.transpose(1, 2)
 
 
 __all__ = ["Varlen", "varlen_available"]

@@ -5,7 +5,8 @@ x [..., in] -> y [..., out] = x @ W'.T with W' = dequantize() [out, in] in the c
 the autocast dtype when autocast is on for x's device, else ``compute_dtype``. No bias.
 
 Memory: the forward dequantizes W' for its matmul and drops it; the backward dequantizes again
-for grad_x = grad_y @ W' (:class:`_FrozenQuantLinear`). A plain ``F.linear(x, W')`` would keep
+for grad_x = grad_y @ W' (the ``solotune::quant_linear`` custom op, :mod:`solotune.quant.ops`,
+which ``torch.compile`` captures in the block's graph). A plain ``F.linear(x, W')`` would keep
 W' alive for its backward: one 16-bit copy of every quantized layer between forward and
 backward, i.e. the 16-bit model back. No gradient ever flows to the quantized weight.
 
@@ -18,10 +19,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .int8 import dequantize_int8, quantize_int8
 from .dequant import dequantize_nf4
+from .ops import quant_linear
 from .nf4 import BLOCKSIZE, DYNAMIC_MAP, NF4_LEVELS, SCALE_BLOCKSIZE, NF4Weight, nf4_storage_shapes, quantize_nf4
 
 
@@ -32,24 +33,6 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 def _fp32(bits: torch.Tensor) -> torch.Tensor:
     return bits.view(torch.float32)
-
-
-class _FrozenQuantLinear(torch.autograd.Function):
-    """y = x @ W'.T for a frozen quantized W' that is dequantized again in backward instead of
-    being saved (nothing of size [out, in] outlives the forward)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, base: "QuantizedLinear", dtype: torch.dtype) -> torch.Tensor:
-        ctx.base, ctx.dtype = base, dtype
-        return F.linear(x, base.dequantize_as(dtype))
-
-    @staticmethod
-    def backward(ctx, grad_y: torch.Tensor):
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            w = ctx.base.dequantize_as(ctx.dtype)
-            grad_x = grad_y.to(w.dtype).matmul(w)
-        return grad_x, None, None
 
 
 class QuantizedLinear(nn.Module):
@@ -92,7 +75,12 @@ class QuantizedLinear(nn.Module):
         """x [..., in] -> [..., out] in the autocast dtype (autocast on) or the compute dtype."""
         dev = x.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.compute_dtype
-        return _FrozenQuantLinear.apply(x.to(dtype), self, dtype)
+        tensors, meta = self.op_inputs()
+        return quant_linear(x.to(dtype), self.kind, tensors, meta, dtype)
+
+    def op_inputs(self) -> tuple[list[torch.Tensor], list[int]]:
+        """The stored tensors and integer shape facts :data:`solotune.quant.ops.DEQUANTIZERS` takes."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ filling
     def load_weight(self, weight: torch.Tensor) -> None:
@@ -165,6 +153,11 @@ class NF4Linear(QuantizedLinear):
     def dequantize_as(self, dtype: torch.dtype) -> torch.Tensor:
         return dequantize_nf4(self.nf4, dtype)
 
+    def op_inputs(self) -> tuple[list[torch.Tensor], list[int]]:
+        q = self.nf4
+        return ([self.codes, self.qabsmax, self.absmax2_bits, self.offset_bits, *q.tables],
+                [self.out_features, self.in_features, self.blocksize, self.scale_blocksize])
+
 
 class Int8Linear(QuantizedLinear):
     """A frozen int8 weight with an fp32 absmax scale per output channel (:mod:`solotune.quant.int8`).
@@ -198,6 +191,9 @@ class Int8Linear(QuantizedLinear):
 
     def dequantize_as(self, dtype: torch.dtype) -> torch.Tensor:
         return dequantize_int8(self.qweight, self.scale, dtype)
+
+    def op_inputs(self) -> tuple[list[torch.Tensor], list[int]]:
+        return [self.qweight, self.scale_bits], [self.out_features, self.in_features]
 
 
 QUANTIZED_LINEARS: dict[str, type[QuantizedLinear]] = {"nf4": NF4Linear, "int8": Int8Linear}

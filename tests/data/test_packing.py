@@ -76,3 +76,22 @@ def test_a_documents_first_label_is_never_a_target():
     assert b.positions[0, :5].tolist() == [0, 1, 2, 0, 1]
     assert b.num_targets == 3  # 6, 7, 9: the same as the two padded rows
     assert collate_batch(ex, pad_id=0).num_targets == 3
+
+
+def test_varlen_dense_fallback_equals_the_document_mask():
+    """Without flash (fp64 here), the varlen form falls back to the exact block-diagonal mask."""
+    from solotune.attention import Varlen
+    import solotune.model as m
+
+    model = build_model(CFG, dtype=torch.float64, seed=0)
+    packed = pack_window(_examples([11, 3, 20, 7, 16]), row_len=24, rows_per_batch=3, pad_id=0)
+    ref, g_ref = _window_grads(model, packed)
+    orig = m.packed_attention
+    m.packed_attention = lambda batch, device: Varlen(batch.cu_seqlens(), batch.input_ids.shape[1])
+    try:
+        got, g_got = _window_grads(model, packed)
+    finally:
+        m.packed_attention = orig
+    assert got == pytest.approx(ref, rel=1e-12)
+    for name in g_ref:
+        torch.testing.assert_close(g_got[name], g_ref[name], rtol=1e-10, atol=1e-12, msg=name)
