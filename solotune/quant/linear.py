@@ -23,7 +23,7 @@ import torch.nn as nn
 from .int8 import dequantize_int8, quantize_int8
 from .dequant import dequantize_nf4
 from .ops import quant_linear
-from .nf4 import BLOCKSIZE, DYNAMIC_MAP, NF4_LEVELS, SCALE_BLOCKSIZE, NF4Weight, nf4_storage_shapes, quantize_nf4
+from .nf4 import BLOCKSIZE, SCALE_BLOCKSIZE, NF4Weight, nf4_storage_shapes, quantize_nf4, tables_on
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -124,9 +124,6 @@ class NF4Linear(QuantizedLinear):
         self.register_buffer("qabsmax", torch.empty(s["qabsmax"], dtype=torch.uint8, device=device))
         self.register_buffer("absmax2_bits", torch.empty(s["absmax2"], dtype=torch.int32, device=device))
         self.register_buffer("offset_bits", torch.empty(1, dtype=torch.int32, device=device))
-        # The two constant tables per device (levels, dynamic map), so a GPU forward copies them
-        # once, not every call; a cache of constants, not state (not a buffer: .to(dtype) would cast it).
-        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, compute_dtype: torch.dtype | None = None, **kw) -> "NF4Linear":
@@ -143,19 +140,16 @@ class NF4Linear(QuantizedLinear):
     @property
     def nf4(self) -> NF4Weight:
         """The stored weight as an :class:`NF4Weight` (views of the buffers)."""
-        dev = self.codes.device
-        if dev not in self._tables:
-            self._tables[dev] = (NF4_LEVELS.to(dev), DYNAMIC_MAP.to(dev))
         return NF4Weight(self.codes, self.qabsmax, _fp32(self.absmax2_bits), _fp32(self.offset_bits),
                          torch.Size((self.out_features, self.in_features)), self.blocksize, self.scale_blocksize,
-                         self._tables[dev])
+                         tables_on(self.codes.device))
 
     def dequantize_as(self, dtype: torch.dtype) -> torch.Tensor:
         return dequantize_nf4(self.nf4, dtype)
 
     def op_inputs(self) -> tuple[list[torch.Tensor], list[int]]:
-        q = self.nf4
-        return ([self.codes, self.qabsmax, self.absmax2_bits, self.offset_bits, *q.tables],
+        # The level tables are not op inputs: the op looks them up (quant.nf4.tables_on).
+        return ([self.codes, self.qabsmax, self.absmax2_bits, self.offset_bits],
                 [self.out_features, self.in_features, self.blocksize, self.scale_blocksize])
 
 

@@ -20,14 +20,14 @@ import torch
 
 from .dequant import dequantize_nf4
 from .int8 import dequantize_int8
-from .nf4 import NF4Weight
+from .nf4 import NF4Weight, tables_on
 
 
 def _nf4(tensors: list[torch.Tensor], meta: list[int], dtype: torch.dtype) -> torch.Tensor:
-    codes, qabsmax, absmax2_bits, offset_bits, levels, dyn = tensors
+    codes, qabsmax, absmax2_bits, offset_bits = tensors
     out_f, in_f, blocksize, scale_blocksize = meta
     q = NF4Weight(codes, qabsmax, absmax2_bits.view(torch.float32), offset_bits.view(torch.float32),
-                  torch.Size((out_f, in_f)), blocksize, scale_blocksize, (levels, dyn))
+                  torch.Size((out_f, in_f)), blocksize, scale_blocksize, tables_on(codes.device))
     return dequantize_nf4(q, dtype)
 
 
@@ -68,9 +68,10 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, grad_y: torch.Tensor):
-    w = dequantize(ctx.kind, list(ctx.saved_tensors), ctx.meta, ctx.dtype)
+    tensors = list(ctx.saved_tensors)  # unpacked once (checkpointing allows one unpack per tensor)
+    w = dequantize(ctx.kind, tensors, ctx.meta, ctx.dtype)
     # One gradient per input, lists matched element by element (the quantized storage gets none).
-    return grad_y.to(w.dtype).matmul(w), None, [None] * len(ctx.saved_tensors), None, None
+    return grad_y.to(w.dtype).matmul(w), None, [None] * len(tensors), None, None
 
 
 quant_linear.register_autograd(_backward, setup_context=_setup_context)

@@ -200,8 +200,8 @@ def test_int8_zero_row_and_meta_shapes():
         m.load_weight(torch.zeros(64, 48))
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_qlora_blocks_compile_into_one_graph_each(kind):
+@pytest.mark.parametrize("kind,checkpointing", [("nf4", "all"), ("int8", "off")])
+def test_qlora_blocks_compile_into_one_graph_each(kind, checkpointing):
     """The quantized linear is a custom op, so a QLoRA block is captured whole (fullgraph) and the
     compiled block gives the eager block's loss and adapter gradients (aot_eager on CPU: the graph
     Inductor would get)."""
@@ -220,6 +220,8 @@ def test_qlora_blocks_compile_into_one_graph_each(kind):
     model = build_model(cfg, seed=0)
     swap_in_quantized(model, kind, compute_dtype=torch.float32)
     apply_lora(model, ("wq", "wv", "w2"), rank=4, alpha=8, dropout=0.0, generator=torch.Generator().manual_seed(0))
+    model.set_grad_checkpointing(checkpointing)
+    model.train()
     for n, p in model.named_parameters():
         if "lora_b" in n:
             torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(1))
@@ -233,6 +235,7 @@ def test_qlora_blocks_compile_into_one_graph_each(kind):
         return float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     ref_loss, ref = run()
+    assert run()[0] == ref_loss  # eager twice: the recompute unpacks each saved tensor once
     torch._dynamo.reset()
     model.compile_blocks(backend="aot_eager", fullgraph=True)
     loss, got = run()
