@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import json
 import os
 import time
@@ -33,12 +34,14 @@ VARIANTS = {  # name -> (checkpointing, compile, quantize, micro-batch, loss)
     "qlora-b1": ("all", False, "nf4", 1, "full-logits"),
     "qlora-b8": ("all", False, "nf4", 8, "full-logits"),
     "qlora-b8-compile": ("all", True, "nf4", 8, "full-logits"),
+    "qlora-b1-compile": ("all", True, "nf4", 1, "full-logits"),
 }
 
 
 def run(name: str, layers: int, warmup: int, steps: int, profile: bool, out: str) -> dict:
     ckpt, compiled, quantize, mb, loss_name = VARIANTS[name]
     torch._dynamo.reset()
+    gc.collect()  # the previous variant's model (compiled graphs keep it in reference cycles)
     torch.cuda.empty_cache()
     dev = torch.device("cuda")
     model, _ = load("llama2-7b", dtype=torch.bfloat16, device=dev, random_init=True, n_layers=layers,

@@ -147,9 +147,20 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(cfg)
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.recompute = "off"  # off | full | selective: set by Transformer.set_grad_checkpointing
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | Varlen | None, cache_pos: int | None) -> torch.Tensor:
+        """x [B, T, C] -> [B, T, C]. Checkpointing happens here, inside the block's own forward,
+        so a compiled block compiles the checkpoint with it (the selective policy then reaches
+        the partitioner) and FSDP's per-block hooks wrap the recomputation too."""
+        if self.recompute != "off" and self.training and torch.is_grad_enabled():
+            extra = {"context_fn": save_matmul_outputs} if self.recompute == "selective" else {}
+            return checkpoint(self._forward, x, cos, sin, mask, cache_pos, use_reentrant=False, **extra)
+        return self._forward(x, cos, sin, mask, cache_pos)
+
+    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 mask: torch.Tensor | Varlen | None, cache_pos: int | None) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache_pos)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -231,7 +242,6 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.checkpoint_layers: frozenset[int] = frozenset()
-        self.checkpoint_selective = False  # recompute only the pointwise ops of checkpointed blocks
         self.tie_weights()
 
     # ------------------------------------------------------------------ set-up
@@ -252,12 +262,14 @@ class Transformer(nn.Module):
 
     def set_grad_checkpointing(self, policy: str | None) -> None:
         self.checkpoint_layers = checkpoint_policy(policy, len(self.layers))
-        self.checkpoint_selective = policy == "selective"
+        mode = "selective" if policy == "selective" else "full"
+        for i, layer in enumerate(self.layers):
+            layer.recompute = mode if i in self.checkpoint_layers else "off"
 
     def compile_blocks(self, **options: Any) -> None:
         """``torch.compile`` every transformer block in place (names and state dict unchanged):
         Inductor fuses RMSNorm, RoPE, SwiGLU and the LoRA pointwise work into the matmuls' neighbours.
-        One graph per block shape; checkpointing wraps the compiled block."""
+        One graph per block shape; a checkpointed block's graph includes its checkpoint."""
         for layer in self.layers:
             layer.compile(**options)
 
@@ -304,13 +316,8 @@ class Transformer(nn.Module):
             mask = self._mask(B, T, start, key_mask, tokens.device)
         h = self.tok_embeddings(tokens)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, h.dtype)
-        use_ckpt = bool(self.checkpoint_layers) and torch.is_grad_enabled() and self.training
-        for i, layer in enumerate(self.layers):
-            if use_ckpt and i in self.checkpoint_layers:
-                extra = {"context_fn": save_matmul_outputs} if self.checkpoint_selective else {}
-                h = checkpoint(layer, h, cos, sin, mask, cache_pos, use_reentrant=False, **extra)
-            else:
-                h = layer(h, cos, sin, mask, cache_pos)
+        for layer in self.layers:  # a block checkpoints itself (TransformerBlock.recompute)
+            h = layer(h, cos, sin, mask, cache_pos)
         if last_only:
             h = h[:, -1:]
         h = self.norm(h)

@@ -61,9 +61,11 @@ _FINETUNE_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--offload": ("offload", dict(choices=["none", "activations"],
                                   help="activations: keep saved activations in pinned host memory (use with "
                                        "--grad-checkpoint)")),
-    "--packing": ("packing", dict(choices=["off", "on"],
-                                  help="on: pack records into rows of --max-seq-len tokens (no padding)")),
-    "--compile": ("compile", dict(choices=["off", "blocks"], help="blocks: torch.compile each transformer block")),
+    "--packing": ("packing", dict(choices=["auto", "off", "on"],
+                                  help="on: pack each step's records into rows of --max-seq-len tokens (no padding; "
+                                       "auto: on CUDA)")),
+    "--compile": ("compile", dict(choices=["auto", "off", "blocks"],
+                                  help="blocks: torch.compile each transformer block (auto: on CUDA)")),
     "--kernels": ("kernels", dict(choices=["off", "triton"], help="triton: fused RMSNorm/RoPE/SwiGLU kernels")),
     "--loss": ("loss", dict(help="how the head's logits come to exist (see solotune.train.loss.LOSSES)")),
     "--full": ("full", dict(action="store_true", help="full fine-tuning (no LoRA)")),

@@ -290,9 +290,13 @@ def _attach_adapters(model: nn.Module, cfg: TrainConfig, policy: PrecisionPolicy
         from ..kernels import use_fused_kernels
 
         use_fused_kernels(model)
-    if cfg.compile != "off":
+    device_type = next(model.parameters()).device.type
+    if cfg.compiles(device_type):
         model.compile_blocks()
     say(trainable_summary(model))
+    if cfg.packs(device_type) or cfg.compiles(device_type):
+        say(f"speed: packing {'on' if cfg.packs(device_type) else 'off'} (rows of {cfg.max_seq_len} tokens), "
+            f"compiled blocks {'on' if cfg.compiles(device_type) else 'off'}")
     return count_parameters(model)
 
 
@@ -347,7 +351,7 @@ def window_collator(cfg: TrainConfig, train_set: Sequence[Example], pad_id: int,
     """Indices of one accumulation window (a list per micro-batch) -> its micro-batches: one padded
     micro-batch per index list (this rank's share of it), or with ``packing`` the window's examples
     packed into rows of ``max_seq_len`` tokens, ``batch_size`` rows per micro-batch."""
-    if cfg.packing == "on":  # single process (TrainConfig.validate)
+    if cfg.packs(par.device.type):
         return lambda window: pack_window([train_set[i] for idx in window for i in idx], cfg.max_seq_len,
                                           cfg.batch_size, pad_id) if window else []
     return lambda window: [_collate_share([train_set[i] for i in par.share(idx)], pad_id) for idx in window]

@@ -73,3 +73,21 @@ def test_compiled_blocks_equal_eager_blocks():
     for n in ref:
         torch.testing.assert_close(got[n], ref[n], rtol=1e-10, atol=1e-12, msg=n)
     assert set(model.state_dict()) == set(build_model(CFG, seed=0).state_dict())  # names unchanged
+
+
+def test_auto_turns_packing_and_compile_on_for_cuda_only():
+    from solotune.train import TrainConfig
+
+    cfg = TrainConfig()
+    assert (cfg.packing, cfg.compile) == ("auto", "auto")
+    assert not cfg.packs("cpu") and not cfg.compiles("cpu")
+    assert cfg.packs("cuda")
+    assert not cfg.replace(packing="off").packs("cuda") and cfg.replace(packing="on").packs("cpu")
+    assert cfg.replace(compile="blocks").compiles("cpu") and not cfg.replace(compile="off").compiles("cuda")
+    fsdp = cfg.replace(distributed="fsdp")
+    assert not fsdp.packs("cuda") and not fsdp.compiles("cuda")
+    import pytest as _pytest
+    from solotune.errors import ConfigError
+
+    with _pytest.raises(ConfigError, match="packing"):
+        TrainConfig(packing="on", distributed="fsdp")
