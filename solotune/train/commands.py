@@ -358,9 +358,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------- merge
 def add_merge_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p, adapter_required=True, precision=None)
-    p.add_argument("--output", required=True, help="directory for the merged HF checkpoint")
+    p.add_argument("--output", required=True, help="directory for the merged HF checkpoint (--format gguf: the .gguf file)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="dtype of the written weights")
     p.add_argument("--max-shard-bytes", type=int, default=None)
+    p.add_argument("--format", choices=["hf", "gguf"], default="hf",
+                   help="hf: safetensors + tokenizer files; gguf: one llama.cpp file with the tokenizer and chat template")
+    p.add_argument("--gguf-type", choices=["f32", "f16", "bf16", "q8_0"], default="f16",
+                   help="with --format gguf: type of the 2-D weights (norms stay f32; default f16)")
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -374,6 +378,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     model, tokenizer, adapter = model_and_adapter(args, torch.float32)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    if getattr(args, "format", "hf") == "gguf":
+        dtype = torch.float32  # --gguf-type does the one rounding
     if quantized_base_of(adapter) != "none":
         # QLoRA: the adapter learned against the dequantized base, so that is what gets merged
         # (dequantize + delta in fp32, one rounding to --dtype); 4 bits cannot hold the sum.
@@ -384,6 +390,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
     else:
         merge_lora(model)
         sd = {k: v.to(dtype) for k, v in trainable_state(model, lora=False).items()}
+    if args.format == "gguf":  # merged in fp32 above; write_gguf rounds once to --gguf-type
+        from ..checkpoint.gguf_write import write_gguf
+
+        out = write_gguf(model.config, sd, args.output, args.gguf_type, tokenizer)
+        print(f"merged {adapter.source} into {args.model or adapter.base_model} -> {out} (GGUF {args.gguf_type}, "
+              f"tokenizer{' and chat template' if tokenizer.chat_template else ''} in its metadata)")
+        return 0
     out = save_hf(model.config, sd, args.output, max_shard_bytes=args.max_shard_bytes)
     has_tok = write_tokenizer(tokenizer, out)
     print(f"merged {adapter.source} into {args.model or adapter.base_model} -> {out} ({args.dtype}"
