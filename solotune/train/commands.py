@@ -319,25 +319,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Validation loss and perplexity of a model (+ adapter) on a record range. Defaults come from
     the adapter's training run when it has one, so the numbers match that run's summary."""
     from ..api import resolve_device
-    from ..data import AlpacaDataset, DataError, load_records
-    from .inputs import auto_ranges, split_records
+    from ..data import DataError
     from .loop import evaluate
     from .precision import get_policy
 
     device = resolve_device(args.device)
     policy = get_policy(resolve_precision(args.precision, device))
     model, tokenizer, adapter = model_and_adapter(args, policy.param_dtype)
-    run = TrainConfig.from_dict(adapter.train_config) if adapter and adapter.train_config else TrainConfig()
-    data = args.data or run.data
-    records = load_records(data, skip_bad=run.skip_bad_records)
-    # The run's own val range only applies to the run's data; otherwise: auto for this data.
-    _, val_range = auto_ranges(data, records.total, None, args.val_range or (run.val_range if data == run.data else None))
-    n = args.val_samples if args.val_samples is not None else (run.val_samples if args.val_range is None else None)
-    if n is not None:
-        val_range = val_range[:n]
-    _, val = split_records(records, data, train=range(0), val=val_range)
-    max_len = args.max_seq_len or run.max_seq_len
-    ds = AlpacaDataset(val, tokenizer, max_len)
+    ds, data, val_range, max_len = eval_set(args, adapter, tokenizer)
     loss = evaluate(model, ds, policy, device, args.batch_size, int(getattr(tokenizer, "pad_id", tokenizer.eos_id)))
     if loss is None:
         raise DataError(f"{data}: records {val_range.start}:{val_range.stop} leave no target token to evaluate on "
@@ -353,6 +342,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
               f"{val_range.start}:{val_range.stop} of {data}, {ds.num_target_tokens} target tokens, "
               f"{ds.num_truncated} truncated at {max_len})")
     return 0
+
+
+def eval_set(args: argparse.Namespace, adapter: Any, tokenizer: Any) -> tuple[Any, str, range, int]:
+    """(examples, data, val range, max_seq_len) that ``eval`` (and ``compare``) score: --data /
+    --val-range / --val-samples / --max-seq-len, defaulting to the adapter's training run's."""
+    from ..data import AlpacaDataset, load_records
+    from .inputs import auto_ranges, split_records
+
+    run = TrainConfig.from_dict(adapter.train_config) if adapter and adapter.train_config else TrainConfig()
+    data = args.data or run.data
+    records = load_records(data, skip_bad=run.skip_bad_records)
+    # The run's own val range only applies to the run's data; otherwise: auto for this data.
+    _, val_range = auto_ranges(data, records.total, None, args.val_range or (run.val_range if data == run.data else None))
+    n = args.val_samples if args.val_samples is not None else (run.val_samples if args.val_range is None else None)
+    if n is not None:
+        val_range = val_range[:n]
+    _, val = split_records(records, data, train=range(0), val=val_range)
+    max_len = args.max_seq_len or run.max_seq_len
+    return AlpacaDataset(val, tokenizer, max_len), data, val_range, max_len
 
 
 # ----------------------------------------------------------------------------------------- merge
