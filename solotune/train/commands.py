@@ -384,6 +384,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from ..peft import merge_lora
     from .weights import trainable_state, write_tokenizer
 
+    if getattr(args, "format", "hf") == "gguf" and Path(args.output).suffix != ".gguf":
+        raise ConfigError(f"--output {args.output}: with --format gguf, name the .gguf file to write (e.g. merged.gguf)")
     model, tokenizer, adapter = model_and_adapter(args, torch.float32)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     if getattr(args, "format", "hf") == "gguf":
