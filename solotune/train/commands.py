@@ -377,7 +377,8 @@ def add_merge_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     """Base + adapter -> merged weights in HF safetensors (+ tokenizer): ``transformers`` and
-    ``solotune.load`` both read the result. Merged in fp32, rounded once to ``--dtype``."""
+    ``solotune.load`` both read the result. Merged in fp32, rounded once to ``--dtype``.
+    ``--format gguf``: one llama.cpp file instead (``checkpoint.gguf_write``), rounded once to ``--gguf-type``."""
     import torch
 
     from ..checkpoint.hf import save_hf

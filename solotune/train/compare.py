@@ -2,7 +2,7 @@
 side: greedy answers to a prompt file (default :data:`COMPARE_PROMPTS`) and the validation loss of
 both on the run's validation records (or ``--data``). One model in memory: the base answers are
 the same model inside :func:`solotune.peft.lora_disabled`. The report is printed and written
-atomically as ``compare.md`` in the adapter's directory (``--output`` elsewhere)."""
+atomically as ``compare.md`` in the run's directory (``--output`` elsewhere)."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def add_compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seq-len", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--output", default=None, help=f"report path (default: ADAPTER/{COMPARE_MD})")
+    p.add_argument("--output", default=None, help=f"report path (default: {COMPARE_MD} in the adapter's run dir)")
 
 
 def read_prompts(path: str | None) -> list[Record]:
@@ -80,6 +80,17 @@ def read_prompts(path: str | None) -> list[Record]:
     return recs
 
 
+def run_dir_of(adapter: Path) -> Path:
+    """The run directory of ``--adapter``: itself, or the run above its ``final/`` or
+    ``checkpoints/step-N`` (the nearest folder with a summary.json / metrics.jsonl); else itself."""
+    from .metrics import METRICS, SUMMARY
+
+    for d in (adapter, adapter.parent, adapter.parent.parent):
+        if (d / SUMMARY).is_file() or (d / METRICS).is_file():
+            return d
+    return adapter
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from ..api import resolve_device
     from .commands import model_and_adapter, resolve_precision
@@ -91,7 +102,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     model, tokenizer, adapter = model_and_adapter(args, policy.param_dtype)
     comp = compare(model, tokenizer, adapter, args, prompts, policy, device)
     text = render(comp)
-    out = Path(args.output) if args.output else Path(args.adapter) / COMPARE_MD
+    out = Path(args.output) if args.output else run_dir_of(Path(args.adapter)) / COMPARE_MD
     from ..checkpoint.common import atomic_file
 
     with atomic_file(out) as tmp:

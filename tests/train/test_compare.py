@@ -66,6 +66,12 @@ def test_prompt_file_and_errors(run, tmp_path, capsys):
     assert "--prompts" in capsys.readouterr().err
 
 
+def test_report_goes_to_the_run_dir(run):
+    from solotune.train.compare import run_dir_of
+
+    assert run_dir_of(run / "final") == run_dir_of(run / "checkpoints" / "step-000004") == run_dir_of(run) == run
+
+
 def test_default_prompts_are_in_no_training_split(alpaca_records):
     seen = {r["instruction"].strip().lower() for r in alpaca_records}
     assert not seen & {r.instruction.strip().lower() for r in COMPARE_PROMPTS}
