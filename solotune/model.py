@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .attention import Varlen, varlen_available
 from .config import ModelConfig
 from .data.batch import Batch
 
@@ -97,12 +98,19 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None, cache_pos: int | None) -> torch.Tensor:
-        """x [B, T, C] -> [B, T, C]. ``mask`` [B, 1, T, S] bool (True = attend) or None for plain causal."""
+                mask: torch.Tensor | Varlen | None, cache_pos: int | None) -> torch.Tensor:
+        """x [B, T, C] -> [B, T, C]. ``mask``: [B, 1, T, S] bool (True = attend), None for plain
+        causal, or a :class:`~solotune.attention.Varlen` for packed rows (no mask at all)."""
         B, T, _ = x.shape
-        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
-        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin).transpose(1, 2)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
+        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if isinstance(mask, Varlen):  # packed rows: varlen flash over the flattened tokens
+            rep = self.n_heads // self.n_kv_heads
+            if rep > 1:
+                k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+            return self.wo(mask.attend(q, k, v).reshape(B, T, -1))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache_pos is not None:
             if self.kv_cache is None:
                 raise RuntimeError("cache_pos given but no KV cache: call model.setup_cache(batch, max_len) first")
@@ -139,9 +147,20 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(cfg)
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.recompute = "off"  # off | full | selective: set by Transformer.set_grad_checkpointing
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None, cache_pos: int | None) -> torch.Tensor:
+                mask: torch.Tensor | Varlen | None, cache_pos: int | None) -> torch.Tensor:
+        """x [B, T, C] -> [B, T, C]. Checkpointing happens here, inside the block's own forward,
+        so a compiled block compiles the checkpoint with it (the selective policy then reaches
+        the partitioner) and FSDP's per-block hooks wrap the recomputation too."""
+        if self.recompute != "off" and self.training and torch.is_grad_enabled():
+            extra = {"context_fn": save_matmul_outputs} if self.recompute == "selective" else {}
+            return checkpoint(self._forward, x, cos, sin, mask, cache_pos, use_reentrant=False, **extra)
+        return self._forward(x, cos, sin, mask, cache_pos)
+
+    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 mask: torch.Tensor | Varlen | None, cache_pos: int | None) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache_pos)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -161,11 +180,22 @@ def document_mask(seq_lens: tuple[tuple[int, ...], ...], T: int, device: torch.d
     return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
 
 
+def packed_attention(batch: Batch, device: torch.device) -> torch.Tensor | Varlen:
+    """The attention form of rows holding several documents: varlen flash attention on CUDA (no
+    [T, T] mask; SDPA with a dense mask would fall back from flash to slower kernels), else the
+    exact dense block-diagonal mask."""
+    T = batch.input_ids.shape[1]
+    if varlen_available(device):
+        return Varlen(batch.cu_seqlens().to(device, non_blocking=True), T)
+    return document_mask(batch.seq_lens, T, device)
+
+
 def checkpoint_policy(policy: str | None, n_layers: int) -> frozenset[int]:
-    """Which block indices to recompute in backward: ``off`` | ``all`` | ``every:K`` (blocks 0, K, 2K, ...)."""
+    """Which block indices to recompute in backward: ``off`` | ``all`` | ``every:K`` (blocks 0, K,
+    2K, ...) | ``selective`` (every block, but only its pointwise ops: see :func:`save_matmul_outputs`)."""
     if policy in (None, "", "off", "none", False):
         return frozenset()
-    if policy in ("all", True):
+    if policy in ("all", True, "selective"):
         return frozenset(range(n_layers))
     if isinstance(policy, str) and policy.startswith("every:"):
         try:
@@ -175,6 +205,32 @@ def checkpoint_policy(policy: str | None, n_layers: int) -> frozenset[int]:
         if k >= 1:
             return frozenset(range(0, n_layers, k))
     raise ValueError(f"gradient checkpointing policy {policy!r}: expected off, all or every:K (K >= 1)")
+
+
+def _matmul_ops() -> frozenset:
+    """The ops whose outputs selective checkpointing keeps: the matmuls and attention (the FLOPs);
+    everything else in a block (norms, RoPE, SiLU * up, dropout, casts) is recomputed."""
+    aten = torch.ops.aten
+    names = ("mm", "addmm", "bmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+             "_scaled_dot_product_cudnn_attention", "_flash_attention_forward", "_efficient_attention_forward")
+    ops = {getattr(aten, n).default for n in names if hasattr(aten, n)}
+    varlen = getattr(getattr(torch.ops, "torch_attn", None), "_varlen_attn", None)
+    if varlen is not None:
+        ops.add(varlen.default)
+    return frozenset(ops)
+
+
+def save_matmul_outputs() -> Any:
+    """``context_fn`` of selective activation checkpointing (torch >= 2.4): save the outputs of
+    :func:`_matmul_ops` in forward, recompute the rest in backward."""
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    keep = _matmul_ops()
+
+    def policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
+        return CheckpointPolicy.MUST_SAVE if op in keep else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
 
 
 class Transformer(nn.Module):
@@ -206,6 +262,16 @@ class Transformer(nn.Module):
 
     def set_grad_checkpointing(self, policy: str | None) -> None:
         self.checkpoint_layers = checkpoint_policy(policy, len(self.layers))
+        mode = "selective" if policy == "selective" else "full"
+        for i, layer in enumerate(self.layers):
+            layer.recompute = mode if i in self.checkpoint_layers else "off"
+
+    def compile_blocks(self, **options: Any) -> None:
+        """``torch.compile`` every transformer block in place (names and state dict unchanged):
+        Inductor fuses RMSNorm, RoPE, SwiGLU and the LoRA pointwise work into the matmuls' neighbours.
+        One graph per block shape; a checkpointed block's graph includes its checkpoint."""
+        for layer in self.layers:
+            layer.compile(**options)
 
     def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> None:
         """Allocate a fresh KV cache of ``max_len`` positions in every attention layer."""
@@ -237,10 +303,10 @@ class Transformer(nn.Module):
             cache at slots [cache_pos, cache_pos + T) and attends to slots [0, cache_pos + T).
         key_mask: [B, S'] bool with S' >= S, True where the slot holds a real token (padding = False).
         """
-        mask: torch.Tensor | None
+        mask: torch.Tensor | Varlen | None
         if isinstance(tokens, Batch):
             batch, tokens, positions = tokens, tokens.input_ids, tokens.positions
-            mask = document_mask(batch.seq_lens, tokens.shape[1], tokens.device) if batch.packed else None
+            mask = packed_attention(batch, tokens.device) if batch.packed else None
             start = 0
         else:
             B, T = tokens.shape
@@ -250,12 +316,8 @@ class Transformer(nn.Module):
             mask = self._mask(B, T, start, key_mask, tokens.device)
         h = self.tok_embeddings(tokens)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, h.dtype)
-        use_ckpt = bool(self.checkpoint_layers) and torch.is_grad_enabled() and self.training
-        for i, layer in enumerate(self.layers):
-            if use_ckpt and i in self.checkpoint_layers:
-                h = checkpoint(layer, h, cos, sin, mask, cache_pos, use_reentrant=False)
-            else:
-                h = layer(h, cos, sin, mask, cache_pos)
+        for layer in self.layers:  # a block checkpoints itself (TransformerBlock.recompute)
+            h = layer(h, cos, sin, mask, cache_pos)
         if last_only:
             h = h[:, -1:]
         h = self.norm(h)

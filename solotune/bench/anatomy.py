@@ -208,15 +208,16 @@ def autocast_cached(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 class SavedTensorLedger:
     """The tensors autograd packs for backward, by storage (views and repeats count once), split
-    into activations and autocast's 16-bit weight copies; storages of parameters are neither (a
-    weight saved for backward costs nothing extra). Shared by the measured anatomy
+    into activations and autocast's 16-bit weight copies; storages of parameters and buffers are
+    neither (a weight saved for backward costs nothing extra). Shared by the measured anatomy
     (:class:`AnatomyInstrument`) and the planner's dry run (``solotune.bench.dryrun``).
     """
 
     def __init__(self, model: nn.Module) -> None:
         params = list(model.parameters())  # unique (tied weights once)
         self.device_type = params[0].device.type if params else "cpu"
-        self.param_storages = {p.untyped_storage()._cdata for p in params}
+        # Buffers too: a quantized base saves its stored codes/scales for backward (views, no copy).
+        self.param_storages = {t.untyped_storage()._cdata for t in (*params, *model.buffers())}
         self.weight_shapes = {tuple(p.shape) for _, p in matmul_weights(model)}
         self.saved: dict[int, int] = {}  # storage -> bytes
         self.copies: dict[int, int] = {}

@@ -5,7 +5,8 @@ x [..., in] -> y [..., out] = x @ W'.T with W' = dequantize() [out, in] in the c
 the autocast dtype when autocast is on for x's device, else ``compute_dtype``. No bias.
 
 Memory: the forward dequantizes W' for its matmul and drops it; the backward dequantizes again
-for grad_x = grad_y @ W' (:class:`_FrozenQuantLinear`). A plain ``F.linear(x, W')`` would keep
+for grad_x = grad_y @ W' (the ``solotune::quant_linear`` custom op, :mod:`solotune.quant.ops`,
+which ``torch.compile`` captures in the block's graph). A plain ``F.linear(x, W')`` would keep
 W' alive for its backward: one 16-bit copy of every quantized layer between forward and
 backward, i.e. the 16-bit model back. No gradient ever flows to the quantized weight.
 
@@ -18,11 +19,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .int8 import dequantize_int8, quantize_int8
 from .dequant import dequantize_nf4
-from .nf4 import BLOCKSIZE, DYNAMIC_MAP, NF4_LEVELS, SCALE_BLOCKSIZE, NF4Weight, nf4_storage_shapes, quantize_nf4
+from .ops import quant_linear
+from .nf4 import BLOCKSIZE, SCALE_BLOCKSIZE, NF4Weight, nf4_storage_shapes, quantize_nf4, tables_on
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -32,24 +33,6 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 def _fp32(bits: torch.Tensor) -> torch.Tensor:
     return bits.view(torch.float32)
-
-
-class _FrozenQuantLinear(torch.autograd.Function):
-    """y = x @ W'.T for a frozen quantized W' that is dequantized again in backward instead of
-    being saved (nothing of size [out, in] outlives the forward)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, base: "QuantizedLinear", dtype: torch.dtype) -> torch.Tensor:
-        ctx.base, ctx.dtype = base, dtype
-        return F.linear(x, base.dequantize_as(dtype))
-
-    @staticmethod
-    def backward(ctx, grad_y: torch.Tensor):
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            w = ctx.base.dequantize_as(ctx.dtype)
-            grad_x = grad_y.to(w.dtype).matmul(w)
-        return grad_x, None, None
 
 
 class QuantizedLinear(nn.Module):
@@ -92,7 +75,12 @@ class QuantizedLinear(nn.Module):
         """x [..., in] -> [..., out] in the autocast dtype (autocast on) or the compute dtype."""
         dev = x.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.compute_dtype
-        return _FrozenQuantLinear.apply(x.to(dtype), self, dtype)
+        tensors, meta = self.op_inputs()
+        return quant_linear(x.to(dtype), self.kind, tensors, meta, dtype)
+
+    def op_inputs(self) -> tuple[list[torch.Tensor], list[int]]:
+        """The stored tensors and integer shape facts :data:`solotune.quant.ops.DEQUANTIZERS` takes."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ filling
     def load_weight(self, weight: torch.Tensor) -> None:
@@ -136,9 +124,6 @@ class NF4Linear(QuantizedLinear):
         self.register_buffer("qabsmax", torch.empty(s["qabsmax"], dtype=torch.uint8, device=device))
         self.register_buffer("absmax2_bits", torch.empty(s["absmax2"], dtype=torch.int32, device=device))
         self.register_buffer("offset_bits", torch.empty(1, dtype=torch.int32, device=device))
-        # The two constant tables per device (levels, dynamic map), so a GPU forward copies them
-        # once, not every call; a cache of constants, not state (not a buffer: .to(dtype) would cast it).
-        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, compute_dtype: torch.dtype | None = None, **kw) -> "NF4Linear":
@@ -155,15 +140,17 @@ class NF4Linear(QuantizedLinear):
     @property
     def nf4(self) -> NF4Weight:
         """The stored weight as an :class:`NF4Weight` (views of the buffers)."""
-        dev = self.codes.device
-        if dev not in self._tables:
-            self._tables[dev] = (NF4_LEVELS.to(dev), DYNAMIC_MAP.to(dev))
         return NF4Weight(self.codes, self.qabsmax, _fp32(self.absmax2_bits), _fp32(self.offset_bits),
                          torch.Size((self.out_features, self.in_features)), self.blocksize, self.scale_blocksize,
-                         self._tables[dev])
+                         tables_on(self.codes.device))
 
     def dequantize_as(self, dtype: torch.dtype) -> torch.Tensor:
         return dequantize_nf4(self.nf4, dtype)
+
+    def op_inputs(self) -> tuple[list[torch.Tensor], list[int]]:
+        # The level tables are not op inputs: the op looks them up (quant.nf4.tables_on).
+        return ([self.codes, self.qabsmax, self.absmax2_bits, self.offset_bits],
+                [self.out_features, self.in_features, self.blocksize, self.scale_blocksize])
 
 
 class Int8Linear(QuantizedLinear):
@@ -198,6 +185,9 @@ class Int8Linear(QuantizedLinear):
 
     def dequantize_as(self, dtype: torch.dtype) -> torch.Tensor:
         return dequantize_int8(self.qweight, self.scale, dtype)
+
+    def op_inputs(self) -> tuple[list[torch.Tensor], list[int]]:
+        return [self.qweight, self.scale_bits], [self.out_features, self.in_features]
 
 
 QUANTIZED_LINEARS: dict[str, type[QuantizedLinear]] = {"nf4": NF4Linear, "int8": Int8Linear}

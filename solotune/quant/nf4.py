@@ -26,6 +26,7 @@ so that it dequantizes to exact zeros whatever the double-quantized absmax becom
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -92,6 +93,14 @@ def _nearest(x: torch.Tensor, mids: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(x, mids, out_int32=True)
 
 
+@functools.lru_cache(maxsize=None)
+def tables_on(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(NF4 levels [16], dynamic map [256]) fp32 on ``device``, copied there once per device (a
+    memo of two constants, so a GPU dequantization does not copy them host-to-device every call,
+    and no module carries them: a compiled graph sees no lazily created tensors)."""
+    return NF4_LEVELS.to(device), DYNAMIC_MAP.to(device)
+
+
 @dataclass
 class NF4Weight:
     """One NF4 + double-quantized weight (all tensors on one device).
@@ -118,8 +127,7 @@ class NF4Weight:
         """(NF4 levels [16], dynamic map [256]) fp32 on the codes' device."""
         if self.tables is not None:
             return self.tables
-        dev = self.codes.device
-        return NF4_LEVELS.to(dev), DYNAMIC_MAP.to(dev)
+        return tables_on(self.codes.device)
 
     @property
     def numel(self) -> int:

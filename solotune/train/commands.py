@@ -61,9 +61,11 @@ _FINETUNE_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--offload": ("offload", dict(choices=["none", "activations"],
                                   help="activations: keep saved activations in pinned host memory (use with "
                                        "--grad-checkpoint)")),
-    "--packing": ("packing", dict(choices=["off", "on"],
-                                  help="on: pack records into rows of --max-seq-len tokens (no padding)")),
-    "--compile": ("compile", dict(choices=["off", "blocks"], help="blocks: torch.compile each transformer block")),
+    "--packing": ("packing", dict(choices=["auto", "off", "on"],
+                                  help="on: pack each step's records into rows of --max-seq-len tokens (no padding; "
+                                       "auto: on CUDA)")),
+    "--compile": ("compile", dict(choices=["auto", "off", "blocks"],
+                                  help="blocks: torch.compile each transformer block (auto: on CUDA)")),
     "--kernels": ("kernels", dict(choices=["off", "triton"], help="triton: fused RMSNorm/RoPE/SwiGLU kernels")),
     "--loss": ("loss", dict(help="how the head's logits come to exist (see solotune.train.loss.LOSSES)")),
     "--full": ("full", dict(action="store_true", help="full fine-tuning (no LoRA)")),
@@ -319,25 +321,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Validation loss and perplexity of a model (+ adapter) on a record range. Defaults come from
     the adapter's training run when it has one, so the numbers match that run's summary."""
     from ..api import resolve_device
-    from ..data import AlpacaDataset, DataError, load_records
-    from .inputs import auto_ranges, split_records
+    from ..data import DataError
     from .loop import evaluate
     from .precision import get_policy
 
     device = resolve_device(args.device)
     policy = get_policy(resolve_precision(args.precision, device))
     model, tokenizer, adapter = model_and_adapter(args, policy.param_dtype)
-    run = TrainConfig.from_dict(adapter.train_config) if adapter and adapter.train_config else TrainConfig()
-    data = args.data or run.data
-    records = load_records(data, skip_bad=run.skip_bad_records)
-    # The run's own val range only applies to the run's data; otherwise: auto for this data.
-    _, val_range = auto_ranges(data, records.total, None, args.val_range or (run.val_range if data == run.data else None))
-    n = args.val_samples if args.val_samples is not None else (run.val_samples if args.val_range is None else None)
-    if n is not None:
-        val_range = val_range[:n]
-    _, val = split_records(records, data, train=range(0), val=val_range)
-    max_len = args.max_seq_len or run.max_seq_len
-    ds = AlpacaDataset(val, tokenizer, max_len)
+    ds, data, val_range, max_len = eval_set(args, adapter, tokenizer)
     loss = evaluate(model, ds, policy, device, args.batch_size, int(getattr(tokenizer, "pad_id", tokenizer.eos_id)))
     if loss is None:
         raise DataError(f"{data}: records {val_range.start}:{val_range.stop} leave no target token to evaluate on "
@@ -355,25 +346,53 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def eval_set(args: argparse.Namespace, adapter: Any, tokenizer: Any) -> tuple[Any, str, range, int]:
+    """(examples, data, val range, max_seq_len) that ``eval`` (and ``compare``) score: --data /
+    --val-range / --val-samples / --max-seq-len, defaulting to the adapter's training run's."""
+    from ..data import AlpacaDataset, load_records
+    from .inputs import auto_ranges, split_records
+
+    run = TrainConfig.from_dict(adapter.train_config) if adapter and adapter.train_config else TrainConfig()
+    data = args.data or run.data
+    records = load_records(data, skip_bad=run.skip_bad_records)
+    # The run's own val range only applies to the run's data; otherwise: auto for this data.
+    _, val_range = auto_ranges(data, records.total, None, args.val_range or (run.val_range if data == run.data else None))
+    n = args.val_samples if args.val_samples is not None else (run.val_samples if args.val_range is None else None)
+    if n is not None:
+        val_range = val_range[:n]
+    _, val = split_records(records, data, train=range(0), val=val_range)
+    max_len = args.max_seq_len or run.max_seq_len
+    return AlpacaDataset(val, tokenizer, max_len), data, val_range, max_len
+
+
 # ----------------------------------------------------------------------------------------- merge
 def add_merge_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p, adapter_required=True, precision=None)
-    p.add_argument("--output", required=True, help="directory for the merged HF checkpoint")
+    p.add_argument("--output", required=True, help="directory for the merged HF checkpoint (--format gguf: the .gguf file)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="dtype of the written weights")
     p.add_argument("--max-shard-bytes", type=int, default=None)
+    p.add_argument("--format", choices=["hf", "gguf"], default="hf",
+                   help="hf: safetensors + tokenizer files; gguf: one llama.cpp file with the tokenizer and chat template")
+    p.add_argument("--gguf-type", choices=["f32", "f16", "bf16", "q8_0"], default="f16",
+                   help="with --format gguf: type of the 2-D weights (norms stay f32; default f16)")
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
     """Base + adapter -> merged weights in HF safetensors (+ tokenizer): ``transformers`` and
-    ``solotune.load`` both read the result. Merged in fp32, rounded once to ``--dtype``."""
+    ``solotune.load`` both read the result. Merged in fp32, rounded once to ``--dtype``.
+    ``--format gguf``: one llama.cpp file instead (``checkpoint.gguf_write``), rounded once to ``--gguf-type``."""
     import torch
 
     from ..checkpoint.hf import save_hf
     from ..peft import merge_lora
     from .weights import trainable_state, write_tokenizer
 
+    if getattr(args, "format", "hf") == "gguf" and Path(args.output).suffix != ".gguf":
+        raise ConfigError(f"--output {args.output}: with --format gguf, name the .gguf file to write (e.g. merged.gguf)")
     model, tokenizer, adapter = model_and_adapter(args, torch.float32)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    if getattr(args, "format", "hf") == "gguf":
+        dtype = torch.float32  # --gguf-type does the one rounding
     if quantized_base_of(adapter) != "none":
         # QLoRA: the adapter learned against the dequantized base, so that is what gets merged
         # (dequantize + delta in fp32, one rounding to --dtype); 4 bits cannot hold the sum.
@@ -384,6 +403,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
     else:
         merge_lora(model)
         sd = {k: v.to(dtype) for k, v in trainable_state(model, lora=False).items()}
+    if args.format == "gguf":  # merged in fp32 above; write_gguf rounds once to --gguf-type
+        from ..checkpoint.gguf_write import write_gguf
+
+        out = write_gguf(model.config, sd, args.output, args.gguf_type, tokenizer)
+        print(f"merged {adapter.source} into {args.model or adapter.base_model} -> {out} (GGUF {args.gguf_type}, "
+              f"tokenizer{' and chat template' if tokenizer.chat_template else ''} in its metadata)")
+        return 0
     out = save_hf(model.config, sd, args.output, max_shard_bytes=args.max_shard_bytes)
     has_tok = write_tokenizer(tokenizer, out)
     print(f"merged {adapter.source} into {args.model or adapter.base_model} -> {out} ({args.dtype}"

@@ -15,6 +15,7 @@ records (at least one) for validation and the rest for training.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 from dataclasses import dataclass
@@ -30,8 +31,8 @@ LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 LR_SCHEDULES = ("cosine", "constant")
 QUANTIZE = ("none", "nf4", "int8")  # solotune.quant: the frozen base's storage
 OFFLOAD = ("none", "activations")  # solotune.train.offload
-PACKING = ("off", "on")  # solotune.data.packing: several records per row, no padding
-COMPILE = ("off", "blocks")  # torch.compile of each transformer block
+PACKING = ("auto", "off", "on")  # solotune.data.packing: several records per row, no padding (auto: on CUDA)
+COMPILE = ("auto", "off", "blocks")  # torch.compile of each transformer block (auto: on CUDA with Triton)
 KERNELS = ("off", "triton")  # solotune.kernels: fused RMSNorm / RoPE / SwiGLU
 DISTRIBUTED = ("none", "fsdp")  # solotune.parallel: one process, or FSDP2 over torchrun's processes
 
@@ -64,8 +65,8 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | fp16-amp | bf16-amp | bf16
     quantize: str = "none"  # none | nf4 | int8: the frozen base of LoRA in 4 or 8 bits (QLoRA: nf4)
     offload: str = "none"  # none | activations: saved activations to pinned host memory (with checkpointing)
-    packing: str = "off"  # off | on: records packed into rows of max_seq_len tokens (padding-free)
-    compile: str = "off"  # off | blocks: torch.compile each transformer block
+    packing: str = "auto"  # auto | off | on: records packed into rows of max_seq_len tokens (auto: on CUDA)
+    compile: str = "auto"  # auto | off | blocks: torch.compile each transformer block (auto: on CUDA)
     kernels: str = "off"  # off | triton: fused RMSNorm / RoPE / SwiGLU kernels
     loss: str = "full-logits"  # a name in solotune.train.loss.LOSSES (how the head's logits come to exist)
     # LoRA (ignored with full=True or lora_rank=0)
@@ -141,6 +142,9 @@ class TrainConfig:
         for fld, allowed in (("packing", PACKING), ("compile", COMPILE), ("kernels", KERNELS)):
             if getattr(self, fld) not in allowed:
                 bad(fld, f"{getattr(self, fld)!r} is not one of {', '.join(allowed)}")
+        for fld in ("packing", "compile"):
+            if getattr(self, fld) not in ("off", "auto") and self.distributed != "none":
+                bad(fld, f"{fld} is single-process for now (distributed='none')")
         from .loss import LOSSES
 
         if self.loss not in LOSSES:
@@ -201,6 +205,17 @@ class TrainConfig:
     @property
     def use_lora(self) -> bool:
         return not self.full and self.lora_rank > 0
+
+    def packs(self, device_type: str) -> bool:
+        """Padding-free packing in effect on this device (``auto``: CUDA, one process)."""
+        return self.packing == "on" or (self.packing == "auto" and device_type == "cuda" and self.distributed == "none")
+
+    def compiles(self, device_type: str) -> bool:
+        """Compiled blocks in effect on this device (``auto``: CUDA with Triton, one process)."""
+        if self.compile == "blocks":
+            return True
+        return (self.compile == "auto" and device_type == "cuda" and self.distributed == "none"
+                and importlib.util.find_spec("triton") is not None)
 
     @property
     def lora(self) -> LoRASpec:

@@ -24,13 +24,14 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 import torch.nn as nn
 
 from ..data import Example, Record, format_prompt
 from ..data.batch import Batch, collate_batch, empty_batch
+from ..data.packing import pack_window
 from ..errors import ConfigError
 from ..parallel import make_parallel
 from ..peft import apply_lora, count_parameters, trainable_summary
@@ -168,7 +169,7 @@ def _finetune(cfg: TrainConfig, par: Any, ckpt: Any, records: Any, model: nn.Mod
     state = TrainState(schedule, par.make_scaler(policy, device.type),
                        DataStream(len(train_set), cfg.seed, cfg.batch_size,
                                   epochs=None if cfg.max_steps is not None else cfg.epochs), device)
-    ctx = StepContext(model, optimizer, [p for p in model.parameters() if p.requires_grad], policy, get_loss(),
+    ctx = StepContext(model, optimizer, [p for p in model.parameters() if p.requires_grad], policy, get_loss(cfg.loss),
                       par, device, cfg.max_grad_norm, getattr(instrument, "forward_context", None),
                       getattr(instrument, "before_step", None), offload_context(cfg.offload, model, device))
     validate = functools.partial(evaluate, model, val_set, policy, device, cfg.eval_batch_size, pad_id, par)
@@ -196,7 +197,7 @@ def _finetune(cfg: TrainConfig, par: Any, ckpt: Any, records: Any, model: nn.Mod
     model.train()
     with par.interrupts(), terminate_saves():  # N ranks: Ctrl-C becomes a flag, checked after each step
         try:
-            _train(ctx, state, cfg, total_steps, lambda idx: _collate_share([train_set[i] for i in par.share(idx)], pad_id),
+            _train(ctx, state, cfg, total_steps, window_collator(cfg, train_set, pad_id, par),
                    validate, log, progress, saver, getattr(instrument, "after_step", None))
         except KeyboardInterrupt as stop:
             progress.close()
@@ -222,12 +223,13 @@ def _finetune(cfg: TrainConfig, par: Any, ckpt: Any, records: Any, model: nn.Mod
     return result
 
 
-def _train(ctx: StepContext, state: TrainState, cfg: TrainConfig, total_steps: int, collate_share: Any,
+def _train(ctx: StepContext, state: TrainState, cfg: TrainConfig, total_steps: int,
+           collate_window: Callable[[list[list[int]]], list[Batch]],
            validate: Any, log: Any, progress: Any, saver: CheckpointSaver, after_step: Any) -> None:
     """Optimizer steps until ``total_steps`` (or the data ends, in epochs mode): log, evaluate,
     checkpoint after each."""
     while state.step < total_steps:
-        window = [collate_share(idx) for idx in state.stream.take_window(cfg.grad_accum)]
+        window = collate_window(state.stream.take_window(cfg.grad_accum))
         if not window:
             break  # data exhausted (epochs mode ends on a partial window)
         res = train_step(ctx, state, window)
@@ -284,7 +286,17 @@ def _attach_adapters(model: nn.Module, cfg: TrainConfig, policy: PrecisionPolicy
     else:
         model.requires_grad_(True)
     model.set_grad_checkpointing(cfg.grad_checkpoint)
+    if cfg.kernels != "off":
+        from ..kernels import use_fused_kernels
+
+        use_fused_kernels(model)
+    device_type = next(model.parameters()).device.type
+    if cfg.compiles(device_type):
+        model.compile_blocks()
     say(trainable_summary(model))
+    if cfg.packs(device_type) or cfg.compiles(device_type):
+        say(f"speed: packing {'on' if cfg.packs(device_type) else 'off'} (rows of {cfg.max_seq_len} tokens), "
+            f"compiled blocks {'on' if cfg.compiles(device_type) else 'off'}")
     return count_parameters(model)
 
 
@@ -332,6 +344,17 @@ def evaluate(model: nn.Module, examples: Sequence[Example], policy: PrecisionPol
     if par is not None:
         total, count = par.all_reduce_sum(total, count)
     return total / count if count else None
+
+
+def window_collator(cfg: TrainConfig, train_set: Sequence[Example], pad_id: int,
+                    par: Any) -> Callable[[list[list[int]]], list[Batch]]:
+    """Indices of one accumulation window (a list per micro-batch) -> its micro-batches: one padded
+    micro-batch per index list (this rank's share of it), or with ``packing`` the window's examples
+    packed into rows of ``max_seq_len`` tokens, ``batch_size`` rows per micro-batch."""
+    if cfg.packs(par.device.type):
+        return lambda window: pack_window([train_set[i] for idx in window for i in idx], cfg.max_seq_len,
+                                          cfg.batch_size, pad_id) if window else []
+    return lambda window: [_collate_share([train_set[i] for i in par.share(idx)], pad_id) for idx in window]
 
 
 def _collate_share(examples: Sequence[Example], pad_id: int) -> Batch:

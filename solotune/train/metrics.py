@@ -195,4 +195,7 @@ def format_summary(s: dict[str, Any]) -> str:
         f"{s['total_runtime_s']:.1f} s wall in this process (load, validation, saving included)",
         f"output           {s['output_dir']}",
     ]
+    if s.get("final_dir") and str(s.get("mode", "")).startswith("LoRA"):  # compare needs an adapter
+        lines.append(f"did it help?     solotune compare --adapter {s['output_dir']}   "
+                     "(base vs tuned answers and val loss, side by side -> compare.md)")
     return "\n".join(lines)

@@ -57,7 +57,8 @@ def tiny_config(tmp_path: Path, data: Path, **kw) -> TrainConfig:
     base = dict(model="tiny-train", data=str(data), output_dir=str(tmp_path / "run"), max_steps=4,
                 lr=1e-2, batch_size=2, grad_accum=2, lora_rank=4, lora_alpha=8, lora_dropout=0.0,
                 train_range=(0, 32), val_range=(32, 48), max_seq_len=96, generate_samples=False,
-                progress=False, device="cpu", seed=0, eval_batch_size=8)
+                progress=False, device="cpu", seed=0, eval_batch_size=8,
+                compile="off")  # compiling tiny models only costs time (GPU tests opt in)
     base.update(kw)
     return TrainConfig(**base)
 

@@ -1,0 +1,119 @@
+"""Exploration probe for issue 11 (not a `bench` cell): Llama-2-7B architecture, random init, pure
+bf16, LoRA r16 a32 dropout .05 on wq,wv, AdamW, micro-batch 8 of 512 random tokens (all targets),
+one process, variants in sequence. Reports warm-up (compile) time apart from the steady-state
+tokens/s and the CUDA peak; optionally a profiler table of the top ops.
+
+    python benchmarks/speed_probe.py --out OUT [--variants eager,compile,...] [--layers 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import json
+import os
+import time
+
+import torch
+
+from solotune.api import load
+from solotune.data.batch import Batch
+from solotune.peft import apply_lora
+from solotune.peft.spec import LoRASpec
+from solotune.train.loss import get_loss
+from solotune.train.optim import make_optimizer
+
+VARIANTS = {  # name -> (checkpointing, compile, quantize, micro-batch, loss)
+    "eager": ("off", False, "none", 8, "full-logits"),
+    "compile": ("off", True, "none", 8, "full-logits"),
+    "eager-gc": ("all", False, "none", 8, "full-logits"),
+    "compile-gc": ("all", True, "none", 8, "full-logits"),
+    "eager-sel": ("selective", False, "none", 8, "full-logits"),
+    "compile-sel": ("selective", True, "none", 8, "full-logits"),
+    "qlora-b1": ("all", False, "nf4", 1, "full-logits"),
+    "qlora-b8": ("all", False, "nf4", 8, "full-logits"),
+    "qlora-b8-compile": ("all", True, "nf4", 8, "full-logits"),
+    "qlora-b1-compile": ("all", True, "nf4", 1, "full-logits"),
+}
+
+
+def run(name: str, layers: int, warmup: int, steps: int, profile: bool, out: str) -> dict:
+    ckpt, compiled, quantize, mb, loss_name = VARIANTS[name]
+    torch._dynamo.reset()
+    gc.collect()  # the previous variant's model (compiled graphs keep it in reference cycles)
+    torch.cuda.empty_cache()
+    dev = torch.device("cuda")
+    model, _ = load("llama2-7b", dtype=torch.bfloat16, device=dev, random_init=True, n_layers=layers,
+                    quantize=quantize)
+    apply_lora(model, LoRASpec(16, 32.0, 0.05, ("wq", "wv")), generator=torch.Generator().manual_seed(0),
+               lora_dtype=torch.bfloat16)
+    model.set_grad_checkpointing(ckpt)
+    if compiled:
+        model.compile_blocks()
+    model.train()
+    opt = make_optimizer("adamw", model, lr=1e-5, weight_decay=0.0, device=dev)
+    loss_fn = get_loss(loss_name)
+    T = 512
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 32000, (mb, T), generator=g)
+    batch = Batch(ids, ids.clone(), torch.arange(T).expand(mb, T).contiguous(), tuple((T,) for _ in range(mb))).to(dev)
+    n_targets = batch.num_targets
+
+    def step():
+        loss = model(batch, head=functools.partial(loss_fn, labels=batch.labels))
+        (loss / n_targets).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    t_warm = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / steps
+    res = {"variant": name, "layers": layers, "micro_batch": mb, "checkpointing": ckpt, "compile": compiled,
+           "quantize": quantize, "loss": loss_name, "warmup_s": t_warm, "warmup_steps": warmup,
+           "step_s": dt, "tokens_per_s": mb * T / dt, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as prof
+
+        with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+            step()
+            torch.cuda.synchronize()
+        table = p.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)
+        table_cpu = p.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+        with open(os.path.join(out, f"profile-{name}.txt"), "w") as f:
+            f.write(table + "\n\n" + table_cpu)
+    del model, opt
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--profile", default="", help="comma list of variants to profile")
+    a = ap.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    profiled = set(filter(None, a.profile.split(",")))
+    for name in a.variants.split(","):
+        try:
+            r = run(name, a.layers, a.warmup, a.steps, name in profiled, a.out)
+        except Exception as e:  # one failing variant must not end the probe
+            r = {"variant": name, "error": f"{type(e).__name__}: {str(e)[:2000]}"}
+        print(json.dumps(r), flush=True)
+        with open(os.path.join(a.out, "probe.jsonl"), "a") as f:
+            f.write(json.dumps(r) + "\n")
+
+
+if __name__ == "__main__":
+    main()
