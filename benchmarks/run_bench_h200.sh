@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Issues 11 + 10 on one H200 (Llama-2-7B architecture, random init, bf16, LoRA r16 on q,v):
-#   speed      random 512-token rows, micro-batch 8, LoRA, checkpointing off/all: solotune vs HF + PEFT
-#              vs HF + PEFT + Liger-Kernel (the issue-11 table's rows)                           ~2.5 min
+#   speed      random 512-token rows, micro-batch 8, LoRA, checkpointing off/all: solotune (its defaults:
+#              packing/compile auto = on on CUDA; the warm-up holds the compilation) vs HF + PEFT vs
+#              HF + PEFT + Liger-Kernel (the issue-11 table's rows)                               ~4 min
 #   qlora      random 512-token rows, NF4 QLoRA + checkpointing, micro-batch 1 and 8: solotune vs
-#              HF + PEFT + bitsandbytes                                                          ~2.5 min
+#              HF + PEFT + bitsandbytes                                                           ~4 min
 #   context24  longest row that trains at batch 1 within 24 GiB (--memory-limit), LoRA and QLoRA:
-#              planner first, then real probes around it                                          ~3 min
+#              planner first, then real probes around it; eager (--compile off: what the planner's
+#              dry run models, and no compilation per probed length)                              ~3 min
 #   context80  the same within 80 GiB (1 optimizer step per probe: ~100k-token rows)             ~7 min
 #   offload    (not in "all") context24 with --offload activations, LoRA and QLoRA                ~3 min
 #
@@ -52,7 +54,7 @@ for part in "${PARTS[@]}"; do
       [ "$part" = offload ] && extra=(--offload activations)
       for q in none nf4; do
         run "maxlen-$part-$q" --find-max-seq-len --memory-limit "$limit" --axes none --fix gc=on,precision=on \
-            --quantize "$q" "${extra[@]}" --max-probes 3 --probe-step 0.04 --probe-samples "$samples"
+            --quantize "$q" "${extra[@]}" --compile off --max-probes 3 --probe-step 0.04 --probe-samples "$samples"
       done ;;
     *) echo "unknown part $part (speed qlora context24 context80 offload)"; exit 2 ;;
   esac

@@ -51,9 +51,11 @@ METHODS = ("lora", "full")
 IMPLS = ("solotune", "hf", "hf-liger")  # hf-liger: HF + PEFT with Liger-Kernel's fused kernels (when installed)
 REFERENCE_IMPLS = IMPLS[1:]
 DATA = ("alpaca-sample", RANDOM)
-# solotune-only options of the training loop (TrainConfig fields) with their off values, TrainConfig's
-# defaults: the HF reference cells always run them off.
+# solotune-only options of the training loop (TrainConfig fields): a cell asks for TrainConfig's
+# defaults unless told otherwise ("auto": on where it pays); LOOP_OFF are their off values, what the
+# HF reference cells run and the "off" side of a speed axis.
 LOOP_OPTIONS = {name: TrainConfig.__dataclass_fields__[name].default for name in ("packing", "compile", "kernels", "loss")}
+LOOP_OFF = {"packing": "off", "compile": "off", "kernels": "off", "loss": "full-logits"}
 
 
 @dataclass
@@ -109,6 +111,9 @@ class CellSpec:
             raise ConfigError(f"cell warmup_steps {self.warmup_steps}: must be >= 0")
         _check_loop_options(self)
         if self.impl != "solotune":
+            for k, default in LOOP_OPTIONS.items():  # a reference cell's default is off: they are solotune's
+                if getattr(self, k) == default:
+                    setattr(self, k, LOOP_OFF[k])
             _check_reference(self)
 
     @property
@@ -118,8 +123,17 @@ class CellSpec:
 
     @property
     def loop_options(self) -> dict[str, str]:
-        """The solotune-only loop options that are not off (packing, compile, kernels, loss)."""
-        return {k: getattr(self, k) for k, off in LOOP_OPTIONS.items() if getattr(self, k) != off}
+        """The loop options asked for that differ from TrainConfig's defaults (part of the cell id)."""
+        return {k: getattr(self, k) for k, default in LOOP_OPTIONS.items() if getattr(self, k) != default}
+
+    def effective_loop_options(self, device_type: str) -> dict[str, str]:
+        """What the loop runs on ``device_type`` ("auto" resolved): what cells.json records."""
+        if self.impl != "solotune":
+            return dict(LOOP_OFF)
+        tc = TrainConfig(**{k: getattr(self, k) for k in LOOP_OPTIONS})
+        return {"packing": "on" if tc.packs(device_type) else "off",
+                "compile": "blocks" if tc.compiles(device_type) else "off",
+                "kernels": self.kernels, "loss": self.loss}
 
     @property
     def cell_id(self) -> str:
@@ -131,7 +145,7 @@ class CellSpec:
     def as_reference(self, impl: str) -> "CellSpec":
         """This cell run by reference implementation ``impl``: the same model, data, method and
         memory techniques, solotune's own loop options off."""
-        return CellSpec.from_dict({**self.to_dict(), **LOOP_OPTIONS, "impl": impl})
+        return CellSpec.from_dict({**self.to_dict(), **LOOP_OFF, "impl": impl})
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -169,8 +183,9 @@ def reference_gap(spec: CellSpec) -> str | None:
 
 
 def _check_reference(spec: CellSpec) -> None:
-    gap = reference_gap(spec) or (f"{', '.join(spec.loop_options)}: solotune loop options (a reference cell runs "
-                                  "them off)" if spec.loop_options else None)
+    on = [k for k, off in LOOP_OFF.items() if getattr(spec, k) != off]
+    gap = reference_gap(spec) or (f"{', '.join(on)}: solotune loop options (a reference cell runs them off)"
+                                  if on else None)
     if gap:
         raise ConfigError(f"cell impl {spec.impl}: {gap}")
 
@@ -343,7 +358,8 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
         "command": spec.command, "peak_kind": None, "weights": None, "matmul_tflops": spec.matmul_tflops,
         "lora": {"rank": spec.lora_rank, "alpha": spec.lora_alpha, "dropout": spec.lora_dropout,
                  "targets": list(spec.lora_targets)} if spec.method == "lora" else None,
-        "data": spec.data, "optimizer": "adamw", **{k: getattr(spec, k) for k in LOOP_OPTIONS},
+        "data": spec.data, "optimizer": "adamw", **spec.effective_loop_options(device.type),
+        "loop_requested": {k: getattr(spec, k) for k in LOOP_OPTIONS},
         "warmup_steps": None, "warmup_s": None, "compile_s": None, "steady_tokens_per_s": None, "steady_steps": 0,
         "peak_note": None,
         "max_seq_len_data": None, "max_seq_len_seen": None, "sdpa": spec.sdpa if device.type == "cuda" else None,
@@ -494,7 +510,7 @@ def _warmup_and_steady(result: dict[str, Any], spec: CellSpec, log: list[dict[st
     rate = (runtime - t0) / max(tokens - k0, 1)
     steady = (tokens - k0) / (runtime - t0) if runtime > t0 else None
     result.update(warmup_steps=k, warmup_s=t0, steady_steps=steps - k, steady_tokens_per_s=steady)
-    if spec.compile != "off" and k:
+    if result.get("compile", spec.compile) not in ("off", "auto") and k:
         result["compile_s"] = max(0.0, t0 - k * (runtime - t0) / (steps - k))
     return t0, k0, rate
 

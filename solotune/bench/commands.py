@@ -56,10 +56,13 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offload", choices=["none", "activations"], default="none")
     p.add_argument("--memory-limit", default=None,
                    help="cap each cell's CUDA memory (e.g. 24GiB) to reproduce a smaller GPU")
-    p.add_argument("--packing", default="off", help="TrainConfig.packing of the solotune cells (off | on)")
-    p.add_argument("--compile", default="off", help="TrainConfig.compile of the solotune cells (off | blocks)")
-    p.add_argument("--kernels", default="off", help="TrainConfig.kernels of the solotune cells (off | triton)")
-    p.add_argument("--loss", default="full-logits", help="TrainConfig.loss of the solotune cells (train/loss.py)")
+    from .cell import LOOP_OPTIONS  # TrainConfig's defaults: a cell runs what finetune would
+
+    for name, choices in (("packing", "auto | off | on"), ("compile", "auto | off | blocks"),
+                          ("kernels", "off | triton"), ("loss", "train/loss.py LOSSES")):
+        p.add_argument(f"--{name}", default=LOOP_OPTIONS[name],
+                       help=f"TrainConfig.{name} of the solotune cells ({choices}; default {LOOP_OPTIONS[name]}); "
+                            "reference cells run it off")
     p.add_argument("--warmup-steps", type=int, default=2,
                    help="first optimizer steps timed apart (warm-up, compilation); tokens/s steady = the later steps")
     p.add_argument("--find-max-seq-len", action="store_true",
@@ -116,6 +119,8 @@ def _parse_fix(items: tuple[str, ...]) -> dict[str, bool]:
 
 
 def _bench_argv(args: argparse.Namespace, out: str) -> list[str]:
+    from .cell import LOOP_OPTIONS
+
     argv = ["--model", args.model]
     if args.layers:
         argv += ["--layers", str(args.layers)]
@@ -130,8 +135,7 @@ def _bench_argv(args: argparse.Namespace, out: str) -> list[str]:
         argv += ["--time-budget", f"{args.time_budget:g}"]
     for flag, value, default in (("--quantize", args.quantize, "none"), ("--offload", args.offload, "none"),
                                  ("--memory-limit", args.memory_limit, None), ("--data", args.data, "alpaca-sample"),
-                                 ("--packing", args.packing, "off"), ("--compile", args.compile, "off"),
-                                 ("--kernels", args.kernels, "off"), ("--loss", args.loss, "full-logits")):
+                                 *((f"--{k}", getattr(args, k), v) for k, v in LOOP_OPTIONS.items())):
         if value != default:
             argv += [flag, str(value)]
     return argv + ["--out", out]

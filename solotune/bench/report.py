@@ -17,14 +17,14 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .cell import LOOP_OPTIONS
+from .cell import LOOP_OFF
 from .plan import GiB
 
 TECHNIQUES = {"ga": "Gradient accumulation", "precision": "Mixed precision", "lora": "LoRA",
               "gc": "Gradient checkpointing", "packing": "Padding-free packing", "compile": "torch.compile",
               "kernels": "Fused kernels"}
 SPEED = ("packing", "compile", "kernels")  # solotune loop options: reference cells run them off
-OFF = LOOP_OPTIONS  # their off values
+OFF = LOOP_OFF  # their off values (cells.json records what the loop ran: "auto" resolved)
 THRESHOLD = 0.05  # |relative change| below this is "–"
 
 # (label, measured anatomy key, predicted key) of the components Table 1 compares

@@ -38,7 +38,7 @@ from typing import Any, Callable, TextIO
 from ..errors import ConfigError
 from ..peft.spec import LoRASpec
 from ..train.precision import TRAINING_PRECISIONS
-from .cell import DATA, LOOP_OPTIONS, REFERENCE_IMPLS, CellSpec, reference_gap
+from .cell import DATA, LOOP_OFF, LOOP_OPTIONS, REFERENCE_IMPLS, CellSpec, reference_gap
 from .plan import GiB
 
 AXES = ("ga", "precision", "lora", "gc")  # the course's columns (GA, mixed precision, LoRA) + checkpointing
@@ -66,7 +66,7 @@ class BenchConfig:
     quantize: str = "none"  # none | nf4 | int8 (LoRA cells; full fine-tuning cells keep a 16-bit base)
     offload: str = "none"
     memory_limit_bytes: int | None = None
-    packing: str = LOOP_OPTIONS["packing"]  # the loop options' values (when their axis is on, or fixed)
+    packing: str = LOOP_OPTIONS["packing"]  # the loop options (TrainConfig's defaults; a speed axis: its "on")
     compile: str = LOOP_OPTIONS["compile"]
     kernels: str = LOOP_OPTIONS["kernels"]
     loss: str = LOOP_OPTIONS["loss"]
@@ -112,18 +112,20 @@ class BenchConfig:
         return tuple(dict.fromkeys(r.strip() for r in (self.reference or "").split(",") if r.strip()))
 
     def on_value(self, axis: str) -> str:
-        """What a speed axis's "on" means: its flag's value, or the first choice that is not off."""
+        """What a speed axis's "on" means: its flag's value, or the first choice that is neither off
+        nor auto."""
         value = getattr(self, axis)
-        if value != LOOP_OPTIONS[axis]:
+        if value not in ("off", "auto"):
             return value
         from ..train import config as tc
 
-        return {"packing": tc.PACKING, "compile": tc.COMPILE, "kernels": tc.KERNELS}[axis][1]
+        choices = {"packing": tc.PACKING, "compile": tc.COMPILE, "kernels": tc.KERNELS}[axis]
+        return next(c for c in choices if c not in ("off", "auto"))
 
 
 def axis_values(bc: BenchConfig, axis: str, on: bool) -> dict[str, Any]:
     if axis in SPEED_AXES:
-        return {axis: bc.on_value(axis) if on else LOOP_OPTIONS[axis]}
+        return {axis: bc.on_value(axis) if on else LOOP_OFF[axis]}
     return {
         "ga": {"grad_accum": bc.ga_on if on else 1},
         "gc": {"grad_checkpoint": bc.gc_on if on else "off"},
@@ -136,9 +138,9 @@ FIXED = {"ga": False, "gc": False, "precision": False, "lora": True}
 
 
 def fixed_state(bc: BenchConfig) -> dict[str, bool]:
-    """Each axis's value when --axes leaves it out: FIXED, the speed flags' own (on when not off),
-    then the --fix pins."""
-    return {**FIXED, **{a: getattr(bc, a) != LOOP_OPTIONS[a] for a in SPEED_AXES}, **bc.fixed}
+    """Each course axis's value when --axes leaves it out: FIXED, then the --fix pins. (A speed axis
+    left out and not pinned takes its flag's value as it is, "auto" included: see :func:`matrix`.)"""
+    return {**FIXED, **bc.fixed}
 
 
 def matrix(bc: BenchConfig) -> list[CellSpec]:
@@ -146,12 +148,14 @@ def matrix(bc: BenchConfig) -> list[CellSpec]:
     (off before on, the last axis varying fastest)."""
     cells = []
     fixed = fixed_state(bc)
-    for combo in itertools.product((False, True), repeat=len(ALL_AXES)):
-        state = dict(zip(ALL_AXES, combo))
-        if any(state[a] != fixed[a] for a in ALL_AXES if a not in bc.axes):
+    axes = [a for a in ALL_AXES if a in AXES or a in bc.axes or a in bc.fixed]  # on/off switched or pinned
+    free = {a: getattr(bc, a) for a in SPEED_AXES if a not in axes}
+    for combo in itertools.product((False, True), repeat=len(axes)):
+        state = dict(zip(axes, combo))
+        if any(state[a] != fixed[a] for a in axes if a not in bc.axes):
             continue
-        kw: dict[str, Any] = {}
-        for a in ALL_AXES:
+        kw: dict[str, Any] = dict(free)
+        for a in axes:
             kw.update(axis_values(bc, a, state[a]))
         cells.append(CellSpec(model=bc.model, layers=bc.layers, samples=bc.samples, seq_len=bc.seq_len,
                               data=bc.data, loss=bc.loss, warmup_steps=bc.warmup_steps,
@@ -189,9 +193,9 @@ def run_cell_subprocess(spec: CellSpec, timeout_s: float, log: TextIO) -> dict[s
 def _failed(spec: CellSpec, message: str, wall: float, status: str = "error", impl: str | None = None) -> dict[str, Any]:
     """The result of a cell that produced none; ``impl``: a reference cell of ``spec`` that was not run."""
     impl = impl or spec.impl
-    options = {} if impl == spec.impl else LOOP_OPTIONS  # a reference cell runs the loop options off
+    options = {} if impl == spec.impl else LOOP_OFF  # a reference cell runs the loop options off
     cell_id = spec.cell_id if impl == spec.impl else CellSpec.from_dict(
-        {**spec.to_dict(), **LOOP_OPTIONS}).cell_id.rsplit("-", 1)[0] + f"-{impl}"
+        {**spec.to_dict(), **LOOP_OFF}).cell_id.rsplit("-", 1)[0] + f"-{impl}"
     return {"model": spec.model, "layers": spec.layers, "seq_len": spec.seq_len, "micro_batch": spec.micro_batch,
             "grad_accum": spec.grad_accum, "grad_checkpoint": spec.grad_checkpoint, "precision": spec.precision,
             "method": spec.method_name, "quantize": spec.quantize, "offload": spec.offload, "data": spec.data,

@@ -146,10 +146,10 @@ def test_longest_seq_len_is_the_last_length_that_fits():
 def test_plan_max_seq_len_cli(capsys):
     from solotune.cli import main
 
-    code = main(["plan", "--max-seq-len", "--model", "tiny", "--gpu-mem", "2MiB", "--quantize", "nf4",
+    code = main(["plan", "--max-seq-len", "--model", "tiny", "--gpu-mem", "6MiB", "--quantize", "nf4",
                  "--seq-len-step", "256", "--seq-len-cap", "1024", "--json"])
     rows = json.loads(capsys.readouterr().out)
-    assert code == 0 and len(rows) == 1 and rows[0]["seq_len"] and rows[0]["peak"] <= 2 * 2**20
+    assert code == 0 and len(rows) == 1 and rows[0]["seq_len"] and rows[0]["peak"] <= 6 * 2**20
     assert rows[0]["label"] == "lora nf4" and rows[0]["prediction"]["precision"] == "bf16"  # the mode's defaults
 
 
