@@ -64,8 +64,9 @@ _FINETUNE_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--packing": ("packing", dict(choices=["auto", "off", "on"],
                                   help="on: pack each step's records into rows of --max-seq-len tokens (no padding; "
                                        "auto: on CUDA)")),
-    "--compile": ("compile", dict(choices=["auto", "off", "blocks"],
-                                  help="blocks: torch.compile each transformer block (auto: on CUDA)")),
+    "--compile": ("compile", dict(choices=["auto", "off", "blocks", "blocks-cudagraphs"],
+                                  help="blocks: torch.compile each transformer block (auto: on CUDA); "
+                                       "blocks-cudagraphs: and replay them as CUDA graphs (small batches)")),
     "--kernels": ("kernels", dict(choices=["off", "triton"], help="triton: fused RMSNorm/RoPE/SwiGLU kernels")),
     "--loss": ("loss", dict(help="how the head's logits come to exist (see solotune.train.loss.LOSSES)")),
     "--full": ("full", dict(action="store_true", help="full fine-tuning (no LoRA)")),

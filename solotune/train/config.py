@@ -32,7 +32,9 @@ LR_SCHEDULES = ("cosine", "constant")
 QUANTIZE = ("none", "nf4", "int8")  # solotune.quant: the frozen base's storage
 OFFLOAD = ("none", "activations")  # solotune.train.offload
 PACKING = ("auto", "off", "on")  # solotune.data.packing: several records per row, no padding (auto: on CUDA)
-COMPILE = ("auto", "off", "blocks")  # torch.compile of each transformer block (auto: on CUDA with Triton)
+# torch.compile of each transformer block (auto: blocks on CUDA with Triton); blocks-cudagraphs also
+# replays each block's kernels from a CUDA graph (mode="reduce-overhead": for launch-bound small batches)
+COMPILE = ("auto", "off", "blocks", "blocks-cudagraphs")
 KERNELS = ("off", "triton")  # solotune.kernels: fused RMSNorm / RoPE / SwiGLU
 DISTRIBUTED = ("none", "fsdp")  # solotune.parallel: one process, or FSDP2 over torchrun's processes
 
@@ -211,10 +213,15 @@ class TrainConfig:
 
     def compiles(self, device_type: str) -> bool:
         """Compiled blocks in effect on this device (``auto``: CUDA with Triton, one process)."""
-        if self.compile == "blocks":
+        if self.compile.startswith("blocks"):
             return True
         return (self.compile == "auto" and device_type == "cuda" and self.distributed == "none"
                 and importlib.util.find_spec("triton") is not None)
+
+    @property
+    def compile_options(self) -> dict[str, Any]:
+        """``torch.compile`` keyword arguments of the chosen compile setting."""
+        return {"mode": "reduce-overhead"} if self.compile == "blocks-cudagraphs" else {}
 
     @property
     def lora(self) -> LoRASpec:

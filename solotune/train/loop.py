@@ -292,7 +292,7 @@ def _attach_adapters(model: nn.Module, cfg: TrainConfig, policy: PrecisionPolicy
         use_fused_kernels(model)
     device_type = next(model.parameters()).device.type
     if cfg.compiles(device_type):
-        model.compile_blocks()
+        model.compile_blocks(**cfg.compile_options)
     say(trainable_summary(model))
     if cfg.packs(device_type) or cfg.compiles(device_type):
         say(f"speed: packing {'on' if cfg.packs(device_type) else 'off'} (rows of {cfg.max_seq_len} tokens), "
