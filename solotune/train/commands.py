@@ -81,6 +81,12 @@ _FINETUNE_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--eval-batch-size": ("eval_batch_size", dict(type=int)),
     "--eval-every": ("eval_every", dict(type=int, help="val loss every N steps too (0 = before/after only)")),
     "--skip-bad-records": ("skip_bad_records", dict(action="store_true")),
+    "--template": ("template", dict(choices=["auto", "alpaca", "chat"],
+                                    help="how records become tokens: alpaca prompt, the model's chat template "
+                                         "(only assistant turns are labels), or auto: Alpaca records as alpaca, "
+                                         "messages/ShareGPT conversations as chat when the model has a chat template")),
+    "--tensorboard": ("tensorboard", dict(metavar="DIR", help="also write metrics.jsonl's scalars as TensorBoard "
+                                                              "events to DIR (needs the tensorboard package)")),
     "--save-every": ("save_every", dict(type=int, help="checkpoint every N steps (0 = only at the end)")),
     "--save-every-minutes": ("save_every_minutes", dict(type=float, help="also checkpoint after this many minutes of training since the last checkpoint (0 = off)")),
     "--keep-checkpoints": ("keep_checkpoints", dict(type=int, help="keep the newest N checkpoints (0 = all)")),
@@ -223,8 +229,12 @@ def _next_free_dir(taken: str, say) -> str:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from .loop import finetune
+    from .metrics import require_tensorboard
 
-    finetune(finetune_config(args))
+    cfg = finetune_config(args)
+    if cfg.tensorboard:  # before the model loads: a missing optional package costs no loading time
+        require_tensorboard()
+    finetune(cfg)
     return 0
 
 
@@ -311,6 +321,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                         "the last 5%% of other data)")
     p.add_argument("--val-samples", type=_opt_int, default=None, help="first N records of the range")
     p.add_argument("--max-seq-len", type=int, default=None)
+    p.add_argument("--template", choices=["auto", "alpaca", "chat"], default=None,
+                   help="how records become tokens (default: the adapter run's, else auto; see finetune --help)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -319,7 +331,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Validation loss and perplexity of a model (+ adapter) on a record range. Defaults come from
     the adapter's training run when it has one, so the numbers match that run's summary."""
     from ..api import resolve_device
-    from ..data import AlpacaDataset, DataError, load_records
+    from ..data import DataError, load_records, tokenized
     from .inputs import auto_ranges, split_records
     from .loop import evaluate
     from .precision import get_policy
@@ -337,7 +349,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         val_range = val_range[:n]
     _, val = split_records(records, data, train=range(0), val=val_range)
     max_len = args.max_seq_len or run.max_seq_len
-    ds = AlpacaDataset(val, tokenizer, max_len)
+    ds = tokenized(val, tokenizer, max_len, args.template or run.template)
     loss = evaluate(model, ds, policy, device, args.batch_size, int(getattr(tokenizer, "pad_id", tokenizer.eos_id)))
     if loss is None:
         raise DataError(f"{data}: records {val_range.start}:{val_range.stop} leave no target token to evaluate on "

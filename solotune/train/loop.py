@@ -306,7 +306,8 @@ def _open_logs(cfg: TrainConfig, out: Path, par: Any, ckpt: Any, step: int, tota
     if not par.is_main:
         return _RecordsOnly(), _RecordsOnly()
     log = MetricsLog(out, resume_step=step if ckpt is not None else None,
-                     earlier=ckpt.path.parent.parent / METRICS if ckpt is not None else None)
+                     earlier=ckpt.path.parent.parent / METRICS if ckpt is not None else None,
+                     tensorboard=cfg.tensorboard)
     return log, Progress(total_steps, step, cfg.progress, cfg.log_every)
 
 
