@@ -11,7 +11,6 @@ from .alpaca import (
     collate,
     epoch_order,
     format_prompt,
-    load_records,
     split,
     tokenize_record,
 )
@@ -19,6 +18,7 @@ from .conversations import (
     TEMPLATES,
     Conversation,
     Turn,
+    load_records,
     resolve_template,
     tokenize_conversation,
     tokenize_example,

@@ -116,10 +116,6 @@ def _check_record(obj: Any, where: str) -> Record:
     """
     if not isinstance(obj, Mapping):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    if "messages" in obj or "conversations" in obj:  # a conversation record (data/conversations.py)
-        from .conversations import check_conversation
-
-        return check_conversation(obj, where)  # type: ignore[return-value]
     for key in ("instruction", "output"):
         if key not in obj:
             raise DataError(f"{where}: field {key!r} is missing (a record is Alpaca {{instruction, input, output}}, "
@@ -195,15 +191,17 @@ def _raw_hf(name: str) -> list[tuple[str, Any]]:
     return [(f"{name}: record {i}", dict(row)) for i, row in enumerate(ds)]
 
 
-def load_records(source: str | Path, skip_bad: bool = False) -> AlpacaRecords:
+def load_records(source: str | Path, skip_bad: bool = False,
+                 check: Callable[[Any, str], Any] | None = None) -> AlpacaRecords:
     """Load Alpaca records from a JSON list file (first non-blank character ``[``), a JSON-lines
     file (``.jsonl``/``.ndjson``, or any other file), the bundled ``"alpaca-sample"`` (500 records), or
     a Hugging Face datasets id (only when ``datasets`` is installed).
 
     Every record needs a non-empty string ``instruction`` and a string ``output`` (which may be
     empty: see :func:`_check_record`; such records are listed in ``.empty_outputs``); ``input`` is
-    optional (a string). A record with ``messages`` or ``conversations`` is a conversation instead
-    (checked by :func:`solotune.data.conversations.check_conversation`). A bad record raises one :class:`DataError` naming the file, record index
+    optional (a string). ``check(value, where)`` validates one record instead of
+    :func:`_check_record` (``solotune.data.load_records`` passes the one that also takes
+    conversations, ``data/conversations.py``). A bad record raises one :class:`DataError` naming the file, record index
     and field, unless ``skip_bad``: then it is dropped and counted in ``.skipped``. An empty result
     is an error.
     """
@@ -233,7 +231,7 @@ def load_records(source: str | Path, skip_bad: bool = False) -> AlpacaRecords:
         if item is None:  # malformed JSONL line, already noted
             continue
         try:
-            records.append(_check_record(item[1], item[0]))
+            records.append((check or _check_record)(item[1], item[0]))
             indices.append(i)
         except DataError as e:
             if not skip_bad:

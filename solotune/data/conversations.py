@@ -34,7 +34,10 @@ import functools
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
-from .alpaca import IGNORE_INDEX, AlpacaDataset, DataError, Example, Record, tokenize_record
+from pathlib import Path
+
+from . import alpaca
+from .alpaca import IGNORE_INDEX, AlpacaDataset, AlpacaRecords, DataError, Example, Record, tokenize_record
 
 TEMPLATES = ("auto", "alpaca", "chat")
 ROLES = ("system", "user", "assistant")
@@ -66,6 +69,19 @@ class Conversation:
 
 
 # ------------------------------------------------------------------------------------- checking
+def load_records(source: str | Path, skip_bad: bool = False) -> AlpacaRecords:
+    """:func:`solotune.data.alpaca.load_records` (files, the bundled sample, HF ids, ``skip_bad``)
+    where a record may also be a ``messages`` or ShareGPT conversation (:func:`check_record`)."""
+    return alpaca.load_records(source, skip_bad, check=check_record)
+
+
+def check_record(obj: Any, where: str) -> Record | Conversation:
+    """A conversation when the object has ``messages`` or ``conversations``, else an Alpaca record."""
+    if isinstance(obj, Mapping) and ("messages" in obj or "conversations" in obj):
+        return check_conversation(obj, where)
+    return alpaca._check_record(obj, where)
+
+
 def check_conversation(obj: Mapping[str, Any], where: str) -> Conversation:
     """A ``messages`` or ShareGPT ``conversations`` record -> :class:`Conversation`, or one
     :class:`DataError` naming ``where`` (file + record) and the field, e.g. ``messages[2].role``."""
