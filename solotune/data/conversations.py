@@ -37,7 +37,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from . import alpaca
-from .alpaca import IGNORE_INDEX, AlpacaDataset, AlpacaRecords, DataError, Example, Record, tokenize_record
+from .alpaca import IGNORE_INDEX, AlpacaDataset, AlpacaRecords, DataError, Example, Record, format_prompt, tokenize_record
 
 TEMPLATES = ("auto", "alpaca", "chat")
 ROLES = ("system", "user", "assistant")
@@ -161,6 +161,12 @@ def as_conversation(record: Record | Conversation) -> Conversation:
         return record
     user = record.instruction + (f"\n\n{record.input}" if record.input.strip() else "")
     return Conversation((Turn("user", user), Turn("assistant", record.output)), record.where)
+
+
+def prompt_text(record: Record, chat: bool) -> str:
+    """What to generate from for ``record``: its Alpaca prompt, or with ``chat`` its user turn's text
+    (``generate(chat=True)`` renders it with the chat template)."""
+    return as_conversation(record).turns[0].content if chat else format_prompt(record)
 
 
 def check_template(records: Iterable[Record | Conversation], template: str) -> None:

@@ -114,6 +114,13 @@ def load_data(cfg: TrainConfig, tokenizer: Any, say=print,
     return train, val
 
 
+def chat_samples(cfg: TrainConfig, tokenizer: Any, records: CheckedData) -> bool:
+    """Whether the run's sample generations are chat prompts: the template renders most of the
+    train records through the chat template."""
+    counts = template_counts(records.train, tokenizer, cfg.template)
+    return counts.get("chat", 0) > counts.get("alpaca", 0)
+
+
 def _template_line(counts: dict[str, int], template: str, tokenizer: Any) -> str:
     chat = "the model's chat template" if getattr(tokenizer, "chat_template", None) else "LLaMA-2's [INST] format"
     parts = [f"{n} through {chat if kind == 'chat' else 'the Alpaca prompt'}" for kind, n in sorted(counts.items())]

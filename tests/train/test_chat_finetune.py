@@ -36,14 +36,15 @@ def test_tuned_chat_answer_stops_at_eos(tmp_path, tiny_chat_base, capsys) -> Non
     data.write_text((json.dumps(conv) + "\n") * 2)  # one to train on, one held out (the same conversation)
     out = tmp_path / "run"
     rc = main(["finetune", "--model", str(tiny_chat_base), "--data", str(data), "--template", "chat", "--full",
-               "--lr", "1e-2", "--lr-schedule", "constant", "--warmup-steps", "0", "--max-steps", "40",
+               "--lr", "1e-2", "--lr-schedule", "constant", "--warmup-steps", "0", "--max-steps", "25",
                "--batch-size", "1", "--grad-accum", "1", "--eval-every", "0", "--max-seq-len", "128",
-               "--device", "cpu", "--no-progress", "--no-generate", "--log-every", "100", "--output-dir", str(out)])
+               "--device", "cpu", "--no-progress", "--log-every", "100", "--output-dir", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "template chat: records of the splits 2 through the model's chat template" in printed
     summary = json.loads((out / "summary.json").read_text())
     assert summary["val_loss"] < 0.1 * summary["val_loss_before"]  # memorised (same conversation held out)
+    assert summary["generations_after"] == [ANSWER] * 3
 
     # The CLI: greedy, --chat, far more room than the answer needs: the answer alone means it stopped.
     rc = main(["generate", "--model", str(out / "final"), "--chat", "--prompt", QUESTION, "--max-new-tokens", "32",
