@@ -118,8 +118,8 @@ def _check_order(turns: Sequence[Turn], at: str, role_key: str, text_key: str) -
         if k >= start:
             want = "user" if (k - start) % 2 == 0 else "assistant"
             if t.role != want:
-                where = "only the first turn may be system" if t.role == "system" else f"expected {want}"
-                raise DataError(f"{at}[{k}].{role_key} is {t.role!r}: {where} (an optional system turn, then user "
+                why = "only the first turn may be system" if t.role == "system" else f"expected {want}"
+                raise DataError(f"{at}[{k}].{role_key} is {t.role!r}: {why} (an optional system turn, then user "
                                 f"and assistant alternating)")
         if t.role == "user" and not t.content.strip():
             raise DataError(f"{at}[{k}].{text_key} is empty (a user turn with nothing to answer)")

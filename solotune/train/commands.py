@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, MissingPathError, RunDirError
-from .config import PRECISIONS, PROFILES, TrainConfig
+from .config import PRECISIONS, PROFILES, TEMPLATES, TrainConfig
 
 
 def _range(text: str) -> tuple[int, int]:
@@ -81,7 +81,7 @@ _FINETUNE_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--eval-batch-size": ("eval_batch_size", dict(type=int)),
     "--eval-every": ("eval_every", dict(type=int, help="val loss every N steps too (0 = before/after only)")),
     "--skip-bad-records": ("skip_bad_records", dict(action="store_true")),
-    "--template": ("template", dict(choices=["auto", "alpaca", "chat"],
+    "--template": ("template", dict(choices=list(TEMPLATES),
                                     help="how records become tokens: alpaca prompt, the model's chat template "
                                          "(only assistant turns are labels), or auto: Alpaca records as alpaca, "
                                          "messages/ShareGPT conversations as chat when the model has a chat template")),
@@ -321,7 +321,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                         "the last 5%% of other data)")
     p.add_argument("--val-samples", type=_opt_int, default=None, help="first N records of the range")
     p.add_argument("--max-seq-len", type=int, default=None)
-    p.add_argument("--template", choices=["auto", "alpaca", "chat"], default=None,
+    p.add_argument("--template", choices=list(TEMPLATES), default=None,
                    help="how records become tokens (default: the adapter run's, else auto; see finetune --help)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--json", action="store_true", help="print one JSON object")

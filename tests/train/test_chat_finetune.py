@@ -51,6 +51,11 @@ def test_tuned_chat_answer_stops_at_eos(tmp_path, tiny_chat_base, capsys) -> Non
                "--device", "cpu"])
     assert rc == 0 and capsys.readouterr().out.strip() == ANSWER
 
+    # eval renders the records the same way (--template chat): the run's own final val loss
+    rc = main(["eval", "--model", str(out / "final"), "--data", str(data), "--template", "chat", "--device", "cpu",
+               "--json"])
+    assert rc == 0 and json.loads(capsys.readouterr().out)["val_loss"] == pytest.approx(summary["val_loss"], rel=1e-4)
+
     # The tokens: the last generated one is the tokenizer's EOS (<|im_end|>, what the template closes turns with).
     import torch
 
