@@ -29,14 +29,15 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 import torch.nn as nn
 
-from ..data import Example, Record, format_prompt
+from ..data import Example, Record
+from ..data.conversations import prompt_text
 from ..data.batch import Batch, collate_batch, empty_batch
 from ..data.packing import pack_window
 from ..errors import ConfigError
 from ..parallel import make_parallel
 from ..peft import apply_lora, count_parameters, trainable_summary
 from .config import TRAJECTORY_FIELDS, TrainConfig
-from .inputs import check_data, load_data
+from .inputs import chat_samples, check_data, load_data
 from .interrupts import terminate_saves
 from .loss import get_loss
 from .metrics import (
@@ -175,6 +176,7 @@ def _finetune(cfg: TrainConfig, par: Any, ckpt: Any, records: Any, model: nn.Mod
     validate = functools.partial(evaluate, model, val_set, policy, device, cfg.eval_batch_size, pad_id, par)
     # Random weights only babble; sharded generation is not supported (generate from final/ instead).
     generate = cfg.generate_samples and not cfg.random_init and par.kind == "none"
+    chat = generate and chat_samples(cfg, tokenizer, records)  # samples as the run renders its records
 
     # ---- resume every piece of state the next step depends on, or measure the baseline
     if ckpt is not None:
@@ -183,7 +185,7 @@ def _finetune(cfg: TrainConfig, par: Any, ckpt: Any, records: Any, model: nn.Mod
         say(f"resumed from {ckpt.path} at step {state.step}")
     else:
         if generate:
-            state.generations_before = sample_generations(model, tokenizer, say, "before tuning")
+            state.generations_before = sample_generations(model, tokenizer, say, "before tuning", chat=chat)
         state.val_loss_before = validate()
         if state.val_loss_before is not None:
             say(f"val loss before: {state.val_loss_before:.4f} (ppl {math.exp(state.val_loss_before):.2f}) "
@@ -215,7 +217,7 @@ def _finetune(cfg: TrainConfig, par: Any, ckpt: Any, records: Any, model: nn.Mod
         saver.save_final()
         final_dir = save_final_weights(par, out / FINAL, model, cfg, tokenizer)
     val_after = validate()
-    gens_after = sample_generations(model, tokenizer, say, "after tuning") if generate else []
+    gens_after = sample_generations(model, tokenizer, say, "after tuning", chat=chat) if generate else []
     result = _result(cfg, state, log.records, out, peaks, val_after, trainable_params, total_params, final_dir,
                      saver.last, gens_after, ckpt, par.world_size)
     if par.is_main:
@@ -318,7 +320,8 @@ def _open_logs(cfg: TrainConfig, out: Path, par: Any, ckpt: Any, step: int, tota
     if not par.is_main:
         return _RecordsOnly(), _RecordsOnly()
     log = MetricsLog(out, resume_step=step if ckpt is not None else None,
-                     earlier=ckpt.path.parent.parent / METRICS if ckpt is not None else None)
+                     earlier=ckpt.path.parent.parent / METRICS if ckpt is not None else None,
+                     tensorboard=cfg.tensorboard)
     return log, Progress(total_steps, step, cfg.progress, cfg.log_every)
 
 
@@ -410,16 +413,19 @@ def check_resume_config(cfg: TrainConfig, saved: dict[str, Any], path: Path) -> 
 
 
 # ================================================================================ reporting
-def sample_generations(model: nn.Module, tokenizer: Any, say, when: str, max_new_tokens: int = 48) -> list[str]:
-    """Greedy answers to :data:`SAMPLE_PROMPTS` (empty when generation is unavailable)."""
+def sample_generations(model: nn.Module, tokenizer: Any, say, when: str, max_new_tokens: int = 48,
+                       chat: bool = False) -> list[str]:
+    """Greedy answers to :data:`SAMPLE_PROMPTS` (empty when generation is unavailable); ``chat``:
+    as user turns of the chat template instead of Alpaca prompts."""
     try:
         from ..generate import generate
     except ImportError:
         return []
     model.eval()
-    prompts = [format_prompt(r) for r in SAMPLE_PROMPTS]
+    prompts = [prompt_text(r, chat) for r in SAMPLE_PROMPTS]
     with torch.no_grad():
-        texts = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=0.0, stop=["###"])
+        texts = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=0.0, chat=chat,
+                         stop=None if chat else ["###"])
     if hasattr(model, "clear_cache"):
         model.clear_cache()
     say(f"--- sample generations {when} (greedy) ---")
