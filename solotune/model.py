@@ -96,14 +96,15 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.kv_cache: KVCache | None = None
+        self.rope: Callable[..., torch.Tensor] = apply_rope  # solotune.kernels swaps in its fused RoPE
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | Varlen | None, cache_pos: int | None) -> torch.Tensor:
         """x [B, T, C] -> [B, T, C]. ``mask``: [B, 1, T, S] bool (True = attend), None for plain
         causal, or a :class:`~solotune.attention.Varlen` for packed rows (no mask at all)."""
         B, T, _ = x.shape
-        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
+        q = self.rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
+        k = self.rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         if isinstance(mask, Varlen):  # packed rows: varlen flash over the flattened tokens
             rep = self.n_heads // self.n_kv_heads

@@ -1,0 +1,49 @@
+"""Where the fused kernels may run: Triton imported, and CUDA tensors (or CPU ones under
+``TRITON_INTERPRET=1``, which the tests use). Every kernel's public function falls back to the
+PyTorch reference (model.py's code) otherwise, so a CPU run with ``kernels="triton"`` is the
+reference run."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # Triton is optional: the PyTorch references cover CPU and machines without it.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the environment
+    triton = None
+    tl = None
+
+
+def triton_available() -> bool:
+    return triton is not None
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def kernel_available(*tensors: torch.Tensor) -> bool:
+    """True when the Triton kernels can take these tensors (fake tensors of the planner's dry run
+    are CPU tensors: they take the reference path, as on CPU)."""
+    if triton is None:
+        return False
+    return all(t.is_cuda or (interpreting() and t.device.type == "cpu") for t in tensors)
+
+
+def row_block(n: int) -> int:
+    """The power-of-two block that holds a whole row of ``n`` elements."""
+    return triton.next_power_of_2(n)
+
+
+def programs(n_rows: int, device: torch.device) -> int:
+    """How many persistent programs reduce over rows (the weight gradient's partial sums): a few
+    per SM on CUDA, a handful in the interpreter."""
+    if device.type == "cuda":
+        return max(1, min(n_rows, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
+    return max(1, min(n_rows, 4))
+
+
+__all__ = ["triton", "tl", "triton_available", "interpreting", "kernel_available", "row_block", "programs"]

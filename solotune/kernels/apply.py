@@ -1,0 +1,51 @@
+"""Swap the fused kernels into a built model, per module instance (no class is patched, so other
+models in the process are untouched): each ``RMSNorm.forward``, each ``FeedForward.forward``
+(``silu(w1 x) * w3 x`` through one kernel) and each ``Attention.rope`` (the hook model.py's
+attention calls for RoPE). Every replacement falls back to the reference where the kernel cannot
+run (CPU tensors, the planner's fake tensors), so the swap is always safe.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Callable
+
+import torch.nn as nn
+
+from ..model import Attention, FeedForward, RMSNorm
+from .rmsnorm import fused_rms_norm_forward
+from .rope import rope
+from .swiglu import fused_feed_forward
+
+
+def use_fused_kernels(model: nn.Module) -> dict[str, int]:
+    """Route ``model``'s RMSNorm, SwiGLU and RoPE through the Triton kernels; returns how many
+    modules of each kind were swapped. Idempotent."""
+    counts = {"rmsnorm": 0, "swiglu": 0, "rope": 0}
+    for m in model.modules():
+        if isinstance(m, RMSNorm):
+            m.forward = types.MethodType(fused_rms_norm_forward, m)
+            counts["rmsnorm"] += 1
+        elif isinstance(m, FeedForward):
+            m.forward = types.MethodType(fused_feed_forward, m)
+            counts["swiglu"] += 1
+        elif isinstance(m, Attention):
+            m.rope = rope
+            counts["rope"] += 1
+    return counts
+
+
+def _no_kernels(model: nn.Module) -> dict[str, int]:
+    return {}
+
+
+# TrainConfig.kernels -> what it does to the model (train/config.py's KERNELS names these).
+KERNEL_SETS: dict[str, Callable[[nn.Module], dict[str, int]]] = {"off": _no_kernels, "triton": use_fused_kernels}
+
+
+def apply_kernels(model: nn.Module, kind: str) -> dict[str, int]:
+    """``KERNEL_SETS[kind](model)``."""
+    try:
+        return KERNEL_SETS[kind](model)
+    except KeyError:
+        raise ValueError(f"unknown kernel set {kind!r}; choose from {', '.join(KERNEL_SETS)}") from None
