@@ -13,14 +13,17 @@ from typing import Callable
 import torch.nn as nn
 
 from ..model import Attention, FeedForward, RMSNorm
-from .rmsnorm import fused_rms_norm_forward
-from .rope import rope
-from .swiglu import fused_feed_forward
 
 
 def use_fused_kernels(model: nn.Module) -> dict[str, int]:
     """Route ``model``'s RMSNorm, SwiGLU and RoPE through the Triton kernels; returns how many
     modules of each kind were swapped. Idempotent."""
+    # Imported here: Triton's import (~0.6 s) and the custom-op registration happen only for a
+    # run that asks for the kernels.
+    from .rmsnorm import fused_rms_norm_forward
+    from .rope import rope
+    from .swiglu import fused_feed_forward
+
     counts = {"rmsnorm": 0, "swiglu": 0, "rope": 0}
     for m in model.modules():
         if isinstance(m, RMSNorm):

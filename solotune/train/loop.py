@@ -173,7 +173,8 @@ def _finetune(cfg: TrainConfig, par: Any, ckpt: Any, records: Any, model: nn.Mod
     ctx = StepContext(model, optimizer, [p for p in model.parameters() if p.requires_grad], policy, get_loss(cfg.loss),
                       par, device, cfg.max_grad_norm, getattr(instrument, "forward_context", None),
                       getattr(instrument, "before_step", None), offload_context(cfg.offload, model, device))
-    validate = functools.partial(evaluate, model, val_set, policy, device, cfg.eval_batch_size, pad_id, par)
+    validate = functools.partial(evaluate, model, val_set, policy, device, cfg.eval_batch_size, pad_id, par,
+                                 loss_name=cfg.loss)
     # Random weights only babble; sharded generation is not supported (generate from final/ instead).
     generate = cfg.generate_samples and not cfg.random_init and par.kind == "none"
     chat = generate and chat_samples(cfg, tokenizer, records)  # samples as the run renders its records
@@ -328,14 +329,14 @@ def _open_logs(cfg: TrainConfig, out: Path, par: Any, ckpt: Any, step: int, tota
 # ============================================================================== evaluation
 @torch.no_grad()
 def evaluate(model: nn.Module, examples: Sequence[Example], policy: PrecisionPolicy, device: torch.device,
-             batch_size: int, pad_id: int, par: Any = None) -> float | None:
+             batch_size: int, pad_id: int, par: Any = None, loss_name: str = "full-logits") -> float | None:
     """Mean next-token loss over all target tokens of ``examples`` (None when there are none).
     Leaves the model in eval mode. With a parallel context of N ranks each rank evaluates its own
     ``batch_size`` examples of every N * ``batch_size`` and the sums are added up."""
     if not len(examples):
         return None
     rank, world = (par.rank, par.world_size) if par is not None else (0, 1)
-    loss_fn = get_loss()
+    loss_fn = get_loss(loss_name)
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size * world):

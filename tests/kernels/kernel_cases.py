@@ -7,7 +7,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from solotune.kernels import rms_norm, rope, swiglu
+from solotune.kernels.rmsnorm import rms_norm
+from solotune.kernels.rope import rope
+from solotune.kernels.swiglu import swiglu
 from solotune.model import RMSNorm, apply_rope, rope_cos_sin
 
 
