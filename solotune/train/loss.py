@@ -100,8 +100,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     hidden [N, C], weight [V, C], targets [N] (IGNORE_INDEX skipped). For each chunk of tokens:
     logits in ``dtype`` (the matmul), softmax statistics in ``loss_dtype`` (fp32, or fp64), then
     d loss / d logits = softmax - onehot (zero on ignored rows), cast to ``dtype`` for the two
-    gradient matmuls as autograd of the reference would. The gradients are kept in ``loss_dtype``
-    ([N, C] and [V, C], the latter only when the weight needs one) and backward only scales them by
+    gradient matmuls as autograd of the reference would. The gradients are kept until backward,
+    d hidden [N, C] in ``dtype`` (the matmul's output) and d weight [V, C] in ``loss_dtype`` (a sum
+    over chunks; only when the weight needs one), and backward only scales them (in fp32) by
     the incoming scalar, so no [N, V] tensor outlives its chunk.
     """
 
@@ -112,7 +113,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         loss_dtype = torch.promote_types(dtype, torch.float32)
         N = hidden.shape[0]
         loss = torch.zeros((), dtype=loss_dtype, device=hidden.device)
-        grad_h = hidden.new_empty(hidden.shape, dtype=loss_dtype) if need_h else None
+        # d hidden comes out of a matmul in ``dtype``: kept in it (no precision to gain in fp32)
+        grad_h = hidden.new_empty(hidden.shape, dtype=dtype) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=loss_dtype, device=weight.device) if need_w else None
         w = weight.to(dtype)
         for s in range(0, N, chunk_tokens):
@@ -142,7 +144,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         grad_h, grad_w = ctx.saved_tensors
         h_dtype, w_dtype = ctx.dtypes
-        gh = (grad_h * grad_out).to(h_dtype) if grad_h is not None else None
+        gh = (grad_h.to(grad_out.dtype) * grad_out).to(h_dtype) if grad_h is not None else None
         gw = (grad_w * grad_out).to(w_dtype) if grad_w is not None else None
         return gh, gw, None, None, None
 
@@ -167,6 +169,17 @@ LOSSES: dict[str, Callable[..., torch.Tensor]] = {
     "chunked": chunked_loss,
     "fused-linear-ce": fused_linear_ce_loss,
 }
+
+
+# How many tokens' logits a loss holds at once (None: all of them); the planner sizes the logits
+# transients from it (solotune/bench/dryrun.py).
+LOGITS_ROWS: dict[str, int | None] = {"full-logits": None, "chunked": CHUNK_TOKENS, "fused-linear-ce": CHUNK_TOKENS}
+
+
+def logits_rows(name: str, n_tokens: int) -> int:
+    """Rows of the [rows, V] logits that loss ``name`` materialises at once for ``n_tokens`` tokens."""
+    rows = LOGITS_ROWS[name]
+    return n_tokens if rows is None else min(rows, n_tokens)
 
 
 def get_loss(name: str = "full-logits") -> HeadLoss:
