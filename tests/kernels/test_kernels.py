@@ -87,6 +87,24 @@ use_fused_kernels(fused)
 (l0, g0), (l1, g1) = _loss_and_grads(ref, _batch()), _loss_and_grads(fused, _batch())
 out["model"] = {"loss": abs(float(l1 - l0)) / abs(float(l0)), "same_params": float(g0.keys() == g1.keys()),
                 **{n: float((g1[n] - g0[n]).abs().max() / g0[n].abs().max()) for n in g0}}
+# torch.compile: the custom ops' fake and autograd implementations trace in one graph (aot_eager:
+# no C++ compiler needed; the GPU test compiles with Inductor)
+from solotune.kernels.rmsnorm import rms_norm
+from solotune.kernels.rope import rope
+from solotune.kernels.swiglu import swiglu
+from solotune.model import rope_cos_sin
+x = torch.randn(2, 8, 4, 8, generator=torch.Generator().manual_seed(0), requires_grad=True)
+w = torch.linspace(0.5, 1.5, 32, requires_grad=True)
+cos, sin = rope_cos_sin(torch.arange(8).expand(2, 8), 8, 10000.0, f32)
+def f(x, w):
+    r = rope(x, cos, sin).flatten(-2)
+    return swiglu(rms_norm(r, w, 1e-5), r).square().sum()
+eager = f(x, w)
+ge = torch.autograd.grad(eager, (x, w))
+compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(x, w)
+gc = torch.autograd.grad(compiled, (x, w))
+out["compiled"] = {"y": float((compiled - eager).abs() / eager.abs()),
+                   **{f"grad{i}": float((a - b).abs().max() / b.abs().max()) for i, (a, b) in enumerate(zip(gc, ge))}}
 print(json.dumps(out))
 """
 
@@ -122,3 +140,9 @@ def test_model_with_kernels_under_the_interpreter(interpreted):
     assert len(res) > 3
     for key, v in res.items():
         assert v <= FP32_TOL * 10, (key, v)  # through 2 blocks and the head: a few fp32 roundings more
+
+
+def test_kernels_trace_under_torch_compile(interpreted):
+    """fullgraph=True fails on a graph break: each kernel is one op of the graph, forward and backward."""
+    for key, v in interpreted["compiled"].items():
+        assert v <= FP32_TOL, (key, v)
