@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from ..config import ModelConfig
+from ..kernels import apply_kernels
 from ..model import Transformer
 from ..peft import LoRALinear, LoRASpec, apply_lora
 from ..train.loss import get_loss, logits_rows
@@ -325,7 +326,7 @@ class _Recorder:
 
 @functools.lru_cache(maxsize=512)  # a pure function of its (hashable) arguments; plan() asks again and again
 def dry_run(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec, checkpointed: frozenset[int], batch: int, seq_len: int,
-            device: str, quantize: str = "none", loss: str = "full-logits") -> DryRun:
+            device: str, quantize: str = "none", loss: str = "full-logits", kernels: str = "off") -> DryRun:
     """One forward + loss of ``cfg`` (at its own depth; blocks ``checkpointed`` recomputed in
     backward) on fake tensors, as the training loop runs it on ``device`` ("cuda" | "cpu"), under
     the anatomy's saved-tensor hooks."""
@@ -335,6 +336,8 @@ def dry_run(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec, checkpoin
         model = training_model(cfg, policy, lora, quantize)
     # Any set of blocks (set_grad_checkpointing takes the off/all/every:K policies only).
     model.checkpoint_layers = frozenset(checkpointed)
+    if device == "cuda":  # the fused kernels run on CUDA only: their ops' fake implementations run here
+        apply_kernels(model, kernels, available=lambda *tensors: True)
     # NF4's dequantization indexes real constant tables (module-level levels and dynamic map):
     # let the fake mode convert those; nothing else in the model is a real tensor.
     with FakeTensorMode(allow_non_fake_inputs=quantize != "none"):
@@ -404,7 +407,8 @@ class Activations:
 
 
 def activations(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec, checkpointed: frozenset[int], batch: int,
-                seq_len: int, device: str, quantize: str = "none", loss: str = "full-logits") -> Activations:
+                seq_len: int, device: str, quantize: str = "none", loss: str = "full-logits",
+                kernels: str = "off") -> Activations:
     """:func:`dry_run` of the full depth, from one dry run of 3 blocks.
 
     Blocks are identical, and block i >= 1 saves the same whatever its position: its own tensors
@@ -421,7 +425,7 @@ def activations(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec, check
     L = cfg.n_layers
     ckpt = frozenset(checkpointed)
     run = functools.partial(dry_run, policy=policy, lora=lora, batch=batch, seq_len=seq_len, device=device,
-                            quantize=quantize, loss=loss)
+                            quantize=quantize, loss=loss, kernels=kernels)
     if L <= 3:
         d = run(cfg, checkpointed=ckpt)
         saved = d.saved

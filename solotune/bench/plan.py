@@ -66,6 +66,7 @@ import torch
 from ..config import PRESETS, ModelConfig
 from ..model import checkpoint_policy
 from ..peft import LoRASpec
+from ..kernels import KERNEL_SETS
 from ..train.loss import LOSSES
 from ..train.optim import get_optimizer_spec, optimizer_state_bytes
 from ..train.precision import PrecisionPolicy, get_policy
@@ -105,11 +106,12 @@ class Setup:
     quantize: str = "none"  # none | nf4 | int8: the frozen base's block linears (LoRA only)
     offload: str = "none"  # none | activations (solotune.train.offload)
     loss: str = "full-logits"  # solotune.train.loss.LOSSES: how the head's logits come to exist
+    kernels: str = "off"  # off | triton: fused RMSNorm / SwiGLU / RoPE (solotune.kernels; CUDA only)
 
     def __init__(self, model: ModelConfig, seq_len: int = 512, batch: int = 1, grad_accum: int = 1,
                  grad_checkpoint: str = "off", precision: str = "fp32", lora: LoRASpec | None = None,
                  optimizer: str = "adamw", device: str = "cuda", quantize: str = "none", offload: str = "none", *,
-                 loss: str = "full-logits", lora_rank: int | None = None,
+                 loss: str = "full-logits", kernels: str = "off", lora_rank: int | None = None,
                  lora_targets: Iterable[str] | None = None, lora_dropout: float | None = None) -> None:
         spec = lora if lora is not None else LoRASpec()
         legacy = {k: v for k, v in (("rank", lora_rank), ("targets", lora_targets), ("dropout", lora_dropout))
@@ -119,7 +121,7 @@ class Setup:
         for name, value in (("model", model), ("seq_len", seq_len), ("batch", batch), ("grad_accum", grad_accum),
                             ("grad_checkpoint", grad_checkpoint), ("precision", precision), ("lora", spec),
                             ("optimizer", optimizer), ("device", device), ("quantize", quantize), ("offload", offload),
-                            ("loss", loss)):
+                            ("loss", loss), ("kernels", kernels)):
             object.__setattr__(self, name, value)
         self.__post_init__()
 
@@ -140,6 +142,8 @@ class Setup:
         get_optimizer_spec(self.optimizer)  # validates
         if self.loss not in LOSSES:
             raise ValueError(f"loss {self.loss!r}: expected one of {', '.join(LOSSES)}")
+        if self.kernels not in KERNEL_SETS:
+            raise ValueError(f"kernels {self.kernels!r}: expected one of {', '.join(KERNEL_SETS)}")
 
     @property
     def policy(self) -> PrecisionPolicy:
@@ -296,7 +300,7 @@ def saved_activations(s: Setup) -> tuple[int, int, dict[str, int], dict[str, int
     """(saved activation bytes, saved weight-copy bytes, bytes by part, autocast cache by weight,
     transient sizes) for one micro-batch of ``s.batch`` x ``s.seq_len`` tokens, from the dry run."""
     a = dryrun.activations(s.model, s.policy, s.lora, s.checkpointed, s.batch, s.seq_len, s.device, s.quantize,
-                           s.loss)
+                           s.loss, s.kernels)
     lp = s.policy.autocast_dtype
     cache = {} if lp is None else {name: n * lp.itemsize
                                    for name, n in dryrun.autocast_cache(s.model, s.policy, s.lora, s.quantize)}

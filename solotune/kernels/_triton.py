@@ -6,6 +6,7 @@ reference run."""
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import torch
 
@@ -25,9 +26,15 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# (*tensors) -> whether the kernels take them; the planner's dry run passes one that always says
+# yes, so its fake tensors go through the ops' fake implementations as CUDA tensors would.
+Available = Callable[..., bool]
+
+
 def kernel_available(*tensors: torch.Tensor) -> bool:
-    """True when the Triton kernels can take these tensors (fake tensors of the planner's dry run
-    are CPU tensors: they take the reference path, as on CPU)."""
+    """True when the Triton kernels can take these tensors: CUDA ones, or CPU ones under the
+    interpreter (anything else, fake CPU tensors of a torch.compile trace included, takes the
+    reference path)."""
     if triton is None:
         return False
     return all(t.is_cuda or (interpreting() and t.device.type == "cpu") for t in tensors)
@@ -46,4 +53,4 @@ def programs(n_rows: int, device: torch.device) -> int:
     return max(1, min(n_rows, 4))
 
 
-__all__ = ["triton", "tl", "triton_available", "interpreting", "kernel_available", "row_block", "programs"]
+__all__ = ["Available", "triton", "tl", "triton_available", "interpreting", "kernel_available", "row_block", "programs"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..model import RMSNorm
-from ._triton import kernel_available, programs, row_block, tl, triton
+from ._triton import Available, kernel_available, programs, row_block, tl, triton
 
 if triton is not None:
 
@@ -108,8 +108,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return y.view(*x.shape[:-1], C)
 
 
-def fused_rms_norm_forward(module: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+def fused_rms_norm_forward(module: RMSNorm, x: torch.Tensor, available: Available = kernel_available) -> torch.Tensor:
     """A replacement for ``RMSNorm.forward``: the kernel where it can run, else the module's own code."""
-    if kernel_available(x, module.weight):
+    if available(x, module.weight):
         return rms_norm(x, module.weight, module.eps)
     return RMSNorm.forward(module, x)

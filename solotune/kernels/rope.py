@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..model import apply_rope
-from ._triton import kernel_available, row_block, tl, triton
+from ._triton import Available, kernel_available, row_block, tl, triton
 
 if triton is not None:
 
@@ -82,9 +82,9 @@ def _backward(ctx, dy: torch.Tensor):
 _rope_op.register_autograd(_backward, setup_context=_setup)
 
 
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, available: Available = kernel_available) -> torch.Tensor:
     """:func:`solotune.model.apply_rope` with the Triton kernel where it can run (the reference
     otherwise, and whenever the angles need a gradient)."""
-    if not kernel_available(x, cos, sin) or cos.requires_grad or sin.requires_grad:
+    if not available(x, cos, sin) or cos.requires_grad or sin.requires_grad:
         return apply_rope(x, cos, sin)
     return _rope_op(x.contiguous(), cos, sin)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model import FeedForward
-from ._triton import kernel_available, tl, triton
+from ._triton import Available, kernel_available, tl, triton
 
 BLOCK = 1024
 
@@ -83,15 +83,15 @@ def _backward(ctx, dy: torch.Tensor):
 _swiglu_op.register_autograd(_backward, setup_context=_setup)
 
 
-def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def swiglu(a: torch.Tensor, b: torch.Tensor, available: Available = kernel_available) -> torch.Tensor:
     """silu(a) * b for a, b [..., H] of one shape (the Triton kernel where it can run, else the
     reference)."""
-    if a.shape != b.shape or not kernel_available(a, b):
+    if a.shape != b.shape or not available(a, b):
         return F.silu(a) * b
     return _swiglu_op(a.contiguous().view(-1), b.contiguous().view(-1)).view(a.shape)
 
 
-def fused_feed_forward(module: FeedForward, x: torch.Tensor) -> torch.Tensor:
+def fused_feed_forward(module: FeedForward, x: torch.Tensor, available: Available = kernel_available) -> torch.Tensor:
     """A replacement for ``FeedForward.forward``: ``w2(swiglu(w1 x, w3 x))`` (the projections are
     the module's own, LoRA-wrapped or quantized as they are)."""
-    return module.w2(swiglu(module.w1(x), module.w3(x)))
+    return module.w2(swiglu(module.w1(x), module.w3(x), available))
