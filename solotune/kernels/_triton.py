@@ -45,6 +45,11 @@ def row_block(n: int) -> int:
     return triton.next_power_of_2(n)
 
 
+def warps(block: int) -> int:
+    """Warps for a program that holds ``block`` elements (a whole row): 8-16 elements per thread."""
+    return 4 if block <= 2048 else 8 if block <= 8192 else 16
+
+
 def programs(n_rows: int, device: torch.device) -> int:
     """How many persistent programs reduce over rows (the weight gradient's partial sums): a few
     per SM on CUDA, a handful in the interpreter."""
@@ -53,4 +58,4 @@ def programs(n_rows: int, device: torch.device) -> int:
     return max(1, min(n_rows, 4))
 
 
-__all__ = ["Available", "triton", "tl", "triton_available", "interpreting", "kernel_available", "row_block", "programs"]
+__all__ = ["Available", "triton", "tl", "triton_available", "interpreting", "kernel_available", "row_block", "warps", "programs"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..model import RMSNorm
-from ._triton import Available, kernel_available, programs, row_block, tl, triton
+from ._triton import Available, kernel_available, programs, row_block, tl, triton, warps
 
 if triton is not None:
 
@@ -58,7 +58,7 @@ def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[tor
     y = torch.empty((R, C), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     rstd = torch.empty(R, dtype=torch.float32, device=x.device)
     if R:
-        _rms_norm_fwd[(R,)](x, weight, y, rstd, C, eps, BLOCK=row_block(C))
+        _rms_norm_fwd[(R,)](x, weight, y, rstd, C, eps, BLOCK=row_block(C), num_warps=warps(row_block(C)))
     return y, rstd
 
 
@@ -78,7 +78,7 @@ def _rms_norm_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
     partial = torch.zeros((P, C), dtype=torch.float32, device=x.device)
     if R:
         _rms_norm_bwd[(P,)](dy.contiguous(), x, weight, rstd, dx, partial, R, C, triton.cdiv(R, P),
-                            BLOCK=row_block(C))
+                            BLOCK=row_block(C), num_warps=warps(row_block(C)))
     return dx, partial.sum(0).to(weight.dtype)
 
 

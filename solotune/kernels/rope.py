@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..model import apply_rope
-from ._triton import Available, kernel_available, row_block, tl, triton
+from ._triton import Available, kernel_available, row_block, tl, triton, warps
 
 if triton is not None:
 
@@ -42,7 +42,9 @@ def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out_dtype: to
     y = torch.empty((B, T, H, D), dtype=out_dtype, device=x.device)
     if x.numel():
         cs = (cos.expand(B, T, 1, D // 2).contiguous(), sin.expand(B, T, 1, D // 2).contiguous())
-        _rope_kernel[(B * T,)](x, cs[0], cs[1], y, H * D, D, sign, BLOCK=row_block(H * D), enable_fp_fusion=False)
+        block = row_block(H * D)
+        _rope_kernel[(B * T,)](x, cs[0], cs[1], y, H * D, D, sign, BLOCK=block, num_warps=warps(block),
+                               enable_fp_fusion=False)
     return y
 
 

@@ -22,7 +22,10 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 f32, bf16 = torch.float32, torch.bfloat16
 FP32_TOL = 1e-5  # relative to the largest reference value: summation order, exp's last bit
-BF16_TOL = 2 * 2.0**-7  # one different rounding of an intermediate: a bf16 ulp or two (round to nearest)
+# Autograd of the reference rounds each op's gradient to its input's dtype, the kernels once at the
+# end (and the forward's fp32 reductions run in another order): up to ~3 roundings that differ,
+# each at most one bf16 ulp (2^-7 relative at worst).
+BF16_TOL = 4 * 2.0**-7
 
 
 def _check(res: dict[str, float], tol: float) -> None:
