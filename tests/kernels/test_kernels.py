@@ -105,6 +105,14 @@ compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(x, w)
 gc = torch.autograd.grad(compiled, (x, w))
 out["compiled"] = {"y": float((compiled - eager).abs() / eager.abs()),
                    **{f"grad{i}": float((a - b).abs().max() / b.abs().max()) for i, (a, b) in enumerate(zip(gc, ge))}}
+# compiled blocks with the kernels swapped in (the loop's --kernels triton --compile blocks)
+torch._dynamo.reset()
+blocks = build_model(CFG, seed=0).requires_grad_(True)
+use_fused_kernels(blocks)
+blocks.compile_blocks(backend="aot_eager", fullgraph=True)
+l2, g2 = _loss_and_grads(blocks, _batch())
+out["compiled blocks"] = {"loss": abs(float(l2 - l0)) / abs(float(l0)),
+                          **{n: float((g2[n] - g0[n]).abs().max() / g0[n].abs().max()) for n in g0}}
 print(json.dumps(out))
 """
 
@@ -146,3 +154,9 @@ def test_kernels_trace_under_torch_compile(interpreted):
     """fullgraph=True fails on a graph break: each kernel is one op of the graph, forward and backward."""
     for key, v in interpreted["compiled"].items():
         assert v <= FP32_TOL, (key, v)
+
+
+def test_compiled_blocks_with_kernels(interpreted):
+    """``compile_blocks(fullgraph=True)`` over the swapped modules: one graph per block."""
+    for key, v in interpreted["compiled blocks"].items():
+        assert v <= FP32_TOL * 10, (key, v)
