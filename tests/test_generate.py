@@ -322,3 +322,12 @@ def test_chunked_stop_checks_equal_per_token(tiny) -> None:
             want, want_seen = got, list(seen)
         assert got == want and sorted(seen) == sorted(want_seen)  # the same calls, row by row per chunk
     assert len(want[1]) == 7 and any(len(o) < 14 for o in want)
+
+
+def test_cli_compile_flag() -> None:
+    from solotune.cli import build_parser
+
+    base = ["generate", "--model", "m", "--prompt", "p"]
+    assert build_parser().parse_args(base).compile is None  # auto: on for CUDA where it pays
+    assert build_parser().parse_args(base + ["--compile"]).compile is True
+    assert build_parser().parse_args(base + ["--no-compile"]).compile is False
