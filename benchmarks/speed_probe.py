@@ -35,6 +35,13 @@ VARIANTS = {  # name -> (checkpointing, compile, quantize, micro-batch, loss)
     "qlora-b8": ("all", False, "nf4", 8, "full-logits"),
     "qlora-b8-compile": ("all", True, "nf4", 8, "full-logits"),
     "qlora-b1-compile": ("all", True, "nf4", 1, "full-logits"),
+    "compile-flce": ("off", True, "none", 8, "fused-linear-ce"),
+    "compile-gc-flce": ("all", True, "none", 8, "fused-linear-ce"),
+    "qlora-b8-compile-flce": ("all", True, "nf4", 8, "fused-linear-ce"),
+    "qlora-b1-compile-flce": ("all", True, "nf4", 1, "fused-linear-ce"),
+    "qlora-b1-graphs": ("all", "reduce-overhead", "nf4", 1, "full-logits"),
+    "lora-b1-compile": ("off", True, "none", 1, "full-logits"),
+    "lora-b1-graphs": ("off", "reduce-overhead", "none", 1, "full-logits"),
 }
 
 
@@ -50,7 +57,7 @@ def run(name: str, layers: int, warmup: int, steps: int, profile: bool, out: str
                lora_dtype=torch.bfloat16)
     model.set_grad_checkpointing(ckpt)
     if compiled:
-        model.compile_blocks()
+        model.compile_blocks(**({"mode": compiled} if isinstance(compiled, str) else {}))
     model.train()
     opt = make_optimizer("adamw", model, lr=1e-5, weight_decay=0.0, device=dev)
     loss_fn = get_loss(loss_name)

@@ -32,6 +32,9 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
 }
 
 
+COMPILE_AUTO_MIN_TOKENS = 256  # --compile's default: ~30 ms saved per token (benchmarks/NOTES.md) vs seconds to compile
+
+
 def add_generate_args(p: argparse.ArgumentParser) -> None:
     from .train.commands import add_model_args
 
@@ -40,6 +43,9 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole prefix at every step")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="compile the decode step (CUDA graphs on CUDA); default: on for CUDA when "
+                        f"--max-new-tokens >= {COMPILE_AUTO_MIN_TOKENS}, where the compile time pays back")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
@@ -61,13 +67,18 @@ def _dtype_alias(text: str) -> str:
 def cmd_generate(args: argparse.Namespace) -> int:
     """Generate from a model, or from a model with a LoRA adapter attached (not merged)."""
     from .api import resolve_device
-    from .generate import generate
+    from .generate import Decoder, generate
     from .train.commands import model_and_adapter, resolve_precision
     from .train.precision import get_policy
 
     device = resolve_device(args.device)
     policy = get_policy(resolve_precision(args.precision, device))
     model, tokenizer, _adapter = model_and_adapter(args, policy.param_dtype)
+    compile_ = args.compile
+    if compile_ is None:  # auto: where it pays, and falling back to eager decoding if it cannot compile
+        compile_ = device.type == "cuda" and args.max_new_tokens >= COMPILE_AUTO_MIN_TOKENS
+    if compile_ and args.num_beams == 1 and not args.no_kv_cache:
+        model = Decoder(model, compile=True, fallback=args.compile is None)
     with policy.autocast(device.type):
         texts = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

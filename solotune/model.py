@@ -6,7 +6,7 @@ does the Q/K row layout: RoPE rotates *adjacent* pairs (dims 2i, 2i+1) of each h
 ``consolidated.*.pth`` and llama.cpp's GGUF. The HF loader permutes HF's rotate-half rows into this
 layout.
 
-Shapes: B batch, T new tokens, S key positions (T without cache, cache_pos + T with it),
+Shapes: B batch, T new tokens, S key positions (T without cache or at prefill, the cache's max_len after),
 H query heads, Hkv key/value heads, D head dim, C model dim, V vocab.
 """
 
@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from .attention import Varlen, varlen_available
 from .config import ModelConfig
 from .data.batch import Batch
+from .kv_cache import CachePos, KVCache, generation_mask
 
 # head(hidden [B, T, C] after the final norm, output projection) -> whatever the caller wants
 # (a loss that owns the output projection: see solotune/train/loss.py).
@@ -60,33 +61,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
 
 
-class KVCache(nn.Module):
-    """Keys and values of every position seen so far: k/v [B, Hkv, max_len, D].
-
-    Slots are absolute indices into the (left-padded) batch; ``update`` writes the new
-    [B, Hkv, T, D] block at ``pos`` and returns the filled prefix [B, Hkv, pos + T, D].
-    """
-
-    def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str | None) -> None:
-        super().__init__()
-        shape = (batch, n_kv_heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    @property
-    def max_len(self) -> int:
-        return self.k.shape[2]
-
-    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = pos + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; asked to write up to {end}")
-        self.k[:, :, pos:end] = k
-        self.v[:, :, pos:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -96,14 +70,15 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.kv_cache: KVCache | None = None
+        self.rope: Callable[..., torch.Tensor] = apply_rope  # solotune.kernels swaps in its fused RoPE
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | Varlen | None, cache_pos: int | None) -> torch.Tensor:
+                mask: torch.Tensor | Varlen | None, cache_pos: CachePos | None) -> torch.Tensor:
         """x [B, T, C] -> [B, T, C]. ``mask``: [B, 1, T, S] bool (True = attend), None for plain
         causal, or a :class:`~solotune.attention.Varlen` for packed rows (no mask at all)."""
         B, T, _ = x.shape
-        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
+        q = self.rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
+        k = self.rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         if isinstance(mask, Varlen):  # packed rows: varlen flash over the flattened tokens
             rep = self.n_heads // self.n_kv_heads
@@ -111,10 +86,10 @@ class Attention(nn.Module):
                 k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
             return self.wo(mask.attend(q, k, v).reshape(B, T, -1))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if cache_pos is not None:
+        if cache_pos is not None:  # generation: the static cache stores k/v and attends (solotune/kv_cache.py)
             if self.kv_cache is None:
                 raise RuntimeError("cache_pos given but no KV cache: call model.setup_cache(batch, max_len) first")
-            k, v = self.kv_cache.update(cache_pos, k, v)
+            return self.wo(self.kv_cache.attend(q, k, v, cache_pos, mask).transpose(1, 2).reshape(B, T, -1))
         if self.n_kv_heads != self.n_heads:  # GQA: each KV head serves n_heads / n_kv_heads query heads
             rep = self.n_heads // self.n_kv_heads
             k = k.repeat_interleave(rep, dim=1)
@@ -150,7 +125,7 @@ class TransformerBlock(nn.Module):
         self.recompute = "off"  # off | full | selective: set by Transformer.set_grad_checkpointing
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | Varlen | None, cache_pos: int | None) -> torch.Tensor:
+                mask: torch.Tensor | Varlen | None, cache_pos: CachePos | None) -> torch.Tensor:
         """x [B, T, C] -> [B, T, C]. Checkpointing happens here, inside the block's own forward,
         so a compiled block compiles the checkpoint with it (the selective policy then reaches
         the partitioner) and FSDP's per-block hooks wrap the recomputation too."""
@@ -160,7 +135,7 @@ class TransformerBlock(nn.Module):
         return self._forward(x, cos, sin, mask, cache_pos)
 
     def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 mask: torch.Tensor | Varlen | None, cache_pos: int | None) -> torch.Tensor:
+                 mask: torch.Tensor | Varlen | None, cache_pos: CachePos | None) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache_pos)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -273,18 +248,27 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.compile(**options)
 
-    def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> None:
-        """Allocate a fresh KV cache of ``max_len`` positions in every attention layer."""
+    def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> list[KVCache]:
+        """Allocate a fresh static KV cache of ``max_len`` slots in every attention layer; returns them."""
         p = self.tok_embeddings.weight
-        for layer in self.layers:
-            layer.attention.kv_cache = KVCache(batch, max_len, self.config.n_kv_heads, self.config.head_dim,
-                                               dtype or p.dtype, p.device)
+        caches = [KVCache(batch, max_len, self.config.n_kv_heads, self.config.head_dim, dtype or p.dtype, p.device)
+                  for _ in self.layers]
+        self.attach_cache(caches)
+        return caches
+
+    def attach_cache(self, caches: list[KVCache]) -> None:
+        """Put these caches (one per layer, from :meth:`setup_cache`) back in place: a compiled decoder
+        reuses the same buffers across calls, so its CUDA graphs stay valid."""
+        if len(caches) != len(self.layers):
+            raise ValueError(f"{len(caches)} caches for {len(self.layers)} layers")
+        for layer, cache in zip(self.layers, caches):
+            layer.attention.kv_cache = cache
 
     def clear_cache(self) -> None:
         for layer in self.layers:
             layer.attention.kv_cache = None
 
-    def caches(self) -> Iterable[KVCache]:
+    def caches(self) -> Iterable[KVCache | None]:
         return (layer.attention.kv_cache for layer in self.layers)
 
     # ----------------------------------------------------------------- forward
@@ -299,21 +283,23 @@ class Transformer(nn.Module):
         row are block-diagonal causal. For generation:
         positions: RoPE positions [B, T]; default ``cache_pos + arange(T)`` (left-padded batches
             pass their own so every row starts at 0).
-        cache_pos: None recomputes everything (no cache); an int writes these T tokens into the KV
-            cache at slots [cache_pos, cache_pos + T) and attends to slots [0, cache_pos + T).
+        cache_pos: None recomputes everything (no cache); otherwise these T tokens are written into
+            the static KV cache at slots [cache_pos, cache_pos + T) and attend to the slots before
+            them. The int 0 is prefill (attention over the T fresh keys, flash when unpadded); a 0-dim
+            long tensor (or another int) attends over every cache slot under a mask, the same shapes
+            at every position (what a compiled decode step needs).
         key_mask: [B, S'] bool with S' >= S, True where the slot holds a real token (padding = False).
         """
         mask: torch.Tensor | Varlen | None
         if isinstance(tokens, Batch):
             batch, tokens, positions = tokens, tokens.input_ids, tokens.positions
             mask = packed_attention(batch, tokens.device) if batch.packed else None
-            start = 0
         else:
             B, T = tokens.shape
-            start = cache_pos or 0
             if positions is None:
-                positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
-            mask = self._mask(B, T, start, key_mask, tokens.device)
+                first = cache_pos if cache_pos is not None else 0
+                positions = (torch.arange(T, device=tokens.device) + first).expand(B, T)
+            mask = self._mask(B, T, cache_pos, key_mask, tokens.device)
         h = self.tok_embeddings(tokens)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, h.dtype)
         for layer in self.layers:  # a block checkpoints itself (TransformerBlock.recompute)
@@ -323,20 +309,12 @@ class Transformer(nn.Module):
         h = self.norm(h)
         return self.output(h) if head is None else head(h, self.output)
 
-    @staticmethod
-    def _mask(B: int, T: int, start: int, key_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-        """Boolean [B, 1, T, S] mask (causal over slots, padding keys off), or None when plain causal suffices."""
-        S = start + T
-        if key_mask is None and start == 0:
-            return None  # is_causal path (lets SDPA pick flash attention)
-        q_slot = torch.arange(start, S, device=device)[:, None]
-        k_slot = torch.arange(S, device=device)[None, :]
-        m = (k_slot <= q_slot)[None, None]  # [1, 1, T, S]
-        if key_mask is not None:
-            m = m & key_mask[:, None, None, :S].to(device)
-            # A padding query whose every key is masked would give NaN: let it see itself.
-            m = m | (k_slot == q_slot)[None, None]
-        return m.expand(B, 1, T, S)
+    def _mask(self, B: int, T: int, cache_pos: CachePos | None, key_mask: torch.Tensor | None,
+              device: torch.device) -> torch.Tensor | None:
+        """Generation's boolean mask (causal over slots, padding keys off; see
+        :func:`solotune.kv_cache.generation_mask`), or None when plain causal suffices."""
+        cache = self.layers[0].attention.kv_cache if len(self.layers) else None
+        return generation_mask(B, T, cache_pos, key_mask, None if cache is None else cache.max_len, device)
 
 
 def build_model(cfg: ModelConfig, source: StateSource | None = None, *,

@@ -209,6 +209,14 @@ class Tokenizer:
         return "".join(out)
 
     # ------------------------------------------------------------------------------------ chat
+    def special_text_in(self, text: str) -> str | None:
+        """The first special-token string (``"<|im_end|>"``, ``"</s>"``...) found in ``text``, or None.
+
+        Why: a chat prompt is rendered to one string and encoded with special tokens parsed, so data
+        text holding such a string would turn into a control token (a fake end of turn)."""
+        m = self._special_re.search(text) if self._special_re is not None else None
+        return m.group(0) if m else None
+
     @cached_property
     def _compiled_template(self) -> Any:
         from jinja2.exceptions import TemplateError

@@ -1,5 +1,6 @@
 """Generation tests on tiny random models: KV cache == recompute, left-padded batches == one prompt
-at a time, beam search == HF transformers, sampling controls, stops."""
+at a time, compiled decode step == eager (one graph for every token and call), beam search == HF
+transformers, sampling controls and the exponential race, stops checked in chunks."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import torch
 
 from solotune.checkpoint.names import HF_TO_CANONICAL, hf_rows_to_meta, rename
 from solotune.config import ModelConfig
-from solotune.generate import encode_prompt, generate, generate_tokens, left_pad, sample_next, step_logits
+from solotune.generate import Decoder, encode_prompt, generate, generate_tokens, left_pad, sample_next, step_logits
+from solotune.kv_cache import KVCache, generation_mask
 from solotune.model import build_model
+from solotune.sampling import draw_noise, pick
 
 TINY = ModelConfig.from_name("tiny")  # vocab 256, GQA 4/2
 PROMPTS = [[1, 5, 7, 9, 11, 13], [1, 3], [1, 100, 200, 30], [7]]
@@ -54,6 +57,18 @@ def test_sample_next_controls() -> None:
     for bad in ({"temperature": -1.0}, {"temperature": 1.0, "top_k": 0}, {"temperature": 1.0, "top_p": 0.0}):
         with pytest.raises(ValueError):
             sample_next(logits, **bad)
+
+
+def test_exponential_race_draws_in_proportion() -> None:
+    """argmax(p / E), E ~ Exp(1): each token wins with its probability (20,000 draws, 4 sigma)."""
+    probs = torch.tensor([0.5, 0.25, 0.15, 0.1, 0.0])
+    n = 20_000
+    noise = draw_noise(n, 5, torch.device("cpu"), torch.Generator().manual_seed(0))
+    drawn = pick(probs.log().expand(n, 5), 1.0, None, None, noise)
+    freq = torch.bincount(drawn, minlength=5).double() / n
+    sigma = (probs.double() * (1 - probs.double()) / n).sqrt()
+    assert freq[4] == 0  # a zero-probability token is never drawn
+    assert ((freq - probs.double()).abs() <= 4 * sigma + 1e-12).all(), freq
 
 
 # ------------------------------------------------------------------------------ cache / padding
@@ -222,3 +237,97 @@ def test_smollm2_chat_answer(smollm2_gguf) -> None:
     assert "Paris" in out[0]
     assert generate(model, tok, q, chat=True, max_new_tokens=12, kv_cache=False) == out
     assert generate(model, tok, [q, "Hi"], chat=True, max_new_tokens=12)[0] == out[0]  # left-padded batch
+
+
+# --------------------------------------------------------------------------- static cache / compile
+def test_static_cache_tensor_slot_equals_int_slot() -> None:
+    """Writing at a tensor slot (index_copy_) and at an int slot (slicing) store the same; the decode
+    mask at a tensor slot hides every later slot and the padding, whatever the buffers hold there."""
+    k = torch.randn(2, 2, 3, 4)
+    a, b = KVCache(2, 10, 2, 4, torch.float32, "cpu"), KVCache(2, 10, 2, 4, torch.float32, "cpu")
+    a.write(4, k, -k)
+    b.write(torch.tensor(4), k, -k)
+    assert torch.equal(a.k, b.k) and torch.equal(a.v, b.v) and torch.equal(a.k[:, :, 4:7], k)
+    key_mask = torch.tensor([[True] * 10, [False] * 2 + [True] * 8])
+    m = generation_mask(2, 1, torch.tensor(5), key_mask, 10, torch.device("cpu"))
+    assert m.shape == (2, 1, 1, 10)
+    assert m[0, 0, 0].tolist() == [True] * 6 + [False] * 4
+    assert m[1, 0, 0].tolist() == [False] * 2 + [True] * 4 + [False] * 4
+
+
+class CountingBackend:
+    """A torch.compile backend that runs the captured graph as is and counts the captures."""
+
+    def __init__(self) -> None:
+        self.graphs = 0
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+        return gm.forward
+
+
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_compiled_step_equals_eager_one_graph(tiny, fresh_dynamo) -> None:
+    """fullgraph capture of the decode step: the same tokens as eager (greedy and seeded sampling,
+    left-padded batch), one graph per sampling setting for every token, and a later call with other
+    prompts (same batch and cache bucket) reuses the kept cache and the graph."""
+    backend = CountingBackend()
+    dec = Decoder(tiny, compile=True, backend=backend)
+    assert generate_tokens(dec, PROMPTS, 12) == generate_tokens(tiny, PROMPTS, 12)
+    assert backend.graphs == 1
+    other = [[2, 4], [1, 9, 9, 9, 9, 9, 9, 9], [3], [5, 6, 7]]
+    assert generate_tokens(dec, other, 9) == generate_tokens(tiny, other, 9)
+    assert backend.graphs == 1 and all(c is None for c in tiny.caches())  # the decoder keeps its own
+    kw = {"temperature": 0.9, "top_k": 50, "top_p": 0.9}
+    sampled = generate_tokens(dec, PROMPTS, 12, seed=5, **kw)
+    assert sampled == generate_tokens(tiny, PROMPTS, 12, seed=5, **kw)
+    assert sampled != generate_tokens(dec, PROMPTS, 12, seed=6, **kw)
+    assert backend.graphs == 2
+    dec.release()
+
+
+@pytest.mark.parametrize("tied_gqa3", [False, True], ids=["tiny", "tied-gqa3"])
+def test_aot_compiled_matches_eager(tiny, fresh_dynamo, tied_gqa3: bool) -> None:
+    """Through AOTAutograd too (functionalised in-place cache writes: what Inductor receives); also a
+    SmolLM2-like layout (tied embeddings, 3 query heads per KV head)."""
+    model = tiny
+    if tied_gqa3:
+        model = build_model(TINY.replace(n_heads=6, n_kv_heads=2, dim=96, tie_embeddings=True), seed=1).eval()
+    dec = Decoder(model, compile=True, backend="aot_eager")
+    assert generate_tokens(dec, PROMPTS, 8) == generate_tokens(model, PROMPTS, 8) == \
+        generate_tokens(model, PROMPTS, 8, kv_cache=False)
+
+
+def test_chunked_stop_checks_equal_per_token(tiny) -> None:
+    """Checking stops every 5 tokens ends each row where checking every token does."""
+    free = generate_tokens(tiny, PROMPTS, 14)
+    stop = [free[0][3], free[2][6]]
+    seen: list[tuple[int, int]] = []
+
+    def stop_fn(row: int, toks: list[int]) -> bool:
+        seen.append((row, len(toks)))
+        return row == 1 and len(toks) == 7
+
+    for chunk in (1, 5):
+        dec = Decoder(tiny, check_every=chunk)
+        seen.clear()
+        got = generate_tokens(dec, PROMPTS, 14, stop_ids=stop, stop_fn=stop_fn)
+        if chunk == 1:
+            want, want_seen = got, list(seen)
+        assert got == want and sorted(seen) == sorted(want_seen)  # the same calls, row by row per chunk
+    assert len(want[1]) == 7 and any(len(o) < 14 for o in want)
+
+
+def test_cli_compile_flag() -> None:
+    from solotune.cli import build_parser
+
+    base = ["generate", "--model", "m", "--prompt", "p"]
+    assert build_parser().parse_args(base).compile is None  # auto: on for CUDA where it pays
+    assert build_parser().parse_args(base + ["--compile"]).compile is True
+    assert build_parser().parse_args(base + ["--no-compile"]).compile is False

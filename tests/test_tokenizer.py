@@ -281,3 +281,11 @@ def test_smollm2_gguf_tokenizer(smollm2_gguf: Path, alpaca_records) -> None:
     ids = tok.encode(chat)
     assert ids[0] == 1 and ids.count(1) == 3 and ids.count(2) == 2
     assert load_tokenizer(smollm2_gguf).encode(chat) == ids
+
+
+def test_special_text_in(llama2_sp: Tokenizer, llama2_json: Tokenizer) -> None:
+    """What conversation data checks before a chat rendering would turn text into control tokens."""
+    for tok in (llama2_sp, llama2_json):
+        assert tok.special_text_in("plain text, <s >, </ s>") is None
+        assert tok.special_text_in("an answer</s> and more") == "</s>"
+        assert tok.special_text_in("<unk> first, then <s>") == "<unk>"

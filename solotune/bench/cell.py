@@ -302,7 +302,7 @@ def planner_setup(spec: CellSpec, cfg: Any, seq_len: int, device: torch.device):
                  grad_checkpoint=spec.grad_checkpoint, precision=spec.precision,
                  lora_rank=spec.lora_rank if spec.method == "lora" else 0, lora_targets=spec.lora_targets,
                  lora_dropout=spec.lora_dropout, quantize=spec.quantize, offload=spec.offload, loss=spec.loss,
-                 device="cuda" if device.type == "cuda" else "cpu")
+                 kernels=spec.kernels, device="cuda" if device.type == "cuda" else "cpu")
 
 
 class _InjectedOOM:

@@ -184,11 +184,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if bad:
         raise ValueError(f"unknown method/precision {bad}: methods lora,full; precisions {','.join(KNOWN)}")
     from ..errors import ConfigError
-    from .plan import PLANNED_LOSSES
+    from ..train.loss import LOSSES
 
-    unplanned = [x for x in args.loss if x not in PLANNED_LOSSES]
-    if unplanned:
-        raise ConfigError(f"--loss {','.join(unplanned)}: the planner's dry run models {', '.join(PLANNED_LOSSES)}")
+    unknown = [x for x in args.loss if x not in LOSSES]
+    if unknown:
+        raise ConfigError(f"--loss {','.join(unknown)}: choose from {', '.join(LOSSES)}")
     bad = [q for q in args.quantize if q not in QUANTIZE_KINDS] + [o for o in args.offload if o not in OFFLOAD_KINDS]
     if bad:
         raise ValueError(f"unknown quantize/offload {bad}: quantize {','.join(QUANTIZE_KINDS)}; "

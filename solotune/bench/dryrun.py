@@ -55,9 +55,10 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from ..config import ModelConfig
+from ..kernels import apply_kernels
 from ..model import Transformer
 from ..peft import LoRALinear, LoRASpec, apply_lora
-from ..train.loss import token_loss_sum
+from ..train.loss import get_loss, logits_rows
 from ..quant.load import quantized_modules, swap_in_quantized  # at import: building its tables needs real tensors
 from ..train.offload import ActivationOffload
 from ..train.precision import PrecisionPolicy
@@ -94,15 +95,15 @@ def training_model(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec, qu
 
 
 def forward_loss(model: nn.Module, tokens: torch.Tensor, labels: torch.Tensor, policy: PrecisionPolicy,
-                 device_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+                 device_type: str, loss: str = "full-logits") -> torch.Tensor:
     """One micro-batch as the training loop runs it up to ``backward()``: the forward under the
-    policy's autocast, the loss from the logits outside it, normalised and scaled by the policy's
-    loss scaler. tokens, labels [B, T] -> (the tensor backward starts from, logits [B, T, V])."""
+    policy's autocast with the loss ``loss`` (``solotune.train.loss.LOSSES``) owning the head,
+    normalised and scaled by the policy's loss scaler. tokens, labels [B, T] -> the tensor backward
+    starts from."""
     with policy.autocast(device_type):
-        logits = model(tokens)
-    loss = token_loss_sum(logits, labels)  # fp32 sum over the micro-batch's targets
+        total = model(tokens, head=functools.partial(get_loss(loss), labels=labels))  # fp32 sum over targets
     n_targets = max(labels.numel(), 1)  # a Python number, as in the loop: the division saves nothing
-    return policy.make_scaler(device_type).scale(loss / n_targets), logits
+    return policy.make_scaler(device_type).scale(total / n_targets)
 
 
 # ============================================================================== the result
@@ -152,9 +153,12 @@ class DryRun:
     blocks: tuple[Saved, ...]
     standalone: tuple[int, ...]
     inputs: tuple[Saved, ...]  # per block: its tensor inputs that no other block saves (what checkpoint() keeps)
-    logits: int  # the logits tensor [B, T, V] in its dtype
+    # The loss's logits transients, for the rows it holds at once (``loss.logits_rows``: all B*T
+    # tokens for full-logits, one chunk for the chunked losses; for fused-linear-ce, whose gradient
+    # pass runs inside its forward chunk by chunk, the same one-chunk sizes are an upper bound).
+    logits: int  # the logits [rows, V] in the head's compute dtype
     logits_fp32: int  # the loss's fp32 copy of the logits (0 when they are fp32 already)
-    loss_grads: int  # what backward starts with: d(log_softmax) and d(logits), [B, T, V] each, in the loss's dtype
+    loss_grads: int  # d(log_softmax) and d(logits), [rows, V] each, in the loss's dtype
     head_grad: int  # the output head's weight gradient (0 when it is frozen)
 
     @property
@@ -322,7 +326,7 @@ class _Recorder:
 
 @functools.lru_cache(maxsize=512)  # a pure function of its (hashable) arguments; plan() asks again and again
 def dry_run(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec, checkpointed: frozenset[int], batch: int, seq_len: int,
-            device: str, quantize: str = "none") -> DryRun:
+            device: str, quantize: str = "none", loss: str = "full-logits", kernels: str = "off") -> DryRun:
     """One forward + loss of ``cfg`` (at its own depth; blocks ``checkpointed`` recomputed in
     backward) on fake tensors, as the training loop runs it on ``device`` ("cuda" | "cpu"), under
     the anatomy's saved-tensor hooks."""
@@ -332,8 +336,10 @@ def dry_run(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec, checkpoin
         model = training_model(cfg, policy, lora, quantize)
     # Any set of blocks (set_grad_checkpointing takes the off/all/every:K policies only).
     model.checkpoint_layers = frozenset(checkpointed)
-    for i, layer in enumerate(model.layers):  # each block checkpoints itself (TransformerBlock.recompute)
+    for i, layer in enumerate(model.layers):  # a block checkpoints itself (TransformerBlock.recompute)
         layer.recompute = "full" if i in model.checkpoint_layers else "off"
+    if device == "cuda":  # the fused kernels run on CUDA only: their ops' fake implementations run here
+        apply_kernels(model, kernels, available=lambda *tensors: True)
     # NF4's dequantization indexes real constant tables (module-level levels and dynamic map):
     # let the fake mode convert those; nothing else in the model is a real tensor.
     with FakeTensorMode(allow_non_fake_inputs=quantize != "none"):
@@ -343,14 +349,16 @@ def dry_run(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec, checkpoin
         labels = torch.zeros(batch, seq_len, dtype=torch.long)
         with _kernels(device, rec), torch.autograd.graph.saved_tensors_hooks(rec.pack, lambda t: t):
             _check_autocast(policy)
-            _, logits = forward_loss(model, tokens, labels, policy, "cpu")
+            forward_loss(model, tokens, labels, policy, "cpu", loss)
         rec.close()
         head = model.output.weight
-        loss_dtype = torch.promote_types(logits.dtype, torch.float32)  # token_loss_sum works in fp32 (fp64 stays)
+        head_dtype = policy.autocast_dtype or head.dtype  # the head matmul's output (autocast's, else the weight's)
+        loss_dtype = torch.promote_types(head_dtype, torch.float32)  # the losses work in fp32 (fp64 stays)
+        n_logits = logits_rows(loss, batch * seq_len) * cfg.vocab_size
         outside, shared, blocks, standalone, inputs = rec.result()
-        return DryRun(outside, shared, blocks, standalone, inputs, logits=logits.numel() * logits.element_size(),
-                      logits_fp32=logits.numel() * loss_dtype.itemsize if loss_dtype != logits.dtype else 0,
-                      loss_grads=2 * logits.numel() * loss_dtype.itemsize,
+        return DryRun(outside, shared, blocks, standalone, inputs, logits=n_logits * head_dtype.itemsize,
+                      logits_fp32=n_logits * loss_dtype.itemsize if loss_dtype != head_dtype else 0,
+                      loss_grads=2 * n_logits * loss_dtype.itemsize,
                       head_grad=head.numel() * head.element_size() if head.requires_grad else 0)
 
 
@@ -401,7 +409,8 @@ class Activations:
 
 
 def activations(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec, checkpointed: frozenset[int], batch: int,
-                seq_len: int, device: str, quantize: str = "none") -> Activations:
+                seq_len: int, device: str, quantize: str = "none", loss: str = "full-logits",
+                kernels: str = "off") -> Activations:
     """:func:`dry_run` of the full depth, from one dry run of 3 blocks.
 
     Blocks are identical, and block i >= 1 saves the same whatever its position: its own tensors
@@ -418,7 +427,7 @@ def activations(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec, check
     L = cfg.n_layers
     ckpt = frozenset(checkpointed)
     run = functools.partial(dry_run, policy=policy, lora=lora, batch=batch, seq_len=seq_len, device=device,
-                            quantize=quantize)
+                            quantize=quantize, loss=loss, kernels=kernels)
     if L <= 3:
         d = run(cfg, checkpointed=ckpt)
         saved = d.saved

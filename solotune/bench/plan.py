@@ -66,6 +66,8 @@ import torch
 from ..config import PRESETS, ModelConfig
 from ..model import checkpoint_policy
 from ..peft import LoRASpec
+from ..kernels import KERNEL_SETS
+from ..train.loss import LOSSES
 from ..train.optim import get_optimizer_spec, optimizer_state_bytes
 from ..train.precision import PrecisionPolicy, get_policy
 from . import dryrun
@@ -73,9 +75,6 @@ from .anatomy import dtype_name
 from .dryrun import OFFLOAD_MAX_IN_FLIGHT, QUANTIZE_KINDS
 
 OFFLOAD_KINDS = ("none", "activations")  # solotune.train.offload
-# Losses (solotune.train.loss.LOSSES) the dry run models: dryrun.forward_loss projects every
-# position (full logits). A chunked / fused loss is planned once the dry run runs it.
-PLANNED_LOSSES = ("full-logits",)
 PRECISIONS = ("fp32", "fp16-amp", "bf16-amp", "bf16")  # the training modes (precision.POLICIES also has fp64)
 DEVICES = ("cuda", "cpu")
 GiB = 1024**3
@@ -106,12 +105,13 @@ class Setup:
     device: str = "cuda"  # "cuda" | "cpu": dropout masks, attention statistics and the optimizer step differ
     quantize: str = "none"  # none | nf4 | int8: the frozen base's block linears (LoRA only)
     offload: str = "none"  # none | activations (solotune.train.offload)
-    loss: str = "full-logits"  # solotune.train.loss.LOSSES; PLANNED_LOSSES are the ones the dry run models
+    loss: str = "full-logits"  # solotune.train.loss.LOSSES: how the head's logits come to exist
+    kernels: str = "off"  # off | triton: fused RMSNorm / SwiGLU / RoPE (solotune.kernels; CUDA only)
 
     def __init__(self, model: ModelConfig, seq_len: int = 512, batch: int = 1, grad_accum: int = 1,
                  grad_checkpoint: str = "off", precision: str = "fp32", lora: LoRASpec | None = None,
-                 optimizer: str = "adamw", device: str = "cuda", quantize: str = "none", offload: str = "none",
-                 loss: str = "full-logits", *, lora_rank: int | None = None,
+                 optimizer: str = "adamw", device: str = "cuda", quantize: str = "none", offload: str = "none", *,
+                 loss: str = "full-logits", kernels: str = "off", lora_rank: int | None = None,
                  lora_targets: Iterable[str] | None = None, lora_dropout: float | None = None) -> None:
         spec = lora if lora is not None else LoRASpec()
         legacy = {k: v for k, v in (("rank", lora_rank), ("targets", lora_targets), ("dropout", lora_dropout))
@@ -121,7 +121,7 @@ class Setup:
         for name, value in (("model", model), ("seq_len", seq_len), ("batch", batch), ("grad_accum", grad_accum),
                             ("grad_checkpoint", grad_checkpoint), ("precision", precision), ("lora", spec),
                             ("optimizer", optimizer), ("device", device), ("quantize", quantize), ("offload", offload),
-                            ("loss", loss)):
+                            ("loss", loss), ("kernels", kernels)):
             object.__setattr__(self, name, value)
         self.__post_init__()
 
@@ -140,8 +140,10 @@ class Setup:
         if self.offload not in OFFLOAD_KINDS:
             raise ValueError(f"offload {self.offload!r}: expected one of {', '.join(OFFLOAD_KINDS)}")
         get_optimizer_spec(self.optimizer)  # validates
-        if self.loss not in PLANNED_LOSSES:
-            raise ValueError(f"loss {self.loss!r}: the planner's dry run models {', '.join(PLANNED_LOSSES)} only")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss {self.loss!r}: expected one of {', '.join(LOSSES)}")
+        if self.kernels not in KERNEL_SETS:
+            raise ValueError(f"kernels {self.kernels!r}: expected one of {', '.join(KERNEL_SETS)}")
 
     @property
     def policy(self) -> PrecisionPolicy:
@@ -297,7 +299,8 @@ def optimizer_bytes(s: Setup) -> int:
 def saved_activations(s: Setup) -> tuple[int, int, dict[str, int], dict[str, int], dict[str, int]]:
     """(saved activation bytes, saved weight-copy bytes, bytes by part, autocast cache by weight,
     transient sizes) for one micro-batch of ``s.batch`` x ``s.seq_len`` tokens, from the dry run."""
-    a = dryrun.activations(s.model, s.policy, s.lora, s.checkpointed, s.batch, s.seq_len, s.device, s.quantize)
+    a = dryrun.activations(s.model, s.policy, s.lora, s.checkpointed, s.batch, s.seq_len, s.device, s.quantize,
+                           s.loss, s.kernels)
     lp = s.policy.autocast_dtype
     cache = {} if lp is None else {name: n * lp.itemsize
                                    for name, n in dryrun.autocast_cache(s.model, s.policy, s.lora, s.quantize)}

@@ -13,7 +13,7 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Protocol, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
 import torch
 
@@ -64,11 +64,18 @@ class Record:
     instruction: str
     output: str
     input: str = ""
+    where: str = field(default="", compare=False, repr=False)  # "FILE: record N", for error messages
+
+    @property
+    def empty_target(self) -> bool:
+        """True when the output is empty: the record trains only the end-of-text token."""
+        return not self.output
 
 
 @dataclass
 class AlpacaRecords(Sequence[Record]):
-    """The validated records of one source.
+    """The validated records of one source: Alpaca :class:`Record`s and, from ``messages`` /
+    ShareGPT ``conversations`` records, :class:`~solotune.data.conversations.Conversation`s.
 
     ``indices[i]`` is the index of ``records[i]`` in the source (so a split by index is not shifted
     by skipped records); ``total`` counts every record in the source, good or bad; ``skipped`` bad
@@ -111,7 +118,8 @@ def _check_record(obj: Any, where: str) -> Record:
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     for key in ("instruction", "output"):
         if key not in obj:
-            raise DataError(f"{where}: field {key!r} is missing")
+            raise DataError(f"{where}: field {key!r} is missing (a record is Alpaca {{instruction, input, output}}, "
+                            f"{{messages: [{{role, content}}...]}} or ShareGPT {{conversations: [{{from, value}}...]}})")
         if not isinstance(obj[key], str):
             raise DataError(f"{where}: field {key!r} must be a string, got {type(obj[key]).__name__}")
     if not obj["instruction"].strip():
@@ -122,7 +130,7 @@ def _check_record(obj: Any, where: str) -> Record:
     if not isinstance(inp, str):
         raise DataError(f"{where}: field 'input' must be a string, got {type(inp).__name__}")
     output = obj["output"] if obj["output"].strip() else ""
-    return Record(instruction=obj["instruction"], output=output, input=inp)
+    return Record(instruction=obj["instruction"], output=output, input=inp, where=where)
 
 
 def _raw_json(path: Path) -> list[tuple[str, Any] | None]:
@@ -183,14 +191,17 @@ def _raw_hf(name: str) -> list[tuple[str, Any]]:
     return [(f"{name}: record {i}", dict(row)) for i, row in enumerate(ds)]
 
 
-def load_records(source: str | Path, skip_bad: bool = False) -> AlpacaRecords:
+def load_records(source: str | Path, skip_bad: bool = False,
+                 check: Callable[[Any, str], Any] | None = None) -> AlpacaRecords:
     """Load Alpaca records from a JSON list file (first non-blank character ``[``), a JSON-lines
     file (``.jsonl``/``.ndjson``, or any other file), the bundled ``"alpaca-sample"`` (500 records), or
     a Hugging Face datasets id (only when ``datasets`` is installed).
 
     Every record needs a non-empty string ``instruction`` and a string ``output`` (which may be
     empty: see :func:`_check_record`; such records are listed in ``.empty_outputs``); ``input`` is
-    optional (a string). A bad record raises one :class:`DataError` naming the file, record index
+    optional (a string). ``check(value, where)`` validates one record instead of
+    :func:`_check_record` (``solotune.data.load_records`` passes the one that also takes
+    conversations, ``data/conversations.py``). A bad record raises one :class:`DataError` naming the file, record index
     and field, unless ``skip_bad``: then it is dropped and counted in ``.skipped``. An empty result
     is an error.
     """
@@ -220,7 +231,7 @@ def load_records(source: str | Path, skip_bad: bool = False) -> AlpacaRecords:
         if item is None:  # malformed JSONL line, already noted
             continue
         try:
-            records.append(_check_record(item[1], item[0]))
+            records.append((check or _check_record)(item[1], item[0]))
             indices.append(i)
         except DataError as e:
             if not skip_bad:
@@ -229,7 +240,7 @@ def load_records(source: str | Path, skip_bad: bool = False) -> AlpacaRecords:
     if not records:
         detail = f" ({len(problems)} bad records skipped; first: {problems[0]})" if problems else ""
         raise DataError(f"{label}: no records{detail}")
-    empty = [i for i, r in zip(indices, records) if not r.output]
+    empty = [i for i, r in zip(indices, records) if r.empty_target]
     return AlpacaRecords(records=records, source=label, indices=indices, total=len(raw),
                          skipped=len(problems), problems=problems, empty_outputs=empty)
 
@@ -260,7 +271,11 @@ def split(records: Sequence[Record], train: range = DEFAULT_TRAIN,
 
 # ---------------------------------------------------------------------------------- tokenisation
 def _as_record(record: Record | Mapping[str, Any]) -> Record:
-    return record if isinstance(record, Record) else _check_record(record, "record")
+    r = record if isinstance(record, Record) else _check_record(record, "record")
+    if not isinstance(r, Record):
+        raise DataError(f"{getattr(r, 'where', '') or 'record'}: a conversation, not an Alpaca record "
+                        f"(tokenize it with solotune.data.conversations.tokenize_example)")
+    return r
 
 
 def format_prompt(record: Record | Mapping[str, Any]) -> str:
@@ -340,9 +355,11 @@ class AlpacaDataset(Sequence[Example]):
     target token is left (they add nothing to the loss); ``num_target_tokens``: tokens the loss sees.
     """
 
-    def __init__(self, records: Iterable[Record | Mapping[str, Any]], tokenizer: Tokenizer, max_seq_len: int = 512) -> None:
+    def __init__(self, records: Iterable[Record | Mapping[str, Any]], tokenizer: Tokenizer, max_seq_len: int = 512,
+                 tokenize: Callable[[Any, Tokenizer, int], Example] | None = None) -> None:
         self.max_seq_len = max_seq_len
-        self.examples = [tokenize_record(r, tokenizer, max_seq_len) for r in records]
+        tokenize = tokenize or tokenize_record  # conversations: data.conversations.tokenized picks per template
+        self.examples = [tokenize(r, tokenizer, max_seq_len) for r in records]
         self.num_truncated = sum(e.truncated for e in self.examples)
         self.num_no_target = sum(e.num_targets == 0 for e in self.examples)
         self.num_target_tokens = sum(e.num_targets for e in self.examples)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, MissingPathError, RunDirError
-from .config import PRECISIONS, PROFILES, TrainConfig
+from .config import PRECISIONS, PROFILES, TEMPLATES, TrainConfig
 
 
 def _range(text: str) -> tuple[int, int]:
@@ -64,8 +64,9 @@ _FINETUNE_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--packing": ("packing", dict(choices=["auto", "off", "on"],
                                   help="on: pack each step's records into rows of --max-seq-len tokens (no padding; "
                                        "auto: on CUDA)")),
-    "--compile": ("compile", dict(choices=["auto", "off", "blocks"],
-                                  help="blocks: torch.compile each transformer block (auto: on CUDA)")),
+    "--compile": ("compile", dict(choices=["auto", "off", "blocks", "blocks-cudagraphs"],
+                                  help="blocks: torch.compile each transformer block (auto: on CUDA); "
+                                       "blocks-cudagraphs: and replay them as CUDA graphs (small batches)")),
     "--kernels": ("kernels", dict(choices=["off", "triton"], help="triton: fused RMSNorm/RoPE/SwiGLU kernels")),
     "--loss": ("loss", dict(help="how the head's logits come to exist (see solotune.train.loss.LOSSES)")),
     "--full": ("full", dict(action="store_true", help="full fine-tuning (no LoRA)")),
@@ -83,6 +84,12 @@ _FINETUNE_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--eval-batch-size": ("eval_batch_size", dict(type=int)),
     "--eval-every": ("eval_every", dict(type=int, help="val loss every N steps too (0 = before/after only)")),
     "--skip-bad-records": ("skip_bad_records", dict(action="store_true")),
+    "--template": ("template", dict(choices=list(TEMPLATES),
+                                    help="how records become tokens: alpaca prompt, the model's chat template "
+                                         "(only assistant turns are labels), or auto: Alpaca records as alpaca, "
+                                         "messages/ShareGPT conversations as chat when the model has a chat template")),
+    "--tensorboard": ("tensorboard", dict(metavar="DIR", help="also write metrics.jsonl's scalars as TensorBoard "
+                                                              "events to DIR (needs the tensorboard package)")),
     "--save-every": ("save_every", dict(type=int, help="checkpoint every N steps (0 = only at the end)")),
     "--save-every-minutes": ("save_every_minutes", dict(type=float, help="also checkpoint after this many minutes of training since the last checkpoint (0 = off)")),
     "--keep-checkpoints": ("keep_checkpoints", dict(type=int, help="keep the newest N checkpoints (0 = all)")),
@@ -225,8 +232,12 @@ def _next_free_dir(taken: str, say) -> str:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from .loop import finetune
+    from .metrics import require_tensorboard
 
-    finetune(finetune_config(args))
+    cfg = finetune_config(args)
+    if cfg.tensorboard:  # before the model loads: a missing optional package costs no loading time
+        require_tensorboard()
+    finetune(cfg)
     return 0
 
 
@@ -313,6 +324,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                         "the last 5%% of other data)")
     p.add_argument("--val-samples", type=_opt_int, default=None, help="first N records of the range")
     p.add_argument("--max-seq-len", type=int, default=None)
+    p.add_argument("--template", choices=list(TEMPLATES), default=None,
+                   help="how records become tokens (default: the adapter run's, else auto; see finetune --help)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -349,7 +362,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def eval_set(args: argparse.Namespace, adapter: Any, tokenizer: Any) -> tuple[Any, str, range, int]:
     """(examples, data, val range, max_seq_len) that ``eval`` (and ``compare``) score: --data /
     --val-range / --val-samples / --max-seq-len, defaulting to the adapter's training run's."""
-    from ..data import AlpacaDataset, load_records
+    from ..data import load_records, tokenized
     from .inputs import auto_ranges, split_records
 
     run = TrainConfig.from_dict(adapter.train_config) if adapter and adapter.train_config else TrainConfig()
@@ -362,7 +375,8 @@ def eval_set(args: argparse.Namespace, adapter: Any, tokenizer: Any) -> tuple[An
         val_range = val_range[:n]
     _, val = split_records(records, data, train=range(0), val=val_range)
     max_len = args.max_seq_len or run.max_seq_len
-    return AlpacaDataset(val, tokenizer, max_len), data, val_range, max_len
+    template = getattr(args, "template", None) or run.template
+    return tokenized(val, tokenizer, max_len, template), data, val_range, max_len
 
 
 # ----------------------------------------------------------------------------------------- merge

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..data.conversations import TEMPLATES
 from ..errors import ConfigError, MissingPathError
 from ..model import checkpoint_policy
 from ..peft.spec import LoRASpec
@@ -32,7 +33,9 @@ LR_SCHEDULES = ("cosine", "constant")
 QUANTIZE = ("none", "nf4", "int8")  # solotune.quant: the frozen base's storage
 OFFLOAD = ("none", "activations")  # solotune.train.offload
 PACKING = ("auto", "off", "on")  # solotune.data.packing: several records per row, no padding (auto: on CUDA)
-COMPILE = ("auto", "off", "blocks")  # torch.compile of each transformer block (auto: on CUDA with Triton)
+# torch.compile of each transformer block (auto: blocks on CUDA with Triton); blocks-cudagraphs also
+# replays each block's kernels from a CUDA graph (mode="reduce-overhead": for launch-bound small batches)
+COMPILE = ("auto", "off", "blocks", "blocks-cudagraphs")
 KERNELS = ("off", "triton")  # solotune.kernels: fused RMSNorm / RoPE / SwiGLU
 DISTRIBUTED = ("none", "fsdp")  # solotune.parallel: one process, or FSDP2 over torchrun's processes
 
@@ -84,6 +87,9 @@ class TrainConfig:
     eval_batch_size: int = 4
     eval_every: int = 0  # also measure the val loss every N optimizer steps (0 = only before and after)
     skip_bad_records: bool = False
+    # alpaca | chat | auto: how records are rendered (solotune/data/conversations.py; auto: Alpaca records
+    # through the Alpaca prompt, conversations through the model's chat template when it has one)
+    template: str = "auto"
     # checkpoints
     save_every: int = 0  # also checkpoint every N optimizer steps (0 = only at the end / on Ctrl-C)
     save_every_minutes: float = 10.0  # also checkpoint when this much training time passed since the last (0 = off)
@@ -98,6 +104,7 @@ class TrainConfig:
     random_init: bool = False  # random weights of the named architecture (benchmarks)
     n_layers: int | None = None  # keep only the first N layers (random_init only)
     log_every: int = 1  # print a log line every N steps when the progress bar is off
+    tensorboard: str | None = None  # also write metrics.jsonl's scalars to this TensorBoard log dir (optional dep)
     generate_samples: bool = True  # greedy generations on fixed prompts before and after (never for random_init)
     progress: bool = True  # tqdm progress bar
 
@@ -111,6 +118,8 @@ class TrainConfig:
                 setattr(self, name, tuple(getattr(self, name)))
         if self.max_grad_norm == 0:
             self.max_grad_norm = None
+        if self.tensorboard == "":  # `--tensorboard ""` turns off what a resumed run's config had on
+            self.tensorboard = None
         self.validate()
 
     # ------------------------------------------------------------------ checks
@@ -149,6 +158,8 @@ class TrainConfig:
 
         if self.loss not in LOSSES:
             bad("loss", f"{self.loss!r} is not one of {', '.join(LOSSES)}")
+        if self.template not in TEMPLATES:
+            bad("template", f"{self.template!r} is not one of {', '.join(TEMPLATES)}")
         if self.lr_schedule not in LR_SCHEDULES:
             bad("lr_schedule", f"{self.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
         try:
@@ -212,10 +223,15 @@ class TrainConfig:
 
     def compiles(self, device_type: str) -> bool:
         """Compiled blocks in effect on this device (``auto``: CUDA with Triton, one process)."""
-        if self.compile == "blocks":
+        if self.compile.startswith("blocks"):
             return True
         return (self.compile == "auto" and device_type == "cuda" and self.distributed == "none"
                 and importlib.util.find_spec("triton") is not None)
+
+    @property
+    def compile_options(self) -> dict[str, Any]:
+        """``torch.compile`` keyword arguments of the chosen compile setting."""
+        return {"mode": "reduce-overhead"} if self.compile == "blocks-cudagraphs" else {}
 
     @property
     def lora(self) -> LoRASpec:
@@ -267,7 +283,7 @@ class TrainConfig:
 TRAJECTORY_FIELDS = (
     "model", "data", "lr", "batch_size", "grad_accum", "weight_decay", "warmup_steps", "lr_schedule",
     "min_lr_ratio", "max_grad_norm", "optimizer", "quantize", "seed", "precision", "full", "lora_rank", "lora_alpha",
-    "lora_dropout", "lora_targets", "max_seq_len", "train_range", "max_samples", "skip_bad_records",
+    "lora_dropout", "lora_targets", "max_seq_len", "train_range", "max_samples", "skip_bad_records", "template",
     "random_init", "n_layers", "epochs", "max_steps",
 )
 

@@ -29,14 +29,15 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 import torch.nn as nn
 
-from ..data import Example, Record, format_prompt
+from ..data import Example, Record
+from ..data.conversations import prompt_text
 from ..data.batch import Batch, collate_batch, empty_batch
 from ..data.packing import pack_window
 from ..errors import ConfigError
 from ..parallel import make_parallel
 from ..peft import apply_lora, count_parameters, trainable_summary
 from .config import TRAJECTORY_FIELDS, TrainConfig
-from .inputs import check_data, load_data
+from .inputs import chat_samples, check_data, load_data
 from .interrupts import terminate_saves
 from .loss import get_loss
 from .metrics import (
@@ -172,9 +173,11 @@ def _finetune(cfg: TrainConfig, par: Any, ckpt: Any, records: Any, model: nn.Mod
     ctx = StepContext(model, optimizer, [p for p in model.parameters() if p.requires_grad], policy, get_loss(cfg.loss),
                       par, device, cfg.max_grad_norm, getattr(instrument, "forward_context", None),
                       getattr(instrument, "before_step", None), offload_context(cfg.offload, model, device))
-    validate = functools.partial(evaluate, model, val_set, policy, device, cfg.eval_batch_size, pad_id, par)
+    validate = functools.partial(evaluate, model, val_set, policy, device, cfg.eval_batch_size, pad_id, par,
+                                 loss_name=cfg.loss)
     # Random weights only babble; sharded generation is not supported (generate from final/ instead).
     generate = cfg.generate_samples and not cfg.random_init and par.kind == "none"
+    chat = generate and chat_samples(cfg, tokenizer, records)  # samples as the run renders its records
 
     # ---- resume every piece of state the next step depends on, or measure the baseline
     if ckpt is not None:
@@ -183,7 +186,7 @@ def _finetune(cfg: TrainConfig, par: Any, ckpt: Any, records: Any, model: nn.Mod
         say(f"resumed from {ckpt.path} at step {state.step}")
     else:
         if generate:
-            state.generations_before = sample_generations(model, tokenizer, say, "before tuning")
+            state.generations_before = sample_generations(model, tokenizer, say, "before tuning", chat=chat)
         state.val_loss_before = validate()
         if state.val_loss_before is not None:
             say(f"val loss before: {state.val_loss_before:.4f} (ppl {math.exp(state.val_loss_before):.2f}) "
@@ -215,7 +218,7 @@ def _finetune(cfg: TrainConfig, par: Any, ckpt: Any, records: Any, model: nn.Mod
         saver.save_final()
         final_dir = save_final_weights(par, out / FINAL, model, cfg, tokenizer)
     val_after = validate()
-    gens_after = sample_generations(model, tokenizer, say, "after tuning") if generate else []
+    gens_after = sample_generations(model, tokenizer, say, "after tuning", chat=chat) if generate else []
     result = _result(cfg, state, log.records, out, peaks, val_after, trainable_params, total_params, final_dir,
                      saver.last, gens_after, ckpt, par.world_size)
     if par.is_main:
@@ -292,7 +295,7 @@ def _attach_adapters(model: nn.Module, cfg: TrainConfig, policy: PrecisionPolicy
         use_fused_kernels(model)
     device_type = next(model.parameters()).device.type
     if cfg.compiles(device_type):
-        model.compile_blocks()
+        model.compile_blocks(**cfg.compile_options)
     say(trainable_summary(model))
     if cfg.packs(device_type) or cfg.compiles(device_type):
         say(f"speed: packing {'on' if cfg.packs(device_type) else 'off'} (rows of {cfg.max_seq_len} tokens), "
@@ -318,21 +321,22 @@ def _open_logs(cfg: TrainConfig, out: Path, par: Any, ckpt: Any, step: int, tota
     if not par.is_main:
         return _RecordsOnly(), _RecordsOnly()
     log = MetricsLog(out, resume_step=step if ckpt is not None else None,
-                     earlier=ckpt.path.parent.parent / METRICS if ckpt is not None else None)
+                     earlier=ckpt.path.parent.parent / METRICS if ckpt is not None else None,
+                     tensorboard=cfg.tensorboard)
     return log, Progress(total_steps, step, cfg.progress, cfg.log_every)
 
 
 # ============================================================================== evaluation
 @torch.no_grad()
 def evaluate(model: nn.Module, examples: Sequence[Example], policy: PrecisionPolicy, device: torch.device,
-             batch_size: int, pad_id: int, par: Any = None) -> float | None:
+             batch_size: int, pad_id: int, par: Any = None, loss_name: str = "full-logits") -> float | None:
     """Mean next-token loss over all target tokens of ``examples`` (None when there are none).
     Leaves the model in eval mode. With a parallel context of N ranks each rank evaluates its own
     ``batch_size`` examples of every N * ``batch_size`` and the sums are added up."""
     if not len(examples):
         return None
     rank, world = (par.rank, par.world_size) if par is not None else (0, 1)
-    loss_fn = get_loss()
+    loss_fn = get_loss(loss_name)
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size * world):
@@ -410,16 +414,19 @@ def check_resume_config(cfg: TrainConfig, saved: dict[str, Any], path: Path) -> 
 
 
 # ================================================================================ reporting
-def sample_generations(model: nn.Module, tokenizer: Any, say, when: str, max_new_tokens: int = 48) -> list[str]:
-    """Greedy answers to :data:`SAMPLE_PROMPTS` (empty when generation is unavailable)."""
+def sample_generations(model: nn.Module, tokenizer: Any, say, when: str, max_new_tokens: int = 48,
+                       chat: bool = False) -> list[str]:
+    """Greedy answers to :data:`SAMPLE_PROMPTS` (empty when generation is unavailable); ``chat``:
+    as user turns of the chat template instead of Alpaca prompts."""
     try:
         from ..generate import generate
     except ImportError:
         return []
     model.eval()
-    prompts = [format_prompt(r) for r in SAMPLE_PROMPTS]
+    prompts = [prompt_text(r, chat) for r in SAMPLE_PROMPTS]
     with torch.no_grad():
-        texts = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=0.0, stop=["###"])
+        texts = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=0.0, chat=chat,
+                         stop=None if chat else ["###"])
     if hasattr(model, "clear_cache"):
         model.clear_cache()
     say(f"--- sample generations {when} (greedy) ---")

@@ -12,11 +12,12 @@ the accumulation window's target count, so k micro-batches equal one batch.
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ..data import IGNORE_INDEX
 
@@ -54,7 +55,131 @@ def full_logits_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor
         return token_loss_sum(logits, labels)
 
 
-LOSSES: dict[str, Callable[..., torch.Tensor]] = {"full-logits": full_logits_loss}
+# ===================================================================== without the full logits
+CHUNK_TOKENS = 1024  # tokens per chunk: [1024 x 32000] fp32 logits = 131 MB, not 524 MB per 4096 tokens
+
+
+def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the head's matmul runs in: autocast's (as ``nn.Linear`` would; fp64 is never
+    cast by autocast), else the promotion of the two operands."""
+    dev = hidden.device.type
+    if torch.is_autocast_enabled(dev) and torch.float64 not in (hidden.dtype, weight.dtype):
+        return torch.get_autocast_dtype(dev)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+def _chunk_loss_sum(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor) -> torch.Tensor:
+    """hidden [n, C], targets [n] (already shifted) -> fp32 sum: the head in the forward's autocast
+    dtype, cross-entropy outside it (as :func:`full_logits_loss`)."""
+    logits = head(hidden)
+    with torch.autocast(hidden.device.type, enabled=False):
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def chunked_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
+                 chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
+    """:class:`HeadLoss` over chunks of ``chunk_tokens`` tokens, each through the head and
+    cross-entropy under non-reentrant checkpointing: a chunk's logits exist only while its loss is
+    computed (forward) and again while its gradient is (backward, recomputed), so the transient is
+    one chunk's [n, V] instead of [B*T, V]; the price is a second head matmul per chunk. Works for
+    any head module (a quantized or LoRA-wrapped head too)."""
+    h = hidden.flatten(0, 1)
+    targets = shifted_targets(labels).flatten()
+    total = None
+    for s in range(0, h.shape[0], chunk_tokens):
+        part = checkpoint(_chunk_loss_sum, h[s:s + chunk_tokens], head, targets[s:s + chunk_tokens],
+                          use_reentrant=False)
+        total = part if total is None else total + part
+    return total if total is not None else h.new_zeros((), dtype=torch.float32).sum()
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """sum_t CE(hidden[t] @ weight.T, targets[t]) with the gradients computed in the forward.
+
+    hidden [N, C], weight [V, C], targets [N] (IGNORE_INDEX skipped). For each chunk of tokens:
+    logits in ``dtype`` (the matmul), softmax statistics in ``loss_dtype`` (fp32, or fp64), then
+    d loss / d logits = softmax - onehot (zero on ignored rows), cast to ``dtype`` for the two
+    gradient matmuls as autograd of the reference would. The gradients are kept until backward,
+    d hidden [N, C] in ``dtype`` (the matmul's output) and d weight [V, C] in ``loss_dtype`` (a sum
+    over chunks; only when the weight needs one), and backward only scales them (in fp32) by
+    the incoming scalar, so no [N, V] tensor outlives its chunk.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype,
+                chunk_tokens: int) -> torch.Tensor:
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        loss_dtype = torch.promote_types(dtype, torch.float32)
+        N = hidden.shape[0]
+        loss = torch.zeros((), dtype=loss_dtype, device=hidden.device)
+        # d hidden comes out of a matmul in ``dtype``: kept in it (no precision to gain in fp32)
+        grad_h = hidden.new_empty(hidden.shape, dtype=dtype) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=loss_dtype, device=weight.device) if need_w else None
+        w = weight.to(dtype)
+        for s in range(0, N, chunk_tokens):
+            h = hidden[s:s + chunk_tokens].to(dtype)
+            t = targets[s:s + chunk_tokens]
+            valid = t != IGNORE_INDEX
+            tgt = torch.where(valid, t, 0)[:, None]
+            logits = (h @ w.T).to(loss_dtype)  # [n, V]: the matmul's rounding, then fp32 statistics
+            lse = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, tgt)[:, 0]
+            loss += torch.where(valid, lse - picked, 0).sum()
+            if not (need_h or need_w):
+                continue
+            g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            g.scatter_add_(1, tgt, -valid[:, None].to(loss_dtype))
+            g.mul_(valid[:, None])
+            g = g.to(dtype)
+            if need_h:
+                grad_h[s:s + chunk_tokens] = g @ w
+            if need_w:
+                grad_w += (g.T @ h).to(loss_dtype)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        grad_h, grad_w = ctx.saved_tensors
+        h_dtype, w_dtype = ctx.dtypes
+        gh = (grad_h.to(grad_out.dtype) * grad_out).to(h_dtype) if grad_h is not None else None
+        gw = (grad_w * grad_out).to(w_dtype) if grad_w is not None else None
+        return gh, gw, None, None, None
+
+
+def fused_linear_ce_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
+                         chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
+    """:class:`HeadLoss` that computes the loss and its gradients w.r.t. the hidden states and the
+    head's weight (when it requires grad: full fine-tuning; a tied embedding gets it through the
+    shared Parameter) chunk by chunk in the forward; the backward only scales them. No [B*T, V]
+    tensor and no second head matmul. A head that is not a bias-free ``nn.Linear`` goes through
+    :func:`chunked_loss`."""
+    if type(head) is not nn.Linear or head.bias is not None:
+        return chunked_loss(hidden, head, labels, chunk_tokens)
+    dtype = compute_dtype(hidden, head.weight)
+    targets = shifted_targets(labels).flatten()
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _FusedLinearCrossEntropy.apply(hidden.flatten(0, 1), head.weight, targets, dtype, chunk_tokens)
+
+
+LOSSES: dict[str, Callable[..., torch.Tensor]] = {
+    "full-logits": full_logits_loss,
+    "chunked": chunked_loss,
+    "fused-linear-ce": fused_linear_ce_loss,
+}
+
+
+# How many tokens' logits a loss holds at once (None: all of them); the planner sizes the logits
+# transients from it (solotune/bench/dryrun.py).
+LOGITS_ROWS: dict[str, int | None] = {"full-logits": None, "chunked": CHUNK_TOKENS, "fused-linear-ce": CHUNK_TOKENS}
+
+
+def logits_rows(name: str, n_tokens: int) -> int:
+    """Rows of the [rows, V] logits that loss ``name`` materialises at once for ``n_tokens`` tokens."""
+    rows = LOGITS_ROWS[name]
+    return n_tokens if rows is None else min(rows, n_tokens)
 
 
 def get_loss(name: str = "full-logits") -> HeadLoss:

@@ -1,5 +1,5 @@
-"""What a run reports: peak memory, the per-step metrics JSONL, the progress bar, the loss-curve
-PNG and the final summary."""
+"""What a run reports: peak memory, the per-step metrics JSONL (and, with ``--tensorboard DIR``, the
+same scalars as TensorBoard events), the progress bar, the loss-curve PNG and the final summary."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any, Iterable
 import torch
 
 from ..checkpoint.common import atomic_file
+from ..errors import ConfigError
 
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
@@ -57,9 +58,18 @@ class MetricsLog:
     A fresh run starts an empty file; a resumed run keeps the lines up to its checkpoint's step
     (dropping any logged after it by the interrupted run) and appends from there. Resuming into
     another output directory starts from the ``earlier`` run's file (the checkpoint's run).
+
+    ``tensorboard``: a log dir that also gets every record's scalars (:func:`tensorboard_scalars`),
+    flushed per step so a run can be watched live; a resumed run purges the events the interrupted
+    run wrote after the checkpoint, as the JSONL drops those lines.
     """
 
-    def __init__(self, output_dir: Path, resume_step: int | None, earlier: Path | None = None) -> None:
+    def __init__(self, output_dir: Path, resume_step: int | None, earlier: Path | None = None,
+                 tensorboard: str | Path | None = None) -> None:
+        self._tb = None
+        if tensorboard is not None:
+            self._tb = require_tensorboard()(log_dir=str(tensorboard),
+                                             purge_step=None if resume_step is None else resume_step + 1)
         self.path = output_dir / METRICS
         self.records: list[dict[str, Any]] = []
         source = self.path if self.path.is_file() else earlier
@@ -77,9 +87,32 @@ class MetricsLog:
         self.records.append(record)
         self._f.write(json.dumps(record) + "\n")
         self._f.flush()
+        if self._tb is not None:
+            for tag, value in tensorboard_scalars(record).items():
+                self._tb.add_scalar(tag, value, global_step=int(record["step"]))
+            self._tb.flush()
 
     def close(self) -> None:
         self._f.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def require_tensorboard() -> Any:
+    """``torch.utils.tensorboard.SummaryWriter``, or a ConfigError saying how to get it (``tensorboard``
+    is an optional dependency; torch's writer imports it)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("--tensorboard needs the optional 'tensorboard' package (pip install tensorboard)") from None
+    return SummaryWriter
+
+
+def tensorboard_scalars(record: dict[str, Any]) -> dict[str, float]:
+    """The numeric fields of one metrics.jsonl record, by their JSONL names (``step`` is the x axis;
+    booleans such as ``skipped`` as 0/1; absent values such as a step without ``val_loss`` left out)."""
+    return {k: float(v) for k, v in record.items()
+            if k != "step" and isinstance(v, (int, float))}
 
 
 # ---------------------------------------------------------------------------------- progress
