@@ -131,8 +131,9 @@ class CellSpec:
         if self.impl != "solotune":
             return dict(LOOP_OFF)
         tc = TrainConfig(**{k: getattr(self, k) for k in LOOP_OPTIONS})
+        compiled = self.compile if self.compile != "auto" else "blocks"  # auto compiles the blocks
         return {"packing": "on" if tc.packs(device_type) else "off",
-                "compile": "blocks" if tc.compiles(device_type) else "off",
+                "compile": compiled if tc.compiles(device_type) else "off",
                 "kernels": self.kernels, "loss": self.loss}
 
     @property
