@@ -166,6 +166,8 @@ class Setup:
         get_optimizer_spec(self.optimizer)  # validates
         if self.optimizer_in_backward and self.grad_accum != 1:
             raise ValueError(f"optimizer_in_backward needs grad_accum 1 (got {self.grad_accum})")
+        if self.optimizer_in_backward and self.precision == "fp16-amp":
+            raise ValueError("optimizer_in_backward cannot run under fp16-amp (its loss scaler needs every gradient)")
 
     @property
     def policy(self) -> PrecisionPolicy:
@@ -553,6 +555,8 @@ def plan(model: ModelConfig, gpu_mem: int, seq_len: int = 512, batch: int = 1, g
         lora = LoRASpec(rank=lora_rank if method == "lora" else 0, dropout=lora_dropout, targets=tuple(lora_targets))
         techniques = full_optimizers if (method == "full" and full_optimizers) else ((optimizer, False, False),)
         for opt_name, in_bwd, opt_off in techniques:
+            if in_bwd and prec == "fp16-amp":
+                continue  # the loss scaler must see every gradient before any update
             s = Setup(model, seq_len=seq_len, batch=batch, grad_accum=grad_accum, grad_checkpoint=gc, precision=prec,
                       lora=lora, optimizer=opt_name, device=device, quantize=quant,
                       offload=_with_optimizer_offload(off, opt_off))
@@ -574,12 +578,12 @@ def cheapest_fitting(s: Setup, gpu_mem: int,
                      techniques: tuple[tuple[str, bool, bool], ...] = FULL_FT_OPTIMIZERS) -> Setup | None:
     """``s`` with the cheapest (by :func:`relative_cost`) optimizer technique whose predicted peak
     fits ``gpu_mem``; None when none does. ``s`` itself (its optimizer, no in-backward, its
-    offload) is the first candidate; in-backward ones need ``s.grad_accum == 1`` (skipped otherwise:
-    a bench cell keeps its own micro-batch and accumulation)."""
+    offload) is the first candidate; in-backward ones need ``s.grad_accum == 1`` and no fp16-amp
+    (skipped otherwise: a bench cell keeps its own micro-batch and accumulation)."""
     best: tuple[float, Setup] | None = None
     for opt_name, in_bwd, opt_off in ((s.optimizer, s.optimizer_in_backward, "optimizer" in s.offload_targets),
                                       *techniques):
-        if in_bwd and s.grad_accum != 1:
+        if in_bwd and (s.grad_accum != 1 or s.precision == "fp16-amp"):
             continue
         c = s.replace(optimizer=opt_name, optimizer_in_backward=in_bwd,
                       offload=_with_optimizer_offload(s.offload.replace("optimizer", ""), opt_off))

@@ -67,6 +67,9 @@ class HostStates:
             ev.record(self.stream)
         return dev, ev
 
+    def _host_like(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=self.cuda)
+
     def _tensors(self, state: dict[str, Any]) -> dict[str, torch.Tensor]:
         return {k: v for k, v in state.items() if torch.is_tensor(v)}
 
@@ -89,7 +92,7 @@ class HostStates:
         dev = self._tensors(state)
         key = id(p)
         if key not in self.host:
-            self.host[key] = {k: torch.empty_like(v, device="cpu", pin_memory=self.cuda) for k, v in dev.items()}
+            self.host[key] = {k: self._host_like(v) for k, v in dev.items()}
         host = self.host[key]
         self.moved_bytes += sum(v.nbytes for v in dev.values())
         if self.cuda:
@@ -116,7 +119,7 @@ class HostStates:
         dev = self._tensors(state)
         if not dev:
             return
-        self.host[id(p)] = {k: torch.empty_like(v, device="cpu", pin_memory=self.cuda).copy_(v) for k, v in dev.items()}
+        self.host[id(p)] = {k: self._host_like(v).copy_(v) for k, v in dev.items()}
         self.ready.pop(id(p), None)
         state.update(self.host[id(p)])
 
