@@ -125,3 +125,12 @@ def test_cell_spec_checks_its_optimizer_fields():
     c = CellSpec(method="full", optimizer="adamw-8bit", optimizer_in_backward=True, offload="optimizer")
     assert c.cell_id.endswith("full-adamw-8bit-inbwd-offloadoptimizer-solotune")
     assert CellSpec.from_dict(c.to_dict()) == c
+
+
+def test_report_names_each_cells_optimizer_technique():
+    from solotune.bench.report import optimizer_label
+
+    assert optimizer_label({"optimizer": "adamw"}) == "adamw"
+    assert optimizer_label({}) == "adamw"  # cells recorded before the field existed
+    assert optimizer_label({"optimizer": "adamw-8bit", "optimizer_in_backward": True,
+                            "offload": "activations,optimizer"}) == "adamw-8bit + in backward + state offload"

@@ -56,9 +56,11 @@ def test_8bit_adamw_follows_the_fp32_adamw_loss_curve(tmp_path, data):
 @pytest.mark.parametrize("optimizer, opts", [
     ("adamw-8bit", dict(optimizer_in_backward=True)), ("adamw-8bit", dict(offload="optimizer")),
     ("adamw", dict(optimizer_in_backward=True, offload="optimizer")),
+    ("adamw-8bit", dict(offload="optimizer", precision="fp16-amp", grad_accum=2, max_grad_norm=1.0)),  # the scaler
 ])
 def test_in_backward_and_offload_equal_the_plain_step(tmp_path, data, optimizer, opts):
-    plain, ref = _train(tmp_path, data, "plain", max_steps=3, optimizer=optimizer)
+    same = {k: v for k, v in opts.items() if k not in ("optimizer_in_backward", "offload")}
+    plain, ref = _train(tmp_path, data, "plain", max_steps=3, optimizer=optimizer, **same)
     other, got = _train(tmp_path, data, "other", max_steps=3, optimizer=optimizer, **opts)
     assert got.losses == ref.losses
     for (k, a), b in zip(plain.state_dict().items(), other.state_dict().values()):
