@@ -12,6 +12,9 @@ blocks), so the fp32 scratch is a few chunk-sized tensors, never p-sized::
     p      = p (1 - lr wd) - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
     m8, v8 = q(m), q(v)
 
+``kernel``: "torch" (the reference above), "triton" (``triton_adamw8bit.py``: the same update in
+one launch per tensor) or "auto" (default: Triton for CUDA tensors when it imports, else torch).
+
 Tensors with fewer than ``min_8bit_size`` elements (norm weights of small models, biases) keep
 fp32 moments: their quantization would save nothing and cost accuracy (bitsandbytes does the same
 with the same default, 4096).
@@ -39,11 +42,15 @@ class AdamW8bit(torch.optim.Optimizer):
     """AdamW with blockwise 8-bit moments; the ``torch.optim.AdamW`` hyperparameters."""
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.01, min_8bit_size: int = MIN_8BIT_SIZE) -> None:
+                 eps: float = 1e-8, weight_decay: float = 0.01, min_8bit_size: int = MIN_8BIT_SIZE,
+                 kernel: str = "auto") -> None:
+        if kernel not in ("auto", "torch", "triton"):
+            raise ValueError(f"AdamW8bit kernel {kernel!r}: expected auto, torch or triton")
         if lr <= 0 or eps <= 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1) or weight_decay < 0:
             raise ValueError(f"AdamW8bit: bad hyperparameters lr={lr} betas={betas} eps={eps} wd={weight_decay}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.min_8bit_size = int(min_8bit_size)
+        self.kernel = kernel
         self._maps: dict[tuple[str, bool], tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ maps per device
@@ -98,10 +105,15 @@ class AdamW8bit(torch.optim.Optimizer):
         if not self.quantized(p):
             _adamw_fp32(p, p.grad, state["exp_avg"], state["exp_avg_sq"], *hp)
             return
-        pf, gf = p.view(-1), p.grad.reshape(-1)  # p is contiguous (a parameter); the grad may be a view
         if not p.is_contiguous():
             raise RuntimeError("AdamW8bit needs contiguous parameters")
         smap, umap = self._map(p.device, True), self._map(p.device, False)
+        if self._use_triton(p):
+            from .triton_adamw8bit import adamw8bit_update_triton
+
+            adamw8bit_update_triton(p, p.grad, state, (smap, umap), hp)
+            return
+        pf, gf = p.view(-1), p.grad.reshape(-1)  # p is contiguous (a parameter); the grad may be a view
         mc, ma, vc, va = (state[k] for k in _CODE_KEYS)
         bs = blockwise.BLOCK
         for lo in range(0, pf.numel(), CHUNK):
@@ -116,6 +128,17 @@ class AdamW8bit(torch.optim.Optimizer):
                 chunk.copy_(p32)
             mc[lo:hi], ma[blo:bhi] = blockwise.quantize(m, *smap)
             vc[lo:hi], va[blo:bhi] = blockwise.quantize(v, *umap)
+
+    def _use_triton(self, p: torch.Tensor) -> bool:
+        if self.kernel == "torch":
+            return False
+        from .triton_adamw8bit import triton_available
+
+        if self.kernel == "triton":
+            if not triton_available():
+                raise RuntimeError("AdamW8bit(kernel='triton'): triton is not installed")
+            return True
+        return p.is_cuda and triton_available()
 
     # -------------------------------------------------------------------- state dicts
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

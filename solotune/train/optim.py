@@ -64,7 +64,9 @@ def _no_scratch(numel: int, dtype: torch.dtype, device: str) -> int:
 
 
 def _adamw8bit_scratch(numel: int, dtype: torch.dtype, device: str) -> int:
-    return adamw8bit.scratch_bytes(numel)
+    # On CUDA the Triton kernel updates in place (kernel "auto" picks it wherever Triton imports, as
+    # on every GPU set-up of this project); the PyTorch path works through fp32 chunks.
+    return 0 if device == "cuda" else adamw8bit.scratch_bytes(numel)
 
 
 @dataclass(frozen=True)
