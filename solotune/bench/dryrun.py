@@ -332,6 +332,8 @@ def dry_run(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec, checkpoin
         model = training_model(cfg, policy, lora, quantize)
     # Any set of blocks (set_grad_checkpointing takes the off/all/every:K policies only).
     model.checkpoint_layers = frozenset(checkpointed)
+    for i, layer in enumerate(model.layers):  # a block checkpoints itself (TransformerBlock.recompute)
+        layer.recompute = "full" if i in model.checkpoint_layers else "off"
     # NF4's dequantization indexes real constant tables (module-level levels and dynamic map):
     # let the fake mode convert those; nothing else in the model is a real tensor.
     with FakeTensorMode(allow_non_fake_inputs=quantize != "none"):
