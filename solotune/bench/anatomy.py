@@ -172,8 +172,11 @@ def grad_bytes(model: nn.Module) -> int:
     return storage_bytes(p.grad for p in model.parameters() if p.grad is not None)
 
 
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    return storage_bytes(v for state in optimizer.state.values() for v in state.values())
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer, device_type: str | None = None) -> int:
+    """Bytes of the optimizer's state tensors (only those on ``device_type`` when given: state
+    offloaded to pinned host memory is not on the GPU)."""
+    return storage_bytes(v for state in optimizer.state.values() for v in state.values()
+                         if device_type is None or (isinstance(v, torch.Tensor) and v.device.type == device_type))
 
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -379,7 +382,7 @@ class AnatomyInstrument:
         self._step_peak_before = self.meter.peak()
 
     def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
-        self._optimizer = optimizer_state_bytes(optimizer)
+        self._optimizer = optimizer_state_bytes(optimizer, self._params[0].device.type if self._params else None)
         self.optimizer_total = max(self.optimizer_total, self._optimizer)
         rec = PhaseRecord("optimizer step", step, -1, self.meter.peak(), dict(self._params_by_dtype),
                           self._step_grads, self._optimizer, 0, 0)

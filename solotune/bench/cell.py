@@ -83,7 +83,9 @@ class CellSpec:
     lora_dropout: float = LoRASpec.dropout
     lora_targets: tuple[str, ...] = LoRASpec.targets
     quantize: str = "none"  # none | nf4 | int8: the frozen base of LoRA (method lora only)
-    offload: str = "none"  # none | activations
+    offload: str = "none"  # none | activations | optimizer | activations,optimizer
+    optimizer: str = "adamw"  # solotune.train.optim.OPTIMIZERS
+    optimizer_in_backward: bool = False  # grad_accum 1; no clipping (max_grad_norm None)
     memory_limit_bytes: int | None = None  # cap the process (torch.cuda.set_per_process_memory_fraction)
     lr: float = 1e-5
     seed: int = 0
@@ -103,8 +105,15 @@ class CellSpec:
             raise ConfigError(f"cell sdpa {self.sdpa!r}: expected no-cudnn or auto")
         if self.quantize not in ("none", "nf4", "int8") or (self.quantize != "none" and self.method != "lora"):
             raise ConfigError(f"cell quantize {self.quantize!r}: none, or nf4/int8 with LoRA")
-        if self.offload not in ("none", "activations"):
-            raise ConfigError(f"cell offload {self.offload!r}: expected none or activations")
+        from ..train.config import OFFLOAD
+        from ..train.optim import OPTIMIZERS
+
+        if self.offload not in OFFLOAD:
+            raise ConfigError(f"cell offload {self.offload!r}: expected one of {', '.join(OFFLOAD)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"cell optimizer {self.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
+        if self.optimizer_in_backward and self.grad_accum != 1:
+            raise ConfigError(f"cell optimizer_in_backward needs grad_accum 1 (got {self.grad_accum})")
         if self.data not in DATA:
             raise ConfigError(f"cell data {self.data!r}: expected one of {DATA}")
         if self.warmup_steps < 0:
@@ -138,7 +147,8 @@ class CellSpec:
 
     @property
     def cell_id(self) -> str:
-        extra = "" if self.offload == "none" else f"-offload{self.offload}"
+        extra = "" if self.offload == "none" else f"-offload{self.offload.replace(',', '+')}"
+        extra = ("" if self.optimizer == "adamw" else f"-{self.optimizer}") + ("-inbwd" if self.optimizer_in_backward else "") + extra
         extra += "".join(f"-{k}{v}" for k, v in self.loop_options.items())
         return (f"ga{self.grad_accum}-gc{self.grad_checkpoint.replace(':', '')}-{self.precision}-{self.method_name}"
                 f"{extra}-{self.impl}")
@@ -303,7 +313,8 @@ def planner_setup(spec: CellSpec, cfg: Any, seq_len: int, device: torch.device):
                  grad_checkpoint=spec.grad_checkpoint, precision=spec.precision,
                  lora_rank=spec.lora_rank if spec.method == "lora" else 0, lora_targets=spec.lora_targets,
                  lora_dropout=spec.lora_dropout, quantize=spec.quantize, offload=spec.offload, loss=spec.loss,
-                 kernels=spec.kernels, device="cuda" if device.type == "cuda" else "cpu")
+                 kernels=spec.kernels, optimizer=spec.optimizer, optimizer_in_backward=spec.optimizer_in_backward,
+                 device="cuda" if device.type == "cuda" else "cpu")
 
 
 class _InjectedOOM:
@@ -359,8 +370,8 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
         "command": spec.command, "peak_kind": None, "weights": None, "matmul_tflops": spec.matmul_tflops,
         "lora": {"rank": spec.lora_rank, "alpha": spec.lora_alpha, "dropout": spec.lora_dropout,
                  "targets": list(spec.lora_targets)} if spec.method == "lora" else None,
-        "data": spec.data, "optimizer": "adamw", **spec.effective_loop_options(device.type),
-        "loop_requested": {k: getattr(spec, k) for k in LOOP_OPTIONS},
+        "data": spec.data, "optimizer": spec.optimizer, "optimizer_in_backward": spec.optimizer_in_backward,
+        **spec.effective_loop_options(device.type), "loop_requested": {k: getattr(spec, k) for k in LOOP_OPTIONS},
         "warmup_steps": None, "warmup_s": None, "compile_s": None, "steady_tokens_per_s": None, "steady_steps": 0,
         "peak_note": None,
         "max_seq_len_data": None, "max_seq_len_seen": None, "sdpa": spec.sdpa if device.type == "cuda" else None,
@@ -489,6 +500,8 @@ def _train_solotune(spec: CellSpec, model: Any, tokenizer: Any, device: torch.de
         max_seq_len=spec.seq_len, train_range=rows, max_samples=spec.samples, val_samples=0,
         generate_samples=False, progress=False, device=str(device), seed=spec.seed, log_every=10**9,
         quantize=spec.quantize, offload=spec.offload, **{k: getattr(spec, k) for k in LOOP_OPTIONS},
+        optimizer=spec.optimizer, optimizer_in_backward=spec.optimizer_in_backward,
+        **({"max_grad_norm": None} if spec.optimizer_in_backward else {}),  # in backward: no global clipping
     )
     try:
         with contextlib.redirect_stdout(sys.stderr):

@@ -9,6 +9,8 @@ import sys
 
 from .plan import PRECISIONS, parse_bytes
 from ..peft.spec import LoRASpec
+from ..train.config import OFFLOAD as _OFFLOAD
+from ..train.optim import OPTIMIZERS as _OPTIMIZERS
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -53,7 +55,13 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-targets", type=_csv, default=LoRASpec.targets)
     p.add_argument("--quantize", choices=["none", "nf4", "int8"], default="none",
                    help="frozen base of the LoRA cells: nf4 (QLoRA) or int8")
-    p.add_argument("--offload", choices=["none", "activations"], default="none")
+    p.add_argument("--offload", choices=list(_OFFLOAD), default="none",
+                   help="activations and/or optimizer (its state in pinned host memory)")
+    p.add_argument("--optimizer", choices=[*_OPTIMIZERS, "auto"], default="adamw",
+                   help="adamw | adamw-8bit | auto: each full fine-tuning cell gets the cheapest optimizer technique "
+                        "that `plan` predicts to fit --memory-limit (8-bit states, in backward, state offload)")
+    p.add_argument("--optimizer-in-backward", action="store_true",
+                   help="update each parameter in its gradient hook (cells with grad_accum 1)")
     p.add_argument("--memory-limit", default=None,
                    help="cap each cell's CUDA memory (e.g. 24GiB) to reproduce a smaller GPU")
     from .cell import LOOP_OPTIONS  # TrainConfig's defaults: a cell runs what finetune would
@@ -91,6 +99,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                      precision_on=args.precision_on, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                      lora_dropout=args.lora_dropout, lora_targets=args.lora_targets, lr=args.lr, seed=args.seed,
                      reference=args.reference, device=args.device, quantize=args.quantize, offload=args.offload,
+                     optimizer=args.optimizer, optimizer_in_backward=args.optimizer_in_backward,
                      memory_limit_bytes=parse_bytes(args.memory_limit) if args.memory_limit else None,
                      out=out, cell_timeout_s=args.cell_timeout, data=args.data, packing=args.packing,
                      compile=args.compile, kernels=args.kernels, loss=args.loss, warmup_steps=args.warmup_steps,
@@ -134,10 +143,13 @@ def _bench_argv(args: argparse.Namespace, out: str) -> list[str]:
     if args.time_budget:
         argv += ["--time-budget", f"{args.time_budget:g}"]
     for flag, value, default in (("--quantize", args.quantize, "none"), ("--offload", args.offload, "none"),
-                                 ("--memory-limit", args.memory_limit, None), ("--data", args.data, "alpaca-sample"),
+                                 ("--memory-limit", args.memory_limit, None), ("--optimizer", args.optimizer, "adamw"),
+                                 ("--data", args.data, "alpaca-sample"),
                                  *((f"--{k}", getattr(args, k), v) for k, v in LOOP_OPTIONS.items())):
         if value != default:
             argv += [flag, str(value)]
+    if args.optimizer_in_backward:
+        argv += ["--optimizer-in-backward"]
     return argv + ["--out", out]
 
 
@@ -158,8 +170,13 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-dropout", type=float, default=LoRASpec.dropout)
     p.add_argument("--quantize", type=_csv, default=("none",),
                    help="frozen-base quantizations to consider: none,nf4,int8 (with lora only)")
-    p.add_argument("--offload", type=_csv, default=("none",), help="offload options to consider: none,activations")
-    p.add_argument("--optimizer", default="adamw", help="optimizer whose state to count (solotune.train.optim)")
+    p.add_argument("--offload", type=lambda t: tuple(o.replace("+", ",") for o in _csv(t)), default=("none",),
+                   help="offload options to consider: none,activations,optimizer,activations+optimizer")
+    p.add_argument("--optimizer", default=None,
+                   help="only this optimizer (adamw | adamw-8bit); default: LoRA with adamw, full fine-tuning with "
+                        "each of adamw, adamw-8bit, 8-bit in backward, 8-bit with its state offloaded, and both")
+    p.add_argument("--optimizer-in-backward", choices=["off", "on"], default=None,
+                   help="full fine-tuning: only techniques with (on) or without (off) the optimizer in backward")
     p.add_argument("--loss", type=_csv, default=("full-logits",), help="losses to consider (train/loss.py)")
     p.add_argument("--max-seq-len", action="store_true",
                    help="the longest sequence that fits --gpu-mem at --batch (default 1) per configuration, by "
@@ -195,10 +212,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
                          f"offload {','.join(OFFLOAD_KINDS)}")
     if longest:
         return _cmd_plan_longest(args, cfg, gpu)
+    from .plan import FULL_FT_OPTIMIZERS
+    from ..train.optim import get_optimizer_spec
+
+    if args.optimizer is not None:
+        get_optimizer_spec(args.optimizer)  # a ConfigError naming the choices
+    techniques = tuple(t for t in FULL_FT_OPTIMIZERS
+                       if args.optimizer in (None, t[0])
+                       and args.optimizer_in_backward in (None, "on" if t[1] else "off"))
+    if args.optimizer is not None and not techniques:  # an optimizer without curated techniques: plain
+        techniques = ((args.optimizer, args.optimizer_in_backward == "on", False),)
     rows = plan(cfg, gpu, seq_len=args.seq_len, batch=args.batch, grad_accum=args.grad_accum,
                 lora_rank=args.lora_rank, lora_targets=args.lora_targets, lora_dropout=args.lora_dropout,
                 methods=args.methods, precisions=args.precisions, checkpointing=args.checkpointing,
-                optimizer=args.optimizer, quantize=args.quantize, offload=args.offload, losses=args.loss)
+                optimizer=args.optimizer or "adamw", quantize=args.quantize, offload=args.offload,
+                full_optimizers=techniques, losses=args.loss)
     if args.json:
         print(json.dumps([{**p.to_dict(), "relative_cost": c, "fits": f} for p, c, f in rows], indent=1))
     else:
@@ -212,7 +240,8 @@ def _cmd_plan_longest(args: argparse.Namespace, cfg, gpu: int) -> int:
     lora = LoRASpec(rank=args.lora_rank, dropout=args.lora_dropout, targets=tuple(args.lora_targets))
     rows = plan_longest(cfg, gpu, batch=args.batch, lora=lora, methods=args.methods, precisions=args.precisions,
                         checkpointing=args.checkpointing, quantize=args.quantize, offload=args.offload,
-                        losses=args.loss, optimizer=args.optimizer, step=args.seq_len_step, cap=args.seq_len_cap)
+                        losses=args.loss, optimizer=args.optimizer or "adamw", step=args.seq_len_step,
+                        cap=args.seq_len_cap)
     if args.json:
         print(json.dumps([{**r.to_dict(), "label": r.setup.label} for r in rows], indent=1))
     else:

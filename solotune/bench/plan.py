@@ -39,7 +39,19 @@ Two options change components rather than add any:
   counted in the parameters under the kind's name (``params["nf4"]``), from ``weight_bytes()``;
   one dequantized weight (the largest [out, in] in the compute dtype) is a forward/backward
   transient, since the forward dequantizes for its matmul and the backward dequantizes again.
-* **offload** ("activations"): ``ActivationOffload`` moves every saved activation storage of at
+* **optimizer** (``solotune.train.optim``): its state bytes per tensor (8-bit AdamW: ~2 bytes per
+  parameter: a uint8 code per element and an fp32 scale per 256) and its update's scratch (the
+  largest tensor's). ``optimizer_in_backward``: every parameter is updated from its gradient hook and
+  its gradient freed, so the full set of gradients never exists: the gradients component is the
+  largest single gradient, the update (scratch, and with state offload its in-flight states) happens
+  during backward, on top of the forward/backward peak, and the step phase holds nothing extra.
+  It needs grad_accum 1; :func:`plan` plans such a row as one micro-batch of ``batch x grad_accum``
+  rows (the same examples per optimizer step).
+* **offload "optimizer"** (``solotune.optim.offload.HostStates``): the optimizer state lives in
+  pinned host memory (``host_bytes``); the device holds the states of ``max_in_flight + 2``
+  tensors at most (the one updated, the one prefetched, the copies going back): that many times the
+  largest tensor's state, while an update runs.
+* **offload "activations"**: ``ActivationOffload`` moves every saved activation storage of at
   least its ``min_bytes`` to pinned host memory (with checkpointing, mostly the block inputs). The
   device keeps the ledger's activations less those storages, plus (max_in_flight + 2) x the
   largest of them: the copies still pending in the forward (max_in_flight) and, in backward, the
@@ -54,6 +66,7 @@ micro-batch runs).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import itertools
 import json
 import re
@@ -67,14 +80,28 @@ from ..config import PRESETS, ModelConfig
 from ..model import checkpoint_policy
 from ..peft import LoRASpec
 from ..kernels import KERNEL_SETS
+from ..optim.offload import HostStates
+from ..train.config import OFFLOAD, OFFLOAD_TARGETS
 from ..train.loss import LOSSES
-from ..train.optim import get_optimizer_spec, optimizer_state_bytes
+from ..train.optim import get_optimizer_spec, optimizer_scratch_bytes, optimizer_state_bytes
 from ..train.precision import PrecisionPolicy, get_policy
 from . import dryrun
 from .anatomy import dtype_name
 from .dryrun import OFFLOAD_MAX_IN_FLIGHT, QUANTIZE_KINDS
 
-OFFLOAD_KINDS = ("none", "activations")  # solotune.train.offload
+OFFLOAD_KINDS = OFFLOAD  # none | activations | optimizer | activations,optimizer (solotune.train.config)
+# HostStates' in-flight limit, read from it so the prediction follows the code: the device holds the
+# states of the tensor being updated, the one prefetched and max_in_flight copies going back.
+OPTIMIZER_STATES_ON_DEVICE: int = inspect.signature(HostStates.__init__).parameters["max_in_flight"].default + 2
+# Ranking only: bytes over PCIe per optimizer step priced in FLOPs at PRECISION_SPEED 1.0 (fp32,
+# ~50 TFLOP/s on an H100/H200 without TF32) against ~25 GB/s of pinned host copies each way.
+PCIE_FLOPS_PER_BYTE = 2000.0
+# The optimizer techniques `solotune plan` weighs for full fine-tuning (LoRA's state is small):
+# (optimizer, in backward, state offloaded).
+FULL_FT_OPTIMIZERS: tuple[tuple[str, bool, bool], ...] = (
+    ("adamw", False, False), ("adamw-8bit", False, False), ("adamw-8bit", True, False),
+    ("adamw-8bit", False, True), ("adamw-8bit", True, True),
+)
 PRECISIONS = ("fp32", "fp16-amp", "bf16-amp", "bf16")  # the training modes (precision.POLICIES also has fp64)
 DEVICES = ("cuda", "cpu")
 GiB = 1024**3
@@ -104,14 +131,16 @@ class Setup:
     optimizer: str = "adamw"  # solotune.train.optim
     device: str = "cuda"  # "cuda" | "cpu": dropout masks, attention statistics and the optimizer step differ
     quantize: str = "none"  # none | nf4 | int8: the frozen base's block linears (LoRA only)
-    offload: str = "none"  # none | activations (solotune.train.offload)
+    offload: str = "none"  # none | activations | optimizer | activations,optimizer
+    optimizer_in_backward: bool = False  # each parameter updated from its gradient hook (grad_accum 1)
     loss: str = "full-logits"  # solotune.train.loss.LOSSES: how the head's logits come to exist
     kernels: str = "off"  # off | triton: fused RMSNorm / SwiGLU / RoPE (solotune.kernels; CUDA only)
 
     def __init__(self, model: ModelConfig, seq_len: int = 512, batch: int = 1, grad_accum: int = 1,
                  grad_checkpoint: str = "off", precision: str = "fp32", lora: LoRASpec | None = None,
-                 optimizer: str = "adamw", device: str = "cuda", quantize: str = "none", offload: str = "none", *,
-                 loss: str = "full-logits", kernels: str = "off", lora_rank: int | None = None,
+                 optimizer: str = "adamw", device: str = "cuda", quantize: str = "none", offload: str = "none",
+                 optimizer_in_backward: bool = False, *, loss: str = "full-logits", kernels: str = "off",
+                 lora_rank: int | None = None,
                  lora_targets: Iterable[str] | None = None, lora_dropout: float | None = None) -> None:
         spec = lora if lora is not None else LoRASpec()
         legacy = {k: v for k, v in (("rank", lora_rank), ("targets", lora_targets), ("dropout", lora_dropout))
@@ -121,7 +150,8 @@ class Setup:
         for name, value in (("model", model), ("seq_len", seq_len), ("batch", batch), ("grad_accum", grad_accum),
                             ("grad_checkpoint", grad_checkpoint), ("precision", precision), ("lora", spec),
                             ("optimizer", optimizer), ("device", device), ("quantize", quantize), ("offload", offload),
-                            ("loss", loss), ("kernels", kernels)):
+                            ("loss", loss), ("kernels", kernels),
+                            ("optimizer_in_backward", bool(optimizer_in_backward))):
             object.__setattr__(self, name, value)
         self.__post_init__()
 
@@ -144,6 +174,10 @@ class Setup:
             raise ValueError(f"loss {self.loss!r}: expected one of {', '.join(LOSSES)}")
         if self.kernels not in KERNEL_SETS:
             raise ValueError(f"kernels {self.kernels!r}: expected one of {', '.join(KERNEL_SETS)}")
+        if self.optimizer_in_backward and self.grad_accum != 1:
+            raise ValueError(f"optimizer_in_backward needs grad_accum 1 (got {self.grad_accum})")
+        if self.optimizer_in_backward and self.precision == "fp16-amp":
+            raise ValueError("optimizer_in_backward cannot run under fp16-amp (its loss scaler needs every gradient)")
 
     @property
     def policy(self) -> PrecisionPolicy:
@@ -166,10 +200,20 @@ class Setup:
         return "lora" if self.lora.enabled else "full"
 
     @property
+    def offload_targets(self) -> frozenset[str]:
+        return frozenset(t for t in self.offload.split(",") if t in OFFLOAD_TARGETS)
+
+    @property
     def label(self) -> str:
-        """The method with its options, e.g. ``lora``, ``lora nf4``, ``lora nf4 +offload``."""
+        """The method with its options, e.g. ``lora``, ``lora nf4 +offload``, ``full adamw-8bit
+        +in-backward +offload(optimizer)``."""
+        off = self.offload_targets
         return " ".join([self.method] + [self.quantize] * (self.quantize != "none")
-                        + ["+offload"] * (self.offload != "none") + [f"+{self.loss}"] * (self.loss != "full-logits"))
+                        + [self.optimizer] * (self.optimizer != "adamw")
+                        + ["+in-backward"] * self.optimizer_in_backward
+                        + ["+offload"] * (off == {"activations"})
+                        + ([f"+offload({','.join(sorted(off))})"] if "optimizer" in off else [])
+                        + [f"+{self.loss}"] * (self.loss != "full-logits"))
 
     @property
     def amp(self) -> bool:
@@ -247,7 +291,9 @@ class Prediction:
         return {
             "model": s.model.name, "layers": s.model.n_layers, "seq_len": s.seq_len, "batch": s.batch,
             "grad_accum": s.grad_accum, "grad_checkpoint": s.grad_checkpoint, "precision": s.precision,
-            "method": s.method, "quantize": s.quantize, "offload": s.offload, "loss": s.loss, "trainable_params": self.trainable_params, "total_params": self.total_params,
+            "method": s.method, "quantize": s.quantize, "offload": s.offload, "loss": s.loss, "optimizer": s.optimizer,
+            "optimizer_in_backward": s.optimizer_in_backward, "trainable_params": self.trainable_params,
+            "total_params": self.total_params,
             "params": dict(self.params), "grads": self.grads, "optimizer": self.optimizer,
             "activations": self.activations, "weight_copies": self.weight_copies,
             "autocast_cache": self.autocast_cache, "activations_by_part": dict(self.activations_by_part),
@@ -318,7 +364,7 @@ def offloaded(s: Setup, acts: int, offloadable: int, outside: int, largest: int)
     count as resident (an upper bound when there are more than max_in_flight of them). Of the
     blocks' storages the device keeps up to max_in_flight pending copies and, in backward, the one
     in use and the one being prefetched: (max_in_flight + 2) x the largest, at most all of them."""
-    if s.offload == "none" or not offloadable:
+    if "activations" not in s.offload_targets or not offloadable:
         return acts, 0
     moved = offloadable - outside
     return acts - moved + min(moved, (OFFLOAD_MAX_IN_FLIGHT + 2) * largest), offloadable
@@ -336,6 +382,18 @@ def predict(s: Setup) -> Prediction:
     acts_saved, copies, parts, cache, extra = saved_activations(s)
     acts, host = offloaded(s, acts_saved, extra["offloadable"], extra["outside_offloadable"],
                            extra["largest_offloadable"])
+    trainable_tensors = [(n, dt) for _, n, dt, tr in tensors if tr]
+    largest_grad = max((n * dt.itemsize for n, dt in trainable_tensors), default=0)
+    # The update's working memory: the largest tensor's scratch, and with the state offloaded the
+    # states of the tensors in flight (what stays resident is then nothing).
+    update = optimizer_scratch_bytes(s.optimizer, trainable_tensors, s.device)
+    if "optimizer" in s.offload_targets:
+        host += opt
+        largest_state = max((optimizer_state_bytes(s.optimizer, [t]) for t in trainable_tensors), default=0)
+        update += min(opt, OPTIMIZER_STATES_ON_DEVICE * largest_state)
+        opt = 0
+    if s.optimizer_in_backward:
+        grads = largest_grad  # one gradient at a time: each is freed by its own update
     cache_total = sum(cache.values())
     ckpt = s.checkpointed
     # Trainable weights whose 16-bit copy is not kept by backward (checkpointed blocks) still sit
@@ -354,13 +412,21 @@ def predict(s: Setup) -> Prediction:
     bwd_ckpt = logits + extra["recompute"] + (head_grad if ckpt else 0) + deq
     transient_fb = max(fwd_end, loss, bwd_start, bwd_ckpt)
     grads_fb = grads if s.grad_accum > 1 else 0
-    # Gradients grow while activations are freed: when the gradients are the bigger of the two
-    # (full fine-tuning) the end of backward holds all of them and the activations are gone.
-    peak_fb = sum(params.values()) + opt + grads_fb + max(acts + copies + transient_fb, grads - grads_fb)
-    # Optimizer step: fused AdamW on CUDA works in place; the CPU loop has per-tensor scratch.
-    largest = max((n * dt.itemsize for _, n, dt, tr in tensors if tr), default=0)
-    transient_step = 0 if s.device == "cuda" else 2 * largest
-    peak_step = sum(params.values()) + grads + opt + transient_step
+    if s.optimizer_in_backward:
+        # Updates run inside backward: one gradient and the update's memory on top of whatever
+        # backward holds (an upper bound: the largest update need not meet the largest activations).
+        transient_fb += grads + update
+        peak_fb = sum(params.values()) + opt + acts + copies + transient_fb
+        transient_step = 0  # step() has nothing left to do
+        peak_step = sum(params.values()) + opt
+    else:
+        # Gradients grow while activations are freed: when the gradients are the bigger of the two
+        # (full fine-tuning) the end of backward holds all of them and the activations are gone.
+        peak_fb = sum(params.values()) + opt + grads_fb + max(acts + copies + transient_fb, grads - grads_fb)
+        # Optimizer step: fused AdamW on CUDA works in place (the CPU loop and 8-bit AdamW have
+        # per-tensor scratch; with the state offloaded, the states in flight).
+        transient_step = update
+        peak_step = sum(params.values()) + grads + opt + transient_step
     return Prediction(s, params, trainable, total, grads, opt, acts, copies, cache_total, parts,
                       transient_fb, transient_step, peak_fb, peak_step, acts_saved, host, deq)
 
@@ -416,7 +482,11 @@ def relative_cost(s: Setup) -> float:
     n_mm, _ = matmul_params(s)
     block_fwd = 2.0 * (n_mm - s.model.vocab_size * s.model.dim) / max(s.model.n_layers, 1) * T + 2.0 * T * T * s.model.dim
     recompute = n_ckpt * block_fwd * s.batch
-    return (base + recompute) / PRECISION_SPEED[s.precision] / (s.batch * T)
+    pcie = 0.0
+    if "optimizer" in s.offload_targets:  # every state crosses twice per optimizer step
+        pcie = 2 * optimizer_state_bytes(s.optimizer, [(n, dt) for _, n, dt, tr in _tensors(s) if tr])
+        pcie *= PCIE_FLOPS_PER_BYTE * PRECISION_SPEED[s.precision] / s.grad_accum  # per micro-batch
+    return (base + recompute + pcie) / PRECISION_SPEED[s.precision] / (s.batch * T)
 
 
 # ============================================================================= plan listing
@@ -481,10 +551,14 @@ def plan(model: ModelConfig, gpu_mem: int, seq_len: int = 512, batch: int = 1, g
          methods: tuple[str, ...] = ("lora", "full"), precisions: tuple[str, ...] = PRECISIONS,
          checkpointing: tuple[str, ...] = PLAN_CHECKPOINTING, optimizer: str = "adamw",
          device: str = "cuda", quantize: tuple[str, ...] = ("none",),
-         offload: tuple[str, ...] = ("none",), losses: tuple[str, ...] = ("full-logits",),
-         ) -> list[tuple[Prediction, float, bool]]:
+         offload: tuple[str, ...] = ("none",),
+         full_optimizers: tuple[tuple[str, bool, bool], ...] | None = None,
+         losses: tuple[str, ...] = ("full-logits",)) -> list[tuple[Prediction, float, bool]]:
     """Every configuration as (prediction, relative cost, fits), fitting ones first, fastest first.
-    Quantized bases are combined with LoRA only."""
+    Quantized bases are combined with LoRA only. ``full_optimizers``: the (optimizer, in backward,
+    state offloaded) techniques to weigh for full fine-tuning (e.g. :data:`FULL_FT_OPTIMIZERS`;
+    None: ``optimizer`` alone, as for LoRA); an in-backward row with ``grad_accum`` > 1 is planned
+    as one micro-batch of ``batch x grad_accum`` rows (the same examples per step)."""
     rows = []
     for method, quant, prec, gc, off, loss in itertools.product(methods, quantize, precisions, checkpointing,
                                                                 offload, losses):
@@ -493,12 +567,45 @@ def plan(model: ModelConfig, gpu_mem: int, seq_len: int = 512, batch: int = 1, g
         if quant != "none" and method != "lora":
             continue
         lora = LoRASpec(rank=lora_rank if method == "lora" else 0, dropout=lora_dropout, targets=tuple(lora_targets))
-        s = Setup(model, seq_len=seq_len, batch=batch, grad_accum=grad_accum, grad_checkpoint=gc, precision=prec,
-                  lora=lora, optimizer=optimizer, device=device, quantize=quant, offload=off, loss=loss)
-        p = predict(s)
-        rows.append((p, relative_cost(s), p.peak <= gpu_mem))
+        techniques = full_optimizers if (method == "full" and full_optimizers) else ((optimizer, False, False),)
+        for opt_name, in_bwd, opt_off in techniques:
+            if in_bwd and prec == "fp16-amp":
+                continue  # the loss scaler must see every gradient before any update
+            s = Setup(model, seq_len=seq_len, batch=batch, grad_accum=grad_accum, grad_checkpoint=gc, precision=prec,
+                      lora=lora, optimizer=opt_name, device=device, quantize=quant,
+                      offload=_with_optimizer_offload(off, opt_off), loss=loss)
+            if in_bwd:
+                s = s.replace(batch=batch * grad_accum, grad_accum=1, optimizer_in_backward=True)
+            p = predict(s)
+            rows.append((p, relative_cost(s), p.peak <= gpu_mem))
     rows.sort(key=lambda r: (not r[2], r[1], r[0].peak))
     return rows
+
+
+def _with_optimizer_offload(offload: str, optimizer: bool) -> str:
+    """``offload`` with "optimizer" added when ``optimizer``, spelled as TrainConfig stores it."""
+    parts = {t for t in offload.split(",") if t in OFFLOAD_TARGETS} | ({"optimizer"} if optimizer else set())
+    return ",".join(t for t in OFFLOAD_TARGETS if t in parts) or "none"
+
+
+def cheapest_fitting(s: Setup, gpu_mem: int,
+                     techniques: tuple[tuple[str, bool, bool], ...] = FULL_FT_OPTIMIZERS) -> Setup | None:
+    """``s`` with the cheapest (by :func:`relative_cost`) optimizer technique whose predicted peak
+    fits ``gpu_mem``; None when none does. ``s`` itself (its optimizer, no in-backward, its
+    offload) is the first candidate; in-backward ones need ``s.grad_accum == 1`` and no fp16-amp
+    (skipped otherwise: a bench cell keeps its own micro-batch and accumulation)."""
+    best: tuple[float, Setup] | None = None
+    for opt_name, in_bwd, opt_off in ((s.optimizer, s.optimizer_in_backward, "optimizer" in s.offload_targets),
+                                      *techniques):
+        if in_bwd and (s.grad_accum != 1 or s.precision == "fp16-amp"):
+            continue
+        c = s.replace(optimizer=opt_name, optimizer_in_backward=in_bwd,
+                      offload=_with_optimizer_offload(s.offload.replace("optimizer", ""), opt_off))
+        if predict(c).peak <= gpu_mem:
+            cost = relative_cost(c)
+            if best is None or cost < best[0]:
+                best = (cost, c)
+    return None if best is None else best[1]
 
 
 # ======================================================================= longest sequence
@@ -613,6 +720,9 @@ def format_plan(rows: list[tuple[Prediction, float, bool]], gpu_mem: int, show_a
         s = rows[0][0].setup
         lines.append(f"{s.model.name}: {s.model.n_layers} layers, seq_len {s.seq_len}, micro-batch {s.batch}, "
                      f"gradient accumulation {s.grad_accum}; GPU memory {fmt_gib(gpu_mem)} GiB. Sizes in GiB.")
+        if any(p.setup.optimizer_in_backward for p, _, _ in rows) and s.grad_accum > 1:
+            lines.append(f"+in-backward rows need grad_accum 1: planned as micro-batches of {s.batch * s.grad_accum} "
+                         f"rows (the same examples per optimizer step); their grads: one tensor's at a time.")
     lines.append(f"\nFits ({len(fit)} of {len(rows)}), fastest first:\n")
     if fit:
         lines.append(head)
@@ -627,7 +737,8 @@ def format_plan(rows: list[tuple[Prediction, float, bool]], gpu_mem: int, show_a
     elif rest:
         lines.append(f"\n{len(rest)} more configurations do not fit (--all lists them).")
     if host:
-        lines.append("\nWith +offload, activations are what stays on the GPU; host (pinned): the copies in host memory.")
+        lines.append("\nWith +offload, activations are what stays on the GPU (+offload(optimizer): the optimizer state "
+                     "too, and it is 0 there); host (pinned): the copies in host memory.")
     lines.append("\nrel. time: model FLOPs + recomputation over a per-precision speed factor "
                  f"({', '.join(f'{k} {v:g}x' for k, v in PRECISION_SPEED.items())}); a ranking, not a measurement.")
     return "\n".join(lines)

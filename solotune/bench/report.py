@@ -42,8 +42,10 @@ PART_LABELS = {"params_total": "parameters", "grads": "gradients", "optimizer": 
 COLORS = {"params_total": "#4c72b0", "grads": "#dd8452", "optimizer": "#55a868", "activations": "#c44e52",
           "weight_copies": "#8172b3", "rest": "#bbbbbb"}
 CSV_FIELDS = ("cell_id", "impl", "model", "layers", "data", "seq_len", "micro_batch", "grad_accum", "grad_checkpoint",
-              "precision", "method", "quantize", "offload", "packing", "compile", "kernels", "loss", "status", "peak_alloc_bytes", "peak_reserved_bytes", "predicted_peak_bytes",
-              "runtime_s", "runtime_extrapolated", "tokens", "tokens_per_s", "steady_tokens_per_s", "warmup_s", "compile_s", "mean_loss", "trainable_params", "mfu",
+              "precision", "method", "quantize", "optimizer", "optimizer_in_backward", "offload", "packing", "compile",
+              "kernels", "loss", "status", "peak_alloc_bytes", "peak_reserved_bytes", "predicted_peak_bytes",
+              "runtime_s", "runtime_extrapolated", "tokens", "tokens_per_s", "steady_tokens_per_s", "warmup_s",
+              "compile_s", "mean_loss", "trainable_params", "mfu",
               "anatomy_phase", "anatomy_params", "anatomy_grads", "anatomy_optimizer", "anatomy_activations",
               "anatomy_weight_copies", "anatomy_rest", "oom_request_bytes", "error", "device", "torch", "date", "command")
 
@@ -137,6 +139,13 @@ def describe(r: dict[str, Any]) -> str:
     parts = [f"GA {r['grad_accum']}", r["precision"], "LoRA" if r["method"] == "lora" else "full fine-tuning",
              f"checkpointing {r['grad_checkpoint']}"]
     return ", ".join(parts)
+
+
+def optimizer_label(r: dict[str, Any]) -> str:
+    """The cell's optimizer technique, e.g. ``adamw``, ``adamw-8bit + in backward + state offload``."""
+    off = str(r.get("offload") or "none").split(",")
+    return " + ".join([r.get("optimizer") or "adamw"] + ["in backward"] * bool(r.get("optimizer_in_backward"))
+                      + ["state offload"] * ("optimizer" in off))
 
 
 def label(r: dict[str, Any]) -> str:
@@ -497,6 +506,9 @@ def render(results: Sequence[dict[str, Any]], bc: Any) -> str:
     head = (f"| Gradient accumulation | Mixed precision | LoRA | Gradient checkpointing | options | Peak memory ({u.name}) "
             f"| Runtime (s) | Predicted ({u.name}) |")
     sep = "|---|---|---|---|---|---:|---:|---:|"
+    techniques = any(optimizer_label(r) != "adamw" for r in sol)  # a column only when a cell uses another
+    if techniques:
+        head, sep = head + " Optimizer |", sep + "---|"
     names = {"hf": "HF", "hf-liger": "HF+Liger"}
     for ref in refs:
         head += f" {names[ref]} peak ({u.name}) | {names[ref]} runtime (s) | memory ratio | speed-up |"
@@ -506,7 +518,7 @@ def render(results: Sequence[dict[str, Any]], bc: Any) -> str:
         s = state(r)
         peak, rt = _status_cell(r, u)
         row = (f"| {onoff(s['ga'])} | {onoff(s['precision'])} | {onoff(s['lora'])} | {onoff(s['gc'])} | {options(r)} | "
-               f"{peak} | {rt} | {u(r.get('predicted_peak_bytes'))} |")
+               f"{peak} | {rt} | {u(r.get('predicted_peak_bytes'))} |" + (f" {optimizer_label(r)} |" if techniques else ""))
         for ref in refs:
             h = ref_cells.get((ref, ref_key(r)))
             hp, hr = _status_cell(h, u)

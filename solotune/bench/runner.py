@@ -65,6 +65,9 @@ class BenchConfig:
     lora_targets: tuple[str, ...] = LoRASpec.targets
     quantize: str = "none"  # none | nf4 | int8 (LoRA cells; full fine-tuning cells keep a 16-bit base)
     offload: str = "none"
+    # adamw | adamw-8bit | auto (full fine-tuning cells: plan's cheapest technique under memory_limit_bytes)
+    optimizer: str = "adamw"
+    optimizer_in_backward: bool = False  # cells with grad_accum 1 (others keep the plain step)
     memory_limit_bytes: int | None = None
     packing: str = LOOP_OPTIONS["packing"]  # the loop options (TrainConfig's defaults; a speed axis: its "on")
     compile: str = LOOP_OPTIONS["compile"]
@@ -163,7 +166,13 @@ def matrix(bc: BenchConfig) -> list[CellSpec]:
                               lora_dropout=bc.lora_dropout, lora_targets=bc.lora_targets, lr=bc.lr, seed=bc.seed,
                               device=bc.device, time_budget_s=bc.time_budget_s, sdpa=bc.sdpa, command=bc.command,
                               quantize=bc.quantize if kw["method"] == "lora" else "none", offload=bc.offload,
-                              memory_limit_bytes=bc.memory_limit_bytes, **kw))
+                              memory_limit_bytes=bc.memory_limit_bytes,
+                              optimizer="adamw" if bc.optimizer == "auto" else bc.optimizer,
+                              optimizer_in_backward=bc.optimizer_in_backward and kw["grad_accum"] == 1, **kw))
+    if bc.optimizer == "auto":
+        from .optim_choice import with_cheapest_optimizer
+
+        cells = [with_cheapest_optimizer(c, bc.memory_limit_bytes) if c.method == "full" else c for c in cells]
     return cells
 
 

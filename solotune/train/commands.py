@@ -58,9 +58,13 @@ _FINETUNE_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--lora-targets": ("lora_targets", dict(help="comma list of wq,wk,wv,wo,w1,w2,w3")),
     "--quantize": ("quantize", dict(choices=["none", "nf4", "int8"],
                                     help="store the frozen base in 4-bit NF4 (QLoRA) or int8; LoRA only")),
-    "--offload": ("offload", dict(choices=["none", "activations"],
-                                  help="activations: keep saved activations in pinned host memory (use with "
-                                       "--grad-checkpoint)")),
+    "--offload": ("offload", dict(help="none | activations (saved activations in pinned host memory; use with "
+                                       "--grad-checkpoint) | optimizer (its state in pinned host memory) | "
+                                       "activations,optimizer")),
+    "--optimizer": ("optimizer", dict(help="adamw | adamw-8bit (blockwise 8-bit moments, ~2 bytes/parameter)")),
+    "--optimizer-in-backward": ("optimizer_in_backward", dict(
+        action="store_true", help="update each parameter in its gradient hook (no full gradients in memory); "
+                                  "needs --grad-accum 1 and --max-grad-norm 0")),
     "--packing": ("packing", dict(choices=["auto", "off", "on"],
                                   help="on: pack each step's records into rows of --max-seq-len tokens (no padding; "
                                        "auto: on CUDA)")),

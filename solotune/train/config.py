@@ -31,7 +31,9 @@ PRECISIONS = ("fp32", "fp16-amp", "bf16-amp", "bf16", "fp64")  # fp64: numerical
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 LR_SCHEDULES = ("cosine", "constant")
 QUANTIZE = ("none", "nf4", "int8")  # solotune.quant: the frozen base's storage
-OFFLOAD = ("none", "activations")  # solotune.train.offload
+OFFLOAD_TARGETS = ("activations", "optimizer")  # solotune.train.offload; solotune.optim.offload
+# "none", one target, or several comma-separated (stored in OFFLOAD_TARGETS order: "activations,optimizer")
+OFFLOAD = ("none", "activations", "optimizer", "activations,optimizer")
 PACKING = ("auto", "off", "on")  # solotune.data.packing: several records per row, no padding (auto: on CUDA)
 # torch.compile of each transformer block (auto: blocks on CUDA with Triton); blocks-cudagraphs also
 # replays each block's kernels from a CUDA graph (mode="reduce-overhead": for launch-bound small batches)
@@ -62,12 +64,15 @@ class TrainConfig:
     min_lr_ratio: float = 0.0
     max_grad_norm: float | None = 1.0  # None or 0 = no clipping
     optimizer: str = "adamw"  # a name in solotune.train.optim.OPTIMIZERS
+    optimizer_in_backward: bool = False  # step each parameter in its gradient hook (grad_accum 1, no clipping)
     seed: int = 0
     # memory / speed techniques
     grad_checkpoint: str = "off"  # off | all | every:K
     precision: str = "fp32"  # fp32 | fp16-amp | bf16-amp | bf16
     quantize: str = "none"  # none | nf4 | int8: the frozen base of LoRA in 4 or 8 bits (QLoRA: nf4)
-    offload: str = "none"  # none | activations: saved activations to pinned host memory (with checkpointing)
+    # none | activations (saved activations to pinned host memory, with checkpointing) | optimizer (its
+    # state in pinned host memory) | activations,optimizer
+    offload: str = "none"
     packing: str = "auto"  # auto | off | on: records packed into rows of max_seq_len tokens (auto: on CUDA)
     compile: str = "auto"  # auto | off | blocks: torch.compile each transformer block (auto: on CUDA)
     kernels: str = "off"  # off | triton: fused RMSNorm / RoPE / SwiGLU kernels
@@ -120,6 +125,10 @@ class TrainConfig:
             self.max_grad_norm = None
         if self.tensorboard == "":  # `--tensorboard ""` turns off what a resumed run's config had on
             self.tensorboard = None
+        if isinstance(self.offload, str) and self.offload not in OFFLOAD:
+            parts = {t.strip() for t in self.offload.split(",") if t.strip()} - {"none"}
+            if parts and parts <= set(OFFLOAD_TARGETS):  # any order / "none" mixed in: the canonical spelling
+                self.offload = ",".join(t for t in OFFLOAD_TARGETS if t in parts)
         self.validate()
 
     # ------------------------------------------------------------------ checks
@@ -144,10 +153,28 @@ class TrainConfig:
         if self.quantize != "none" and self.distributed != "none":
             bad("quantize", "quantized bases are single-process for now (distributed='none')")
         if self.offload not in OFFLOAD:
-            bad("offload", f"{self.offload!r} is not one of {', '.join(OFFLOAD)}")
-        if self.offload != "none" and self.distributed != "none":
+            bad("offload", f"{self.offload!r}: expected none or a comma-separated list of {', '.join(OFFLOAD_TARGETS)}")
+        if "activations" in self.offload_targets and self.distributed != "none":
             bad("offload", "activation offload does not run under FSDP (it would race FSDP's freeing of "
                            "unsharded weights)")
+        if "optimizer" in self.offload_targets and self.distributed != "none":
+            bad("offload", "optimizer-state offload is single-process (FSDP already shards the state)")
+        if self.optimizer == "adamw-8bit" and self.distributed != "none":
+            bad("optimizer", "adamw-8bit is single-process for now: its codes and block scales are not shaped like "
+                             "the parameters, so FSDP's sharded optimizer state dict cannot hold them")
+        if self.optimizer_in_backward:
+            why = ("grad_accum", f"must be 1 with optimizer_in_backward (got {self.grad_accum}): each parameter is "
+                                 "updated as soon as its gradient exists, so nothing can accumulate")
+            if int(self.grad_accum) != 1:
+                bad(*why)
+            if self.max_grad_norm is not None:
+                bad("max_grad_norm", "global-norm clipping needs every gradient before the first update; "
+                                     "optimizer_in_backward updates as they arrive: pass --max-grad-norm 0")
+            if self.precision == "fp16-amp":
+                bad("optimizer_in_backward", "fp16-amp's loss scaler must see every gradient before it may skip "
+                                             "a step; use bf16/bf16-amp/fp32")
+            if self.distributed != "none":
+                bad("optimizer_in_backward", "single-process only (FSDP reduces gradients asynchronously)")
         for fld, allowed in (("packing", PACKING), ("compile", COMPILE), ("kernels", KERNELS)):
             if getattr(self, fld) not in allowed:
                 bad(fld, f"{getattr(self, fld)!r} is not one of {', '.join(allowed)}")
@@ -234,6 +261,11 @@ class TrainConfig:
         return {"mode": "reduce-overhead"} if self.compile == "blocks-cudagraphs" else {}
 
     @property
+    def offload_targets(self) -> frozenset[str]:
+        """What ``offload`` moves to the host: a subset of :data:`OFFLOAD_TARGETS`."""
+        return frozenset(t for t in self.offload.split(",") if t in OFFLOAD_TARGETS)
+
+    @property
     def lora(self) -> LoRASpec:
         """The run's LoRA configuration (rank 0 for full fine-tuning)."""
         if not self.use_lora:
@@ -282,7 +314,7 @@ class TrainConfig:
 # Fields whose change alters the training trajectory: a resumed run must agree on them.
 TRAJECTORY_FIELDS = (
     "model", "data", "lr", "batch_size", "grad_accum", "weight_decay", "warmup_steps", "lr_schedule",
-    "min_lr_ratio", "max_grad_norm", "optimizer", "quantize", "seed", "precision", "full", "lora_rank", "lora_alpha",
+    "min_lr_ratio", "max_grad_norm", "optimizer", "optimizer_in_backward", "quantize", "seed", "precision", "full", "lora_rank", "lora_alpha",
     "lora_dropout", "lora_targets", "max_seq_len", "train_range", "max_samples", "skip_bad_records", "template",
     "random_init", "n_layers", "epochs", "max_steps",
 )

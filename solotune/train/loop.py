@@ -45,7 +45,7 @@ from .metrics import (
     write_json,
 )
 from .offload import offload_context
-from .optim import make_optimizer, make_schedule
+from .optim import grad_norm_fn, make_optimizer, make_schedule
 from .precision import PrecisionPolicy, get_policy
 from .run_dir import claim_run_dir
 from .run_state import DataStream, TrainState
@@ -163,7 +163,8 @@ def _finetune(cfg: TrainConfig, par: Any, ckpt: Any, records: Any, model: nn.Mod
     model = par.wrap(model, cfg, policy)  # FSDP: shard (after LoRA, before the optimizer sees the parameters)
     train_set, val_set = load_data(cfg, tokenizer, say, records)
     pad_id = pad_id_of(tokenizer)
-    optimizer = make_optimizer(cfg.optimizer, model, lr=cfg.lr, weight_decay=cfg.weight_decay, device=device)
+    optimizer = make_optimizer(cfg.optimizer, model, lr=cfg.lr, weight_decay=cfg.weight_decay, device=device,
+                               in_backward=cfg.optimizer_in_backward, offload="optimizer" in cfg.offload_targets)
     total_steps = planned_steps(cfg, len(train_set))
     schedule = make_schedule(optimizer, warmup=cfg.warmup_steps, total=total_steps, schedule=cfg.lr_schedule,
                              min_ratio=cfg.min_lr_ratio)
@@ -172,7 +173,9 @@ def _finetune(cfg: TrainConfig, par: Any, ckpt: Any, records: Any, model: nn.Mod
                                   epochs=None if cfg.max_steps is not None else cfg.epochs), device)
     ctx = StepContext(model, optimizer, [p for p in model.parameters() if p.requires_grad], policy, get_loss(cfg.loss),
                       par, device, cfg.max_grad_norm, getattr(instrument, "forward_context", None),
-                      getattr(instrument, "before_step", None), offload_context(cfg.offload, model, device))
+                      getattr(instrument, "before_step", None),
+                      offload_context("activations" if "activations" in cfg.offload_targets else "none", model, device),
+                      grad_norm_fn(optimizer, par))
     validate = functools.partial(evaluate, model, val_set, policy, device, cfg.eval_batch_size, pad_id, par,
                                  loss_name=cfg.loss)
     # Random weights only babble; sharded generation is not supported (generate from final/ instead).

@@ -1,20 +1,29 @@
 """Optimizers by name: one factory the loop builds from and the planner asks for state sizes.
 
-A new optimizer (8-bit AdamW, paged or offloaded variants) is one :class:`OptimizerSpec` here:
-how to build it over the trainable parameters and how many bytes of state it keeps per parameter
-tensor. ``solotune plan`` and the measured anatomy then account for it with no other change.
+A new optimizer is one :class:`OptimizerSpec` here: how to build it over the trainable parameters
+and how many bytes of state (and update scratch) it keeps per parameter tensor. ``solotune plan``
+and the measured anatomy then account for it with no other change.
+
+Two options wrap any of them (``solotune/optim``), chosen by :func:`make_optimizer` so the loop
+never asks which: ``in_backward`` (each parameter stepped from its gradient hook; grad_accum 1, no
+clipping: ``TrainConfig.validate`` says so) and ``offload`` (states in pinned host memory, streamed
+to the device for each parameter's update). Where the loop would clip, it calls
+:func:`grad_norm_fn`'s function: the parallel context's clipping, or the in-backward optimizer's
+report of the norm its hooks saw.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
+from ..optim import AdamW8bit, HostStates, OptimizerInBackward, PerParamOptimizer
+from ..optim import adamw8bit
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -41,16 +50,40 @@ def _adamw_state_bytes(numel: int, dtype: torch.dtype) -> int:
     return 2 * numel * torch.empty((), dtype=dtype).element_size() + 4
 
 
+def _adamw8bit(groups: list[dict], lr: float, device: torch.device) -> torch.optim.Optimizer:
+    return AdamW8bit(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+def _adamw8bit_state_bytes(numel: int, dtype: torch.dtype) -> int:
+    return adamw8bit.state_bytes(numel)
+
+
+def _no_scratch(numel: int, dtype: torch.dtype, device: str) -> int:
+    # torch AdamW: fused on CUDA (in place); the CPU path's per-tensor temporaries (denominator, ...)
+    return 0 if device == "cuda" else 2 * numel * torch.empty((), dtype=dtype).element_size()
+
+
+def _adamw8bit_scratch(numel: int, dtype: torch.dtype, device: str) -> int:
+    # On CUDA the Triton kernel updates in place (kernel "auto" picks it wherever Triton imports, as
+    # on every GPU set-up of this project); the PyTorch path works through fp32 chunks.
+    return 0 if device == "cuda" else adamw8bit.scratch_bytes(numel)
+
+
 @dataclass(frozen=True)
 class OptimizerSpec:
     name: str
     build: Callable[[list[dict], float, torch.device], torch.optim.Optimizer]
     state_bytes: Callable[[int, torch.dtype], int]  # (numel, param dtype) of one trainable tensor -> bytes
     description: str
+    # (numel, dtype, "cuda"|"cpu") of the largest trainable tensor -> bytes of the update's working memory
+    scratch_bytes: Callable[[int, torch.dtype, str], int] = _no_scratch
 
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     "adamw": OptimizerSpec("adamw", _adamw, _adamw_state_bytes, "torch AdamW; two moments in the parameter's dtype"),
+    "adamw-8bit": OptimizerSpec("adamw-8bit", _adamw8bit, _adamw8bit_state_bytes,
+                                "AdamW with blockwise 8-bit moments (solotune.optim.adamw8bit); ~2 bytes/parameter",
+                                _adamw8bit_scratch),
 }
 
 
@@ -61,16 +94,36 @@ def get_optimizer_spec(name: str) -> OptimizerSpec:
         raise ConfigError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}") from None
 
 
-def make_optimizer(name: str, model: nn.Module, *, lr: float, weight_decay: float,
-                   device: torch.device) -> torch.optim.Optimizer:
-    """The optimizer ``name`` over ``model``'s trainable parameters."""
-    return get_optimizer_spec(name).build(param_groups(model, weight_decay), lr, device)
+def make_optimizer(name: str, model: nn.Module, *, lr: float, weight_decay: float, device: torch.device,
+                   in_backward: bool = False, offload: bool = False) -> torch.optim.Optimizer:
+    """The optimizer ``name`` over ``model``'s trainable parameters; ``in_backward``: stepped from
+    the gradient hooks; ``offload``: its state in pinned host memory (both: ``solotune/optim``)."""
+    spec = get_optimizer_spec(name)
+    groups = param_groups(model, weight_decay)
+    if not (in_backward or offload):
+        return spec.build(groups, lr, device)
+    store = HostStates(device) if offload else None
+    wrapper = OptimizerInBackward if in_backward else PerParamOptimizer
+    return wrapper(groups, lambda gs: spec.build(gs, lr, device), store)
+
+
+def grad_norm_fn(optimizer: torch.optim.Optimizer, par: Any) -> Callable[[list[torch.Tensor], float | None], float]:
+    """What the step calls where it clips, ``(params, max_norm) -> grad norm``: the parallel
+    context's global-norm clipping, or (optimizer in backward, whose gradients are gone by then)
+    the norm of the gradients its hooks saw."""
+    return optimizer.clip_grad_norm if isinstance(optimizer, OptimizerInBackward) else par.clip_grad_norm
 
 
 def optimizer_state_bytes(name: str, params: Iterable[tuple[int, torch.dtype]]) -> int:
     """Bytes of optimizer state for trainable tensors given as (numel, dtype), after the first step."""
     spec = get_optimizer_spec(name)
     return sum(spec.state_bytes(n, dt) for n, dt in params)
+
+
+def optimizer_scratch_bytes(name: str, params: Iterable[tuple[int, torch.dtype]], device: str) -> int:
+    """Working memory of the largest tensor's update (the update runs one tensor at a time)."""
+    spec = get_optimizer_spec(name)
+    return max((spec.scratch_bytes(n, dt, device) for n, dt in params), default=0)
 
 
 # ------------------------------------------------------------------------------------ schedule

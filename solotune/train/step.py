@@ -40,6 +40,8 @@ class StepContext:
     forward_context: Callable[[], contextlib.AbstractContextManager] | None = None  # instrument hook
     before_update: Callable[[nn.Module, torch.optim.Optimizer, int], None] | None = None  # instrument hook
     offload: contextlib.AbstractContextManager = contextlib.nullcontext()  # train/offload.py, entered per micro-batch
+    # (params, max_norm) -> grad norm, where the step clips (train/optim.grad_norm_fn); None: par.clip_grad_norm
+    clip_grad_norm: Callable[[list[torch.Tensor], float | None], float] | None = None
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,7 @@ def train_step(ctx: StepContext, state: TrainState, window: Sequence[Batch]) -> 
     lr = opt.param_groups[0]["lr"]
     with deferred_signals():  # an update and its bookkeeping are never cut in half by Ctrl-C
         scaler.unscale_(opt)
-        grad_norm = par.clip_grad_norm(ctx.params, ctx.max_grad_norm)
+        grad_norm = (ctx.clip_grad_norm or par.clip_grad_norm)(ctx.params, ctx.max_grad_norm)
         took_step = scaler.step(opt)
         state.scheduler.step()
         opt.zero_grad(set_to_none=True)
