@@ -189,7 +189,9 @@ def reference_gap(spec: CellSpec) -> str | None:
     if spec.quantize not in ("none", "nf4"):
         return f"no HF reference for quantize {spec.quantize!r} (nf4: bitsandbytes)"
     if spec.offload != "none":
-        return "HF has no activation-offload equivalent of --offload activations"
+        return f"HF has no equivalent of --offload {spec.offload}"
+    if spec.optimizer != "adamw" or spec.optimizer_in_backward:
+        return "the HF reference steps torch's AdamW after backward only"
     return None
 
 
