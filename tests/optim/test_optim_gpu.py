@@ -79,18 +79,36 @@ def test_offloaded_states_equal_on_device_states_bitwise(in_backward, inner):
 
 
 def test_in_backward_never_holds_the_full_gradients():
-    def peak(make_opt):
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        _train(make_opt, steps=3, dtype=torch.bfloat16)
-        return torch.cuda.max_memory_allocated()
-
+    """What backward leaves allocated: with the optimizer in backward every gradient is freed in its
+    own hook, so the memory after backward is lower than the plain optimizer's by about the full
+    gradients (all but the largest, which may still be in flight). (The whole-run peak of this small
+    model is set before backward, by the forward and the state set-up, so it is not what this checks.)"""
     build = lambda gs: AdamW8bit(gs, lr=1e-3)
-    plain = peak(lambda m: build(param_groups(m, 0.0)))
-    inb = peak(lambda m: OptimizerInBackward(param_groups(m, 0.0), build))
+    tokens = torch.randint(0, 64, (4, 65), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
+
+    def after_backward(make_opt):
+        model = build_model(MID, seed=0, dtype=torch.bfloat16).cuda()
+        opt = make_opt(model)
+        for _ in range(2):  # the second step: states exist in both
+            loss = _loss(model, tokens)
+            torch.cuda.synchronize()
+            loss.backward()
+            torch.cuda.synchronize()
+            held = torch.cuda.memory_allocated()
+            grads = [p.grad is not None for p in model.parameters()]
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if hasattr(opt, "close"):
+            opt.close()
+        del model, opt, loss
+        return held, grads
+
+    plain, plain_grads = after_backward(lambda m: build(param_groups(m, 0.0)))
+    inb, inb_grads = after_backward(lambda m: OptimizerInBackward(param_groups(m, 0.0), build))
     model = build_model(MID, seed=0, dtype=torch.bfloat16)
     grads = sum(p.numel() * 2 for p in model.parameters())
     largest = max(p.numel() * 2 for p in model.parameters())
+    assert all(plain_grads) and not any(inb_grads)
     assert plain - inb >= 0.8 * (grads - largest), (plain, inb, grads)
 
 
@@ -125,6 +143,9 @@ def test_8bit_step_on_cuda_matches_cpu():
         p_cpu.grad, p_gpu.grad = g, g.cuda()
         a.step()
         b.step()
-    torch.testing.assert_close(p_gpu.detach().cpu(), p_cpu.detach(), rtol=0, atol=1e-5)
-    # the codes may differ where a value sits on a decision boundary, nowhere else
+    # The codes may differ where a value sits on a decision boundary (CUDA's fp32 kernels may fuse
+    # multiply-adds), nowhere else: so may the few weights those codes update, by a fraction of lr.
+    diff = (p_gpu.detach().cpu() - p_cpu.detach()).abs()
+    assert (diff > 1e-5).float().mean() < 1e-3 and float(diff.max()) < 1e-2, (float((diff > 1e-5).float().mean()),
+                                                                               float(diff.max()))
     assert (a.state[p_cpu]["m_codes"] != b.state[p_gpu]["m_codes"].cpu()).float().mean() < 1e-3
