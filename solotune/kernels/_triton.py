@@ -10,16 +10,8 @@ from typing import Callable
 
 import torch
 
-try:  # Triton is optional: the PyTorch references cover CPU and machines without it.
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the environment
-    triton = None
-    tl = None
+from .._triton import tl, triton, triton_available  # noqa: F401  (the one optional import)
 
-
-def triton_available() -> bool:
-    return triton is not None
 
 
 def interpreting() -> bool:

@@ -19,18 +19,10 @@ from __future__ import annotations
 
 import torch
 
-try:  # optional: the PyTorch path covers CPU and machines without it
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the environment
-    triton = None
-    tl = None
+from .._triton import tl, triton, triton_available  # noqa: F401  (the one optional import)
 
 from . import blockwise
 
-
-def triton_available() -> bool:
-    return triton is not None
 
 
 if triton is not None:

@@ -14,19 +14,10 @@ import os
 
 import torch
 
-try:  # Triton is optional: the PyTorch path covers CPU and machines without it.
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the environment
-    triton = None
-    tl = None
+from .._triton import tl, triton, triton_available  # noqa: F401  (the one optional import)
 
 from .nf4 import NF4Weight
 
-
-def triton_available() -> bool:
-    """Triton imports (the kernel also needs CUDA tensors, or ``TRITON_INTERPRET=1`` on CPU)."""
-    return triton is not None
 
 
 if triton is not None:

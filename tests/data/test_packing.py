@@ -8,24 +8,13 @@ import functools
 import pytest
 import torch
 
-from solotune.config import ModelConfig
 from solotune.data import IGNORE_INDEX, Example
 from solotune.data.batch import collate_batch
 from solotune.data.packing import pack_rows, pack_window
 from solotune.model import build_model
 from solotune.train.loss import full_logits_loss
 
-CFG = ModelConfig(name="tiny-pack", dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, hidden_dim=64,
-                  max_seq_len=64)
-
-
-def _examples(lengths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for n in lengths:
-        ids = torch.randint(3, 64, (n,), generator=g).tolist()
-        out.append(Example(ids, [IGNORE_INDEX] * (n // 3) + ids[n // 3:]))
-    return out
+from test_batch import CFG, _examples  # the same tiny model and examples as the Batch tests
 
 
 def _window_grads(model, batches):
