@@ -237,7 +237,12 @@ def progress_line(i: int, n: int, r: dict[str, Any]) -> str:
         pred = r.get("predicted_peak_bytes")
         err = f", {100 * (pred / r['peak_alloc_bytes'] - 1):+.1f}%" if pred and r["peak_alloc_bytes"] else ""
         rt = f"{r['runtime_s']:.1f} s" + (" (extrapolated)" if r.get("runtime_extrapolated") else "")
-        tps = f"{r['tokens_per_s']:.0f} tok/s" if r.get("tokens_per_s") else ""
+        # The steady state is the speed to compare: the whole-run rate carries the warm-up (compilation).
+        if r.get("steady_tokens_per_s"):
+            warm = f"compile {r['compile_s']:.1f} s" if r.get("compile_s") else f"warm-up {r.get('warmup_s') or 0:.1f} s"
+            tps = f"{r['steady_tokens_per_s']:.0f} tok/s steady ({warm})"
+        else:
+            tps = f"{r['tokens_per_s']:.0f} tok/s" if r.get("tokens_per_s") else ""
         return f"{head} ok    peak {gib(r['peak_alloc_bytes'])} (pred {gib(pred)}{err})  {rt}  {tps}  loss {r['mean_loss']:.3f}"
     if st == "oom":
         return (f"{head} OOM   at {gib(r.get('peak_alloc_bytes'))} allocating {gib(r.get('oom_request_bytes'))} "

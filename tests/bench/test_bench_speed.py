@@ -181,3 +181,16 @@ def test_find_max_seq_len_measures_around_the_planner(tmp_path, monkeypatch):
     assert f"longest that trained **{found['longest_fit']}**" in (tmp_path / "max_seq_len.md").read_text()
     with pytest.raises(ConfigError, match="memory-limit"):
         runner.find_max_seq_len(runner.BenchConfig(model="tiny"))
+
+
+def test_progress_line_shows_the_steady_rate_and_the_compile_time_apart():
+    """A compiled cell's whole-run rate carries its compilation: the line shows the steady state."""
+    from solotune.bench.runner import progress_line
+
+    r = dict(grad_accum=1, grad_checkpoint="off", precision="bf16", method="lora", impl="solotune", status="ok",
+             predicted_peak_bytes=None, peak_alloc_bytes=2**30, runtime_s=17.6, runtime_extrapolated=True,
+             tokens_per_s=939.0, steady_tokens_per_s=20040.0, compile_s=12.5, warmup_s=12.9, mean_loss=11.18)
+    line = progress_line(1, 1, r)
+    assert "20040 tok/s steady (compile 12.5 s)" in line and "939 tok/s" not in line
+    r.update(steady_tokens_per_s=None)
+    assert "939 tok/s" in progress_line(1, 1, r)
