@@ -41,6 +41,14 @@ def varlen_available(device: torch.device) -> bool:
     return device.type == "cuda" and _varlen_fn() is not None
 
 
+def block_causal_mask(doc: torch.Tensor) -> torch.Tensor:
+    """doc [B, T] (each token's document index within its row) -> [B, 1, T, T] bool: a token
+    attends to earlier tokens of its own document only."""
+    T = doc.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc.device).tril()
+    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+
+
 @dataclass(frozen=True)
 class Varlen:
     """Block-diagonal causal attention over the flattened rows of a packed batch.
@@ -71,11 +79,9 @@ class Varlen:
         """The same attention through SDPA with the block-diagonal causal mask [B, 1, T, T]."""
         B, T = q.shape[:2]
         token = torch.arange(B * T, device=q.device)
-        doc = torch.searchsorted(self.cu_seqlens[1:].long(), token, right=True).view(B, T)
-        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-        mask = ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+        mask = block_causal_mask(torch.searchsorted(self.cu_seqlens[1:].long(), token, right=True).view(B, T))
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
         return y.transpose(1, 2)
 
 
-__all__ = ["Varlen", "varlen_available"]
+__all__ = ["Varlen", "block_causal_mask", "varlen_available"]

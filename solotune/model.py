@@ -12,6 +12,7 @@ H query heads, Hkv key/value heads, D head dim, C model dim, V vocab.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Iterable
 
 import torch
@@ -19,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .attention import Varlen, varlen_available
+from .attention import Varlen, block_causal_mask, varlen_available
 from .config import ModelConfig
 from .data.batch import Batch
 from .kv_cache import CachePos, KVCache, generation_mask
@@ -150,9 +151,7 @@ def document_mask(seq_lens: tuple[tuple[int, ...], ...], T: int, device: torch.d
         used = sum(row)
         ids.append(torch.full((T - used,), len(row)))
         doc[r] = torch.cat(ids)
-    doc = doc.to(device)
-    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
-    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+    return block_causal_mask(doc.to(device))
 
 
 def packed_attention(batch: Batch, device: torch.device) -> torch.Tensor | Varlen:
@@ -182,6 +181,7 @@ def checkpoint_policy(policy: str | None, n_layers: int) -> frozenset[int]:
     raise ValueError(f"gradient checkpointing policy {policy!r}: expected off, all or every:K (K >= 1)")
 
 
+@functools.lru_cache(maxsize=1)  # asked by every checkpointed block in every forward and recompute
 def _matmul_ops() -> frozenset:
     """The ops whose outputs selective checkpointing keeps: the matmuls and attention (the FLOPs);
     everything else in a block (norms, RoPE, SiLU * up, dropout, casts) is recomputed."""
@@ -236,8 +236,14 @@ class Transformer(nn.Module):
                     p.normal_(0.0, std, generator=generator)
 
     def set_grad_checkpointing(self, policy: str | None) -> None:
-        self.checkpoint_layers = checkpoint_policy(policy, len(self.layers))
-        mode = "selective" if policy == "selective" else "full"
+        """A named policy (:func:`checkpoint_policy`): off | all | every:K | selective."""
+        self.checkpoint_blocks(checkpoint_policy(policy, len(self.layers)),
+                               "selective" if policy == "selective" else "full")
+
+    def checkpoint_blocks(self, blocks: Iterable[int], mode: str = "full") -> None:
+        """Recompute exactly these blocks in backward (``mode``: full | selective); the rest keep
+        their activations. Each block checkpoints itself (``TransformerBlock.recompute``)."""
+        self.checkpoint_layers = frozenset(blocks)
         for i, layer in enumerate(self.layers):
             layer.recompute = mode if i in self.checkpoint_layers else "off"
 

@@ -334,10 +334,7 @@ def dry_run(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec, checkpoin
 
     with torch.device("meta"):  # build, cast and wrap on meta: nothing is allocated or initialised
         model = training_model(cfg, policy, lora, quantize)
-    # Any set of blocks (set_grad_checkpointing takes the off/all/every:K policies only).
-    model.checkpoint_layers = frozenset(checkpointed)
-    for i, layer in enumerate(model.layers):  # a block checkpoints itself (TransformerBlock.recompute)
-        layer.recompute = "full" if i in model.checkpoint_layers else "off"
+    model.checkpoint_blocks(checkpointed)  # any set of blocks, not only the named policies
     if device == "cuda":  # the fused kernels run on CUDA only: their ops' fake implementations run here
         apply_kernels(model, kernels, available=lambda *tensors: True)
     # NF4's dequantization indexes real constant tables (module-level levels and dynamic map):

@@ -297,12 +297,13 @@ def _attach_adapters(model: nn.Module, cfg: TrainConfig, policy: PrecisionPolicy
 
         use_fused_kernels(model)
     device_type = next(model.parameters()).device.type
-    if cfg.compiles(device_type):
+    packs, compiles = cfg.packs(device_type), cfg.compiles(device_type)
+    if compiles:
         model.compile_blocks(**cfg.compile_options)
     say(trainable_summary(model))
-    if cfg.packs(device_type) or cfg.compiles(device_type):
-        say(f"speed: packing {'on' if cfg.packs(device_type) else 'off'} (rows of {cfg.max_seq_len} tokens), "
-            f"compiled blocks {'on' if cfg.compiles(device_type) else 'off'}")
+    if packs or compiles:
+        say(f"speed: packing {'on' if packs else 'off'} (rows of {cfg.max_seq_len} tokens), "
+            f"compiled blocks {'on' if compiles else 'off'}")
     return count_parameters(model)
 
 
