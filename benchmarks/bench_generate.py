@@ -84,7 +84,7 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--batches", default="1,16", help="comma-separated batch sizes")
-    ap.add_argument("--methods", default="compiled,eager,hf", help="comma-separated: compiled, eager, hf")
+    ap.add_argument("--methods", default="compiled,eager,hf", help="comma-separated: compiled, compiled-cublas, eager, hf")
     ap.add_argument("--repeats", type=int, default=3, help="timed calls of the compiled decoder")
     ap.add_argument("--slow-repeats", type=int, default=1, help="timed calls of eager and HF (launch-bound, slow)")
     ap.add_argument("--bandwidth-tbs", type=float, default=4.27, help="HBM bandwidth for the bound (H200 measured)")
@@ -149,13 +149,16 @@ def measure(method: str, B: int, prompts, n_new: int, model, hf, Decoder, genera
         ttft = None
         slots = len(prompts[0]) + n_new  # HF's dynamic cache: the filled part only (an upper bound)
     else:
-        dec = Decoder(model, compile=method == "compiled")
+        # compiled: the Decoder's CUDA default (CUDA graphs + GEMV tuning); compiled-cublas: CUDA graphs
+        # with Inductor's default matmuls (cuBLAS), i.e. mode="reduce-overhead", the previous default
+        how = {"mode": "reduce-overhead"} if method == "compiled-cublas" else {}
+        dec = Decoder(model, compile=method.startswith("compiled"), **how)
 
         def run(n: int = n_new) -> list[list[int]]:
             return generate_tokens(dec, prompts, n, stop_ids=())
-        repeats = args.repeats if method == "compiled" else args.slow_repeats
+        repeats = args.repeats if method.startswith("compiled") else args.slow_repeats
         slots = dec.cache_len(len(prompts[0]) + n_new)
-        first, _ = timed(run if method == "compiled" else (lambda: run(8)), device)
+        first, _ = timed(run if method.startswith("compiled") else (lambda: run(8)), device)
         ttft = sorted(timed(lambda: run(1), device)[0] for _ in range(3))[1]  # eager prefill + first pick
     times = []
     out: list[list[int]] = []
@@ -167,9 +170,10 @@ def measure(method: str, B: int, prompts, n_new: int, model, hf, Decoder, genera
     n_tok = sum(len(o) for o in out)
     row = {"new_tokens_per_row": n_new, "generated_tokens": n_tok, "median_s": t, "times_s": times,
            "tokens_per_s": n_tok / t, "row_tokens_per_s": n_new / t, "first_call_s": first, "slots": slots}
-    if method == "compiled":
+    if method.startswith("compiled"):
         row["compile_s"] = first - t  # the first call's extra time: tracing, Inductor, CUDA-graph capture
         row["mode"] = dec.mode
+        row["inductor_options"] = dec.options
     if ttft is not None:
         row["ttft_s"] = ttft
         row["decode_tokens_per_s"] = B * (n_new - 1) / max(t - ttft, 1e-9)

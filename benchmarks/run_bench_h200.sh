@@ -10,6 +10,8 @@
 #              dry run models, and no compilation per probed length)                              ~3 min
 #   context80  the same within 80 GiB (1 optimizer step per probe: ~100k-token rows)             ~7 min
 #   offload    (not in "all") context24 with --offload activations, LoRA and QLoRA                ~3 min
+#   alpaca     (not in "all") real Alpaca records 0-199: the course setting (micro-batch 1, accumulation 8)
+#              and micro-batch 8, solotune (packing + compile) vs HF + PEFT                        ~4 min
 #
 #   bash benchmarks/run_bench_h200.sh OUT [PART ...]      (default: speed qlora context24 context80)
 #   OPTS="--compile blocks --kernels triton" bash benchmarks/run_bench_h200.sh OUT speed
@@ -48,6 +50,10 @@ for part in "${PARTS[@]}"; do
           --reference hf --time-budget 6
       run qlora-random-b8 "${R[@]}" --micro-batch 8 --axes none --fix gc=on,precision=on --quantize nf4 \
           --reference hf --time-budget 6 ;;
+    alpaca)
+      A=(--data alpaca-sample --samples 200 --axes none --reference hf --warmup-steps 3)
+      run alpaca-course "${A[@]}" --micro-batch 1 --fix ga=on,precision=on --ga-on 8
+      run alpaca-mb8 "${A[@]}" --micro-batch 8 --fix precision=on ;;
     context24|context80|offload)
       limit=24GiB; extra=(); samples=2
       [ "$part" = context80 ] && { limit=80GiB; samples=1; }
@@ -56,6 +62,6 @@ for part in "${PARTS[@]}"; do
         run "maxlen-$part-$q" --find-max-seq-len --memory-limit "$limit" --axes none --fix gc=on,precision=on \
             --quantize "$q" "${extra[@]}" --compile off --max-probes 3 --probe-step 0.04 --probe-samples "$samples"
       done ;;
-    *) echo "unknown part $part (speed qlora context24 context80 offload)"; exit 2 ;;
+    *) echo "unknown part $part (speed qlora context24 context80 offload alpaca)"; exit 2 ;;
   esac
 done

@@ -3,7 +3,8 @@
 # everything under OUT is packed into OUT/results.tgz (files come back even if a later part is cut).
 #
 #   bash benchmarks/run_final_h200.sh OUT PART...
-#   PART: tests | speed | qlora | probe | generate | optim | context24
+#   PART: tests | kernels | speed | speed-flce | qlora | qlora-flce | probe | probe-k | gen1 | gen16 |
+#         generate | alpaca | optim | table2 | context24 | context80 | guide
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?OUT}; shift
@@ -19,6 +20,30 @@ for part in "$@"; do
       timeout 100 python3 -m pytest -q -rs -p no:cacheprovider tests/train/test_speed_gpu.py tests/kernels/test_kernels_gpu.py \
         tests/bench/test_bench_gpu.py tests/optim/test_optim_gpu.py tests/test_generate_gpu.py tests/quant/test_quant_gpu.py \
         > "$R/gpu_tests.log" 2>&1 ;;
+    kernels)
+      timeout 170 bash benchmarks/run_kernels_h200.sh "$R/kernels" > "$R/kernels.log" 2>&1 ;;
+    probe-k)
+      timeout 200 python3 benchmarks/speed_probe.py --out "$R/probe" --warmup 3 --steps 4 \
+        --variants compile-flce,compile-flce-k,compile-gc-flce,compile-gc-flce-k,qlora-b8-compile-flce,qlora-b8-compile-flce-k,qlora-b1-compile-flce \
+        > "$R/probe-k.log" 2>&1 ;;
+    gen1)  # batch 1: GEMV-tuned CUDA graphs (the new default) vs plain reduce-overhead vs HF, one process
+      timeout 300 python3 benchmarks/bench_generate.py --out "$R/gen1" --batches 1 --methods compiled,compiled-cublas,hf \
+        --repeats 3 > "$R/gen1.log" 2>&1 ;;
+    gen16)
+      timeout 200 python3 benchmarks/bench_generate.py --out "$R/gen16" --batches 16 --methods compiled,hf \
+        --repeats 3 > "$R/gen16.log" 2>&1 ;;
+    alpaca)
+      timeout 330 bash benchmarks/run_bench_h200.sh "$R/bench" alpaca > "$R/alpaca.log" 2>&1 ;;
+    speed-flce)
+      OPTS="--loss fused-linear-ce ${KOPTS:-}" timeout 260 bash benchmarks/run_bench_h200.sh "$R/bench-flce" speed > "$R/speed-flce.log" 2>&1 ;;
+    qlora-flce)
+      OPTS="--loss fused-linear-ce ${KOPTS:-}" timeout 230 bash benchmarks/run_bench_h200.sh "$R/bench-flce" qlora > "$R/qlora-flce.log" 2>&1 ;;
+    table2)
+      timeout 400 bash benchmarks/run_optim_h200.sh "$R/optim" table2 > "$R/table2.log" 2>&1 ;;
+    context80)
+      timeout 450 bash benchmarks/run_bench_h200.sh "$R/bench" context80 > "$R/context80.log" 2>&1 ;;
+    guide)
+      timeout 300 bash benchmarks/run_guide_h200.sh "$R/guide" > "$R/guide.log" 2>&1 ;;
     speed)
       timeout 260 bash benchmarks/run_bench_h200.sh "$R/bench" speed > "$R/speed.log" 2>&1 ;;
     qlora)

@@ -24,7 +24,7 @@ from solotune.peft.spec import LoRASpec
 from solotune.train.loss import get_loss
 from solotune.train.optim import make_optimizer
 
-VARIANTS = {  # name -> (checkpointing, compile, quantize, micro-batch, loss)
+VARIANTS = {  # name -> (checkpointing, compile, quantize, micro-batch, loss[, kernels])
     "eager": ("off", False, "none", 8, "full-logits"),
     "compile": ("off", True, "none", 8, "full-logits"),
     "eager-gc": ("all", False, "none", 8, "full-logits"),
@@ -42,11 +42,16 @@ VARIANTS = {  # name -> (checkpointing, compile, quantize, micro-batch, loss)
     "qlora-b1-graphs": ("all", "reduce-overhead", "nf4", 1, "full-logits"),
     "lora-b1-compile": ("off", True, "none", 1, "full-logits"),
     "lora-b1-graphs": ("off", "reduce-overhead", "none", 1, "full-logits"),
+    # + the fused Triton kernels (RMSNorm, SwiGLU, RoPE) inside the compiled blocks
+    "compile-flce-k": ("off", True, "none", 8, "fused-linear-ce", "triton"),
+    "compile-gc-flce-k": ("all", True, "none", 8, "fused-linear-ce", "triton"),
+    "qlora-b8-compile-flce-k": ("all", True, "nf4", 8, "fused-linear-ce", "triton"),
 }
 
 
 def run(name: str, layers: int, warmup: int, steps: int, profile: bool, out: str) -> dict:
-    ckpt, compiled, quantize, mb, loss_name = VARIANTS[name]
+    ckpt, compiled, quantize, mb, loss_name, *rest = VARIANTS[name]
+    kernels = rest[0] if rest else "off"
     torch._dynamo.reset()
     gc.collect()  # the previous variant's model (compiled graphs keep it in reference cycles)
     torch.cuda.empty_cache()
@@ -55,6 +60,10 @@ def run(name: str, layers: int, warmup: int, steps: int, profile: bool, out: str
                     quantize=quantize)
     apply_lora(model, LoRASpec(16, 32.0, 0.05, ("wq", "wv")), generator=torch.Generator().manual_seed(0),
                lora_dtype=torch.bfloat16)
+    if kernels != "off":
+        from solotune.kernels import use_fused_kernels
+
+        use_fused_kernels(model)
     model.set_grad_checkpointing(ckpt)
     if compiled:
         model.compile_blocks(**({"mode": compiled} if isinstance(compiled, str) else {}))
@@ -85,7 +94,7 @@ def run(name: str, layers: int, warmup: int, steps: int, profile: bool, out: str
     torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / steps
     res = {"variant": name, "layers": layers, "micro_batch": mb, "checkpointing": ckpt, "compile": compiled,
-           "quantize": quantize, "loss": loss_name, "warmup_s": t_warm, "warmup_steps": warmup,
+           "quantize": quantize, "loss": loss_name, "kernels": kernels, "warmup_s": t_warm, "warmup_steps": warmup,
            "step_s": dt, "tokens_per_s": mb * T / dt, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
     if profile:
         from torch.profiler import ProfilerActivity, profile as prof

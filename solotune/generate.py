@@ -32,6 +32,10 @@ __all__ = ["Decoder", "encode_prompt", "generate", "generate_tokens", "left_pad"
 
 StopFn = Callable[[int, list[int]], bool]  # (row, tokens generated so far) -> stop this row?
 SLOT_BUCKET = 128  # compiled decoding: cache lengths rounded up to this, so nearby lengths share a graph
+# Inductor options of the compiled decode step on CUDA: CUDA graphs (what mode="reduce-overhead" sets)
+# and coordinate-descent tuning, under which Inductor turns each [B=1, C] x [C, N] matmul into a Triton
+# reduction tuned per shape (cuBLAS's GEMV leaves bandwidth unused at batch 1: see benchmarks/NOTES.md).
+CUDA_DECODE_OPTIONS = {"triton.cudagraphs": True, "coordinate_descent_tuning": True}
 
 
 # ------------------------------------------------------------------------------------- batching
@@ -100,17 +104,24 @@ class Decoder:
 
     Pass it where a model goes (:func:`generate_tokens`, :func:`generate`) to keep that state across
     calls. ``compile``: ``torch.compile(step, fullgraph=True, dynamic=False)`` with ``backend``
-    and ``mode`` (default: ``"reduce-overhead"`` — CUDA graphs — on CUDA, none elsewhere);
+    and either ``mode`` or Inductor ``options`` (default ``mode="auto"``: on CUDA the options
+    :data:`CUDA_DECODE_OPTIONS` — CUDA graphs plus GEMV tuning — elsewhere none);
     ``fallback``: when compiling fails, warn and decode eagerly instead of raising. The kept cache
     costs 2 · layers · B · Hkv · S · D elements until :meth:`release`.
     """
 
     def __init__(self, model: torch.nn.Module, *, compile: bool = False, backend: str = "inductor",
-                 mode: str | None = "auto", fallback: bool = False, check_every: int | None = None) -> None:
+                 mode: str | None = "auto", options: dict | None = None, fallback: bool = False,
+                 check_every: int | None = None) -> None:
         self.model = model
         self.compile = compile
         self.backend = backend
-        self.mode = ("reduce-overhead" if self.device.type == "cuda" else None) if mode == "auto" else mode
+        if options is not None and mode not in (None, "auto"):
+            raise ConfigError("Decoder: give mode or options, not both (torch.compile takes one)")
+        on_cuda = self.device.type == "cuda"
+        self.mode = None if mode == "auto" or options is not None else mode
+        self.options = options if options is not None else (
+            dict(CUDA_DECODE_OPTIONS) if mode == "auto" and on_cuda else None)
         self.fallback = fallback
         if check_every is not None and check_every < 1:
             raise ConfigError(f"check_every must be >= 1, got {check_every}")
@@ -155,7 +166,9 @@ class Decoder:
             eager = decode_step(self.model, temperature, top_k, top_p)
             compiled = eager
             if self.compile:
-                opts = {"mode": self.mode} if self.backend == "inductor" and self.mode else {}
+                opts = {}
+                if self.backend == "inductor":
+                    opts = {"options": self.options} if self.options else {"mode": self.mode} if self.mode else {}
                 compiled = torch.compile(eager, fullgraph=True, dynamic=False, backend=self.backend, **opts)
             self._steps[key] = (compiled, eager)
         compiled, eager = self._steps[key]

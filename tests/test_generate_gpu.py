@@ -1,4 +1,4 @@
-"""GPU checks of compiled decoding: Inductor + CUDA graphs (``mode="reduce-overhead"``) give the
+"""GPU checks of compiled decoding: Inductor + CUDA graphs (the default options, and plain ``mode="reduce-overhead"``) give the
 eager tokens (fp32, greedy and seeded sampling, left-padded batch), never skip the CUDA graph, and
 replay one graph for every token and for a later call (no recompilation)."""
 
@@ -24,12 +24,20 @@ def model():
     torch._dynamo.reset()
 
 
-def test_cudagraph_decode_equals_eager(model) -> None:
+@pytest.mark.parametrize("how", [{}, {"mode": "reduce-overhead"}], ids=["default-options", "reduce-overhead"])
+def test_cudagraph_decode_equals_eager(model, how) -> None:
+    """Both the default (CUDA graphs + GEMV tuning: batch-1 matmuls become Triton reductions) and
+    plain ``reduce-overhead`` (cuBLAS matmuls) decode the eager tokens."""
     from torch._dynamo.utils import counters
 
+    torch._dynamo.reset()
     counters.clear()
-    dec = Decoder(model, compile=True)
-    assert dec.mode == "reduce-overhead" and dec.check_every > 1
+    dec = Decoder(model, compile=True, **how)
+    if how:
+        assert dec.mode == "reduce-overhead" and dec.options is None
+    else:
+        assert dec.options == {"triton.cudagraphs": True, "coordinate_descent_tuning": True} and dec.mode is None
+    assert dec.check_every > 1
     want = generate_tokens(model, PROMPTS, 24)
     assert generate_tokens(dec, PROMPTS, 24) == want
     graphs = counters["stats"]["unique_graphs"]
