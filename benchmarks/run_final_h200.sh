@@ -22,6 +22,13 @@ for part in "$@"; do
         > "$R/gpu_tests.log" 2>&1 ;;
     kernels)
       timeout 170 bash benchmarks/run_kernels_h200.sh "$R/kernels" > "$R/kernels.log" 2>&1 ;;
+    probe-cl)
+      timeout 300 python3 benchmarks/speed_probe.py --out "$R/probe" --warmup 3 --steps 4 \
+        --variants compile,compile-cl,compile-flce,compile-gc-cl,qlora-b8-compile-cl,qlora-b1-compile-cl,qlora-b1-compile-flce \
+        > "$R/probe-cl.log" 2>&1 ;;
+    tests2)
+      timeout 200 python3 -m pytest -q -rs -p no:cacheprovider --durations=12 tests/test_generate_gpu.py tests/optim/test_optim_gpu.py \
+        tests/train/test_speed_gpu.py tests/bench/test_plan_losses.py > "$R/gpu_tests2.log" 2>&1 ;;
     probe-k)
       timeout 200 python3 benchmarks/speed_probe.py --out "$R/probe" --warmup 3 --steps 4 \
         --variants compile-flce,compile-flce-k,compile-gc-flce,compile-gc-flce-k,qlora-b8-compile-flce,qlora-b8-compile-flce-k,qlora-b1-compile-flce \

@@ -42,6 +42,11 @@ VARIANTS = {  # name -> (checkpointing, compile, quantize, micro-batch, loss[, k
     "qlora-b1-graphs": ("all", "reduce-overhead", "nf4", 1, "full-logits"),
     "lora-b1-compile": ("off", True, "none", 1, "full-logits"),
     "lora-b1-graphs": ("off", "reduce-overhead", "none", 1, "full-logits"),
+    # the loss compiled too (what compiled training runs now do: train/loss.py COMPILABLE_LOSSES)
+    "compile-cl": ("off", True, "none", 8, "full-logits+compiled"),
+    "compile-gc-cl": ("all", True, "none", 8, "full-logits+compiled"),
+    "qlora-b8-compile-cl": ("all", True, "nf4", 8, "full-logits+compiled"),
+    "qlora-b1-compile-cl": ("all", True, "nf4", 1, "full-logits+compiled"),
     # + the fused Triton kernels (RMSNorm, SwiGLU, RoPE) inside the compiled blocks
     "compile-flce-k": ("off", True, "none", 8, "fused-linear-ce", "triton"),
     "compile-gc-flce-k": ("all", True, "none", 8, "fused-linear-ce", "triton"),
@@ -69,7 +74,8 @@ def run(name: str, layers: int, warmup: int, steps: int, profile: bool, out: str
         model.compile_blocks(**({"mode": compiled} if isinstance(compiled, str) else {}))
     model.train()
     opt = make_optimizer("adamw", model, lr=1e-5, weight_decay=0.0, device=dev)
-    loss_fn = get_loss(loss_name)
+    base_loss, _, how = loss_name.partition("+")
+    loss_fn = get_loss(base_loss, compiled=how == "compiled")
     T = 512
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 32000, (mb, T), generator=g)

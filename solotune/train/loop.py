@@ -171,7 +171,9 @@ def _finetune(cfg: TrainConfig, par: Any, ckpt: Any, records: Any, model: nn.Mod
     state = TrainState(schedule, par.make_scaler(policy, device.type),
                        DataStream(len(train_set), cfg.seed, cfg.batch_size,
                                   epochs=None if cfg.max_steps is not None else cfg.epochs), device)
-    ctx = StepContext(model, optimizer, [p for p in model.parameters() if p.requires_grad], policy, get_loss(cfg.loss),
+    # compiled runs compile the loss too (the head's fp32 logits then never exist: train/loss.py)
+    loss_fn = get_loss(cfg.loss, compiled=cfg.compiles(device.type))
+    ctx = StepContext(model, optimizer, [p for p in model.parameters() if p.requires_grad], policy, loss_fn,
                       par, device, cfg.max_grad_norm, getattr(instrument, "forward_context", None),
                       getattr(instrument, "before_step", None),
                       offload_context("activations" if "activations" in cfg.offload_targets else "none", model, device),

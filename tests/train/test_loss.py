@@ -142,3 +142,24 @@ def test_whole_model_fp64(name, tied):
     assert got.keys() == ref.keys()
     for n in ref:
         torch.testing.assert_close(got[n], ref[n], rtol=1e-10, atol=1e-12, msg=n)
+
+
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+def test_compiled_full_logits_equals_eager(autocast):
+    """``get_loss(compiled=True)``: the graph dynamo captures (aot_eager on CPU; Inductor on the GPU
+    in tests/train/test_speed_gpu.py) gives the eager loss and gradients, also under autocast."""
+    torch._dynamo.reset()
+    hidden, head, labels = _case(torch.float32)
+    head.weight.requires_grad_(True)
+    ref = _loss_and_grads(full_logits_loss, hidden, head, labels, autocast)
+    compiled = get_loss("full-logits", compiled=True, backend="aot_eager", fullgraph=True)
+    assert compiled is not full_logits_loss
+    got = _loss_and_grads(compiled, hidden, head, labels, autocast)
+    for r, x in zip(ref, got):
+        torch.testing.assert_close(x, r, rtol=1e-6, atol=1e-6)
+
+
+def test_only_full_logits_is_compiled():
+    for name in ("chunked", "fused-linear-ce"):
+        assert get_loss(name, compiled=True) is LOSSES[name]  # Python loops over chunks: kept eager
+    assert get_loss("full-logits", compiled=False) is full_logits_loss
