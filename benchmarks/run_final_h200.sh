@@ -26,6 +26,11 @@ for part in "$@"; do
       timeout 300 python3 benchmarks/speed_probe.py --out "$R/probe" --warmup 3 --steps 4 \
         --variants compile-cl,compile-gc-cl,qlora-b8-compile-cl,qlora-b1-compile-cl,compile-flce \
         > "$R/probe-cl.log" 2>&1 ;;
+    tests3)  # one file at a time, verbose: a slow or hanging test shows by name
+      for f in tests/test_generate_gpu.py:170 tests/optim/test_optim_gpu.py:70; do
+        timeout "${f##*:}" python3 -m pytest -v -rs -p no:cacheprovider --durations=8 "${f%%:*}" >> "$R/gpu_tests3.log" 2>&1
+        echo "${f%%:*} rc=$?" >> "$R/gpu_tests3.log"
+      done ;;
     tests2)
       timeout 130 python3 -m pytest -q -rs -p no:cacheprovider --durations=12 tests/test_generate_gpu.py tests/optim/test_optim_gpu.py \
         tests/train/test_speed_gpu.py tests/bench/test_plan_losses.py > "$R/gpu_tests2.log" 2>&1 ;;

@@ -46,16 +46,19 @@ def test_cudagraph_decode_equals_eager(model, how) -> None:
     assert generate_tokens(dec, other, 20) == generate_tokens(model, other, 20)
     assert counters["stats"]["unique_graphs"] == graphs  # no recompilation
     assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
-    kw = {"temperature": 0.8, "top_k": 40, "top_p": 0.95}
-    assert generate_tokens(dec, PROMPTS, 24, seed=3, **kw) == generate_tokens(model, PROMPTS, 24, seed=3, **kw)
-    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    if not how:  # seeded sampling: one more compiled step (the default options only: compile time)
+        kw = {"temperature": 0.8, "top_k": 40, "top_p": 0.95}
+        assert generate_tokens(dec, PROMPTS, 24, seed=3, **kw) == generate_tokens(model, PROMPTS, 24, seed=3, **kw)
+        assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
     dec.release()
 
 
 def test_cudagraph_batch_rows_equal_single_prompts(model) -> None:
-    dec = Decoder(model, compile=True)
-    batch = generate_tokens(dec, PROMPTS, 16)
-    alone = [generate_tokens(Decoder(model, compile=True), [p], 16)[0] for p in PROMPTS]
+    # the batching logic does not depend on how the matmuls are lowered: plain CUDA graphs
+    # (quicker to compile), one decoder for the batch of 4 and one for every single prompt
+    batch = generate_tokens(Decoder(model, compile=True, mode="reduce-overhead"), PROMPTS, 16)
+    single = Decoder(model, compile=True, mode="reduce-overhead")
+    alone = [generate_tokens(single, [p], 16)[0] for p in PROMPTS]
     assert batch == alone
 
 
