@@ -27,7 +27,7 @@ for part in "$@"; do
         --variants compile-cl,compile-gc-cl,qlora-b8-compile-cl,qlora-b1-compile-cl,compile-flce \
         > "$R/probe-cl.log" 2>&1 ;;
     tests3)  # one file at a time, verbose: a slow or hanging test shows by name
-      for f in tests/test_generate_gpu.py:170 tests/optim/test_optim_gpu.py:70; do
+      for f in tests/test_generate_gpu.py:150 tests/optim/test_optim_gpu.py:60; do
         timeout "${f##*:}" python3 -m pytest -v -rs -p no:cacheprovider --durations=8 "${f%%:*}" >> "$R/gpu_tests3.log" 2>&1
         echo "${f%%:*} rc=$?" >> "$R/gpu_tests3.log"
       done ;;
