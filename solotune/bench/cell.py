@@ -376,7 +376,7 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
         **spec.effective_loop_options(device.type), "loop_requested": {k: getattr(spec, k) for k in LOOP_OPTIONS},
         "warmup_steps": None, "warmup_s": None, "compile_s": None, "steady_tokens_per_s": None, "steady_steps": 0,
         "peak_note": None,
-        "max_seq_len_data": None, "max_seq_len_seen": None, "sdpa": spec.sdpa if device.type == "cuda" else None,
+        "max_seq_len_data": None, "max_seq_len_seen": None, "max_rows_seen": None, "sdpa": spec.sdpa if device.type == "cuda" else None,
         "device_memory_bytes": torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None,
     }
     meter = make_meter(device)
@@ -541,14 +541,19 @@ def _fill_success(result: dict[str, Any], spec: CellSpec, log: list[dict[str, An
     tokens = int(log[-1]["tokens"])
     steps = len(log)
     rows = [r.shape for r in inst.records if r.phase == "forward/backward"]
-    done = sum(b for b, _ in rows)
+    # records consumed: every optimizer step takes micro_batch x grad_accum of them (the last one
+    # what is left); counting micro-batch rows instead would undercount packed cells, whose rows
+    # hold several records each
+    done = min(len(lengths), steps * spec.micro_batch * spec.grad_accum)
     result.update(status="ok", steps=steps, samples_done=done, runtime_measured_s=runtime,
                   mean_loss=sum(r["loss"] for r in log) / steps, tokens=tokens,
                   tokens_per_s=tokens / runtime if runtime > 0 else None)
     seen = max((t for _, t in rows), default=0)
-    result["max_seq_len_seen"] = seen
-    if setup is not None and seen and seen != setup.seq_len:  # predict for the longest micro-batch that ran
-        pred = predict(setup.replace(seq_len=seen))
+    # rows of the largest micro-batch: micro_batch, or fewer when packing fit the records in fewer rows
+    max_rows = max((b for b, t in rows if t == seen), default=spec.micro_batch)
+    result["max_seq_len_seen"], result["max_rows_seen"] = seen, max_rows
+    if setup is not None and seen and (seen, max_rows) != (setup.seq_len, setup.batch):  # the largest that ran
+        pred = predict(setup.replace(seq_len=seen, batch=max_rows))
         result["predicted"] = pred.to_dict()
         result["predicted_peak_bytes"] = pred.peak
     _, _, rate = _warmup_and_steady(result, spec, log)

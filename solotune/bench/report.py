@@ -490,7 +490,7 @@ def render(results: Sequence[dict[str, Any]], bc: Any) -> str:
     kinds = sorted({r.get("peak_kind") for r in results if r.get("peak_kind")})
     L.append(f"- Peak memory: {', '.join(kinds) or 'n/a'} (tensors; the allocator's reserve is in cells.csv). Each cell ran "
              "in its own process.")
-    if any(r.get("runtime_extrapolated") for r in results):
+    if bc.time_budget_s and any(r.get("runtime_extrapolated") for r in results):
         L.append(f"- \\* Runtime extrapolated: the cell stopped after the optimizer step that crossed the "
                  f"{bc.time_budget_s:g} s budget (never before step 2); step 1 (warm-up) counts as measured and the "
                  "later steps' time per token is scaled to all the tokens of the samples. The longest example was "

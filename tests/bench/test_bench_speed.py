@@ -194,3 +194,16 @@ def test_progress_line_shows_the_steady_rate_and_the_compile_time_apart():
     assert "20040 tok/s steady (compile 12.5 s)" in line and "939 tok/s" not in line
     r.update(steady_tokens_per_s=None)
     assert "939 tok/s" in progress_line(1, 1, r)
+
+
+def test_a_packed_cell_counts_records_not_rows():
+    """Packing puts several records in a row: the cell consumed every record (not "stopped early"
+    and extrapolated), and the planner's prediction is for the rows that ran."""
+    spec = CellSpec(model="tiny", samples=8, seq_len=512, micro_batch=4, data="alpaca-sample", precision="bf16",
+                    device="cpu", packing="on", warmup_steps=0)
+    r = run_cell(spec)
+    assert r["status"] == "ok", r["error"]
+    assert r["samples_done"] == 8 and not r.get("runtime_extrapolated")
+    assert r["runtime_s"] == r["runtime_measured_s"]
+    assert 1 <= r["max_rows_seen"] < 4  # 4 records (~100-300 tokens) fit in fewer rows of 512
+    assert (r["predicted"]["batch"], r["predicted"]["seq_len"]) == (r["max_rows_seen"], r["max_seq_len_seen"])

@@ -49,11 +49,22 @@ def setup_of(rec: dict) -> Setup:
     lora = rec.get("lora") or {}
     spec = LoRASpec(rank=lora.get("rank", 0), alpha=lora.get("alpha", 32.0), dropout=lora.get("dropout", 0.0),
                     targets=tuple(lora.get("targets", ("wq", "wv")))) if rec["method"] != "full" else LoRASpec(rank=0)
-    return Setup(model_config(rec["model"], rec["layers"]), seq_len=rec["max_seq_len_seen"], batch=rec["micro_batch"],
+    return Setup(model_config(rec["model"], rec["layers"]), seq_len=rec["max_seq_len_seen"], batch=rows_of(rec),
                  grad_accum=rec["grad_accum"], grad_checkpoint=rec["grad_checkpoint"], precision=rec["precision"],
                  lora=spec, optimizer=rec.get("optimizer", "adamw"), quantize=rec.get("quantize", "none"),
                  offload=rec.get("offload", "none"), optimizer_in_backward=rec.get("optimizer_in_backward", False),
                  device="cuda" if str(rec.get("peak_kind", "")).startswith("cuda") else "cpu")
+
+
+def rows_of(rec: dict) -> int:
+    """Rows of the cell's largest micro-batch: ``micro_batch``, or for a packed cell the rows its
+    records filled (``max_rows_seen``; cells recorded before that field: the anatomy's shape, which
+    is the micro-batch that set the maxima)."""
+    if rec.get("max_rows_seen"):
+        return rec["max_rows_seen"]
+    if rec.get("packing") == "on":
+        return rec["anatomy"]["shape"][0]
+    return rec["micro_batch"]
 
 
 def test_there_are_committed_cells_of_both_depths():
