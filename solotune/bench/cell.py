@@ -337,6 +337,29 @@ class _InjectedOOM:
         self.inner.after_step(*a)
 
 
+class _GraphCounter:
+    """Instrument wrapper that notes, at every optimizer step, how many graphs dynamo has compiled
+    so far: a step that compiled (a new row shape, a packed row with one document where the others
+    had several, a dynamic-shape recompile) can then be kept out of the steady state even when it
+    comes after the warm-up steps (see :func:`_warmup_and_steady`)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.graphs: list[int] = []
+
+    def forward_context(self):
+        return self.inner.forward_context()
+
+    def before_step(self, *a: Any) -> None:
+        self.inner.before_step(*a)
+
+    def after_step(self, *a: Any) -> None:
+        from torch._dynamo.utils import counters
+
+        self.graphs.append(int(counters["stats"]["unique_graphs"]))  # before the inner may stop training
+        self.inner.after_step(*a)
+
+
 def _wants_injected_oom(spec: CellSpec) -> bool:
     want = os.environ.get(INJECT_OOM_ENV, "")
     return bool(want) and (want == "all" or want == spec.cell_id)
@@ -374,7 +397,7 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
                  "targets": list(spec.lora_targets)} if spec.method == "lora" else None,
         "data": spec.data, "optimizer": spec.optimizer, "optimizer_in_backward": spec.optimizer_in_backward,
         **spec.effective_loop_options(device.type), "loop_requested": {k: getattr(spec, k) for k in LOOP_OPTIONS},
-        "warmup_steps": None, "warmup_s": None, "compile_s": None, "steady_tokens_per_s": None, "steady_steps": 0,
+        "warmup_steps": None, "warmup_s": None, "compile_s": None, "steady_tokens_per_s": None, "steady_steps": 0, "compile_steps_after_warmup": None,
         "peak_note": None,
         "max_seq_len_data": None, "max_seq_len_seen": None, "max_rows_seen": None, "sdpa": spec.sdpa if device.type == "cuda" else None,
         "device_memory_bytes": torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None,
@@ -421,6 +444,7 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
                            if spec.time_budget_s else inst)
         if _wants_injected_oom(spec):
             instrument = _InjectedOOM(instrument)
+        instrument = counter = _GraphCounter(instrument)
         with meter.tracking(model):
             if spec.impl != "solotune":
                 from .hf_cell import train_hf
@@ -430,7 +454,7 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
             else:
                 steps = _train_solotune(spec, model, tokenizer, device, instrument, workdir, data_path)
         log(f"trained {len(steps)} steps")
-        _fill_success(result, spec, steps, inst, lengths, device, setup, train_flops)
+        _fill_success(result, spec, steps, inst, lengths, device, setup, train_flops, counter.graphs)
     except _reference_unavailable() as e:  # a missing package or device: not a failure of the cell
         result.update(status="skipped", error=str(e)[:1000])
     except torch.OutOfMemoryError as e:
@@ -515,24 +539,38 @@ def _train_solotune(spec: CellSpec, model: Any, tokenizer: Any, device: torch.de
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _warmup_and_steady(result: dict[str, Any], spec: CellSpec, log: list[dict[str, Any]]) -> tuple[float, int, float]:
+def _warmup_and_steady(result: dict[str, Any], spec: CellSpec, log: list[dict[str, Any]],
+                       graphs: list[int] | None = None) -> tuple[float, int, float]:
     """Record the warm-up (the first ``spec.warmup_steps`` steps, fewer when the cell ran fewer
-    than warmup + 1) and the steady state (the later steps); returns (warm-up seconds, warm-up
-    tokens, steady seconds per token). ``compile_s`` (compiled cells): what the warm-up steps took
-    beyond the steady time per step."""
+    than warmup + 1) and the steady state: the later steps, less any that compiled a graph
+    (``graphs``: dynamo's graph count after each step, from :class:`_GraphCounter`; such steps are
+    counted in ``compile_steps_after_warmup``). Returns (warm-up seconds, warm-up tokens, steady
+    seconds per token). ``compile_s`` (compiled cells): what the warm-up and compiling steps took
+    beyond the steady rate."""
     steps, runtime, tokens = len(log), float(log[-1]["time_s"]), int(log[-1]["tokens"])
     k = min(spec.warmup_steps, steps - 1)
     t0, k0 = (float(log[k - 1]["time_s"]), int(log[k - 1]["tokens"])) if k else (0.0, 0)
-    rate = (runtime - t0) / max(tokens - k0, 1)
-    steady = (tokens - k0) / (runtime - t0) if runtime > t0 else None
-    result.update(warmup_steps=k, warmup_s=t0, steady_steps=steps - k, steady_tokens_per_s=steady)
-    if result.get("compile", spec.compile) not in ("off", "auto") and k:
-        result["compile_s"] = max(0.0, t0 - k * (runtime - t0) / (steps - k))
+    compiled_at = set()
+    if graphs is not None and len(graphs) == steps:
+        compiled_at = {i for i in range(k, steps) if graphs[i] > (graphs[i - 1] if i else 0)}
+        if len(compiled_at) == steps - k:  # every later step compiled: nothing is steady, keep them all
+            compiled_at = set()
+    dt = dtok = 0.0
+    for i in range(k, steps):
+        if i not in compiled_at:
+            dt += float(log[i]["time_s"]) - (float(log[i - 1]["time_s"]) if i else 0.0)
+            dtok += int(log[i]["tokens"]) - (int(log[i - 1]["tokens"]) if i else 0)
+    rate = dt / max(dtok, 1)
+    steady = dtok / dt if dt > 0 else None
+    result.update(warmup_steps=k, warmup_s=t0, steady_steps=steps - k - len(compiled_at),
+                  steady_tokens_per_s=steady, compile_steps_after_warmup=len(compiled_at))
+    if result.get("compile", spec.compile) not in ("off", "auto") and (k or compiled_at):
+        result["compile_s"] = max(0.0, runtime - rate * tokens) if steady else None
     return t0, k0, rate
 
 
 def _fill_success(result: dict[str, Any], spec: CellSpec, log: list[dict[str, Any]], inst: Any, lengths: list[int],
-                  device: torch.device, setup: Any, train_flops: Any) -> None:
+                  device: torch.device, setup: Any, train_flops: Any, graphs: list[int] | None = None) -> None:
     from .plan import predict
 
     if not log:
@@ -556,7 +594,7 @@ def _fill_success(result: dict[str, Any], spec: CellSpec, log: list[dict[str, An
         pred = predict(setup.replace(seq_len=seen, batch=max_rows))
         result["predicted"] = pred.to_dict()
         result["predicted_peak_bytes"] = pred.peak
-    _, _, rate = _warmup_and_steady(result, spec, log)
+    _, _, rate = _warmup_and_steady(result, spec, log, graphs)
     if done < len(lengths):
         # Stopped by the time budget: keep what was measured and add the unseen tokens at the rate of
         # the steady-state steps (with alpaca data step 2 also holds the longest example).

@@ -55,6 +55,21 @@ def test_warmup_and_steady_state_are_timed_apart():
     assert short["warmup_steps"] == 0 and short["steady_steps"] == 1 and short.get("compile_s") is None
 
 
+def test_a_step_that_compiled_after_the_warmup_is_not_steady():
+    """A graph compiled after the warm-up (e.g. the first packed row holding a single document) is
+    kept out of the steady rate and counted with the compile time."""
+    log = [{"time_s": 5.0, "tokens": 100}, {"time_s": 6.0, "tokens": 200}, {"time_s": 6.5, "tokens": 300},
+           {"time_s": 16.5, "tokens": 400}, {"time_s": 17.0, "tokens": 500}]
+    res: dict = {}
+    cellmod._warmup_and_steady(res, CellSpec(compile="blocks", warmup_steps=2), log, graphs=[2, 3, 3, 4, 4])
+    assert res["steady_steps"] == 2 and res["compile_steps_after_warmup"] == 1
+    assert res["steady_tokens_per_s"] == pytest.approx(200 / 1.0)  # steps 3 and 5, not the 10 s step 4
+    assert res["compile_s"] == pytest.approx(17.0 - 500 * 0.005)
+    same: dict = {}  # without the counts (or none compiled): every later step is steady, as before
+    cellmod._warmup_and_steady(same, CellSpec(compile="blocks", warmup_steps=2), log, graphs=[2, 3, 3, 3, 3])
+    assert same["steady_steps"] == 3 and same["steady_tokens_per_s"] == pytest.approx(300 / 11.0)
+
+
 def test_loop_options_are_axes_flags_and_part_of_the_cell():
     cells = runner.matrix(runner.BenchConfig(model="tiny", axes=("compile",), fixed={"precision": True},
                                              precision_on="bf16", data="random", kernels="triton"))
