@@ -44,6 +44,7 @@ from ..errors import ConfigError
 from ..peft.spec import LoRASpec
 from ..data.synthetic import RANDOM, RandomTokens
 from ..train.config import TrainConfig
+from ..train.loss import COMPILABLE_LOSSES
 from .tokens import FoldedTokenizer, cell_tokenizer, preset_cell_tokenizer  # noqa: F401  (re-exported)
 
 INJECT_OOM_ENV = "SOLOTUNE_BENCH_INJECT_OOM"  # a cell id (or "all"): that cell raises a fake OOM (tests)
@@ -138,12 +139,14 @@ class CellSpec:
     def effective_loop_options(self, device_type: str) -> dict[str, str]:
         """What the loop runs on ``device_type`` ("auto" resolved): what cells.json records."""
         if self.impl != "solotune":
-            return dict(LOOP_OFF)
+            return {**LOOP_OFF, "loss_compiled": False}
         tc = TrainConfig(**{k: getattr(self, k) for k in LOOP_OPTIONS})
         compiled = self.compile if self.compile != "auto" else "blocks"  # auto compiles the blocks
         return {"packing": "on" if tc.packs(device_type) else "off",
                 "compile": compiled if tc.compiles(device_type) else "off",
-                "kernels": self.kernels, "loss": self.loss}
+                "kernels": self.kernels, "loss": self.loss,
+                # the loop compiles the loss with the blocks (train/loss.py COMPILABLE_LOSSES)
+                "loss_compiled": tc.compiles(device_type) and self.loss in COMPILABLE_LOSSES}
 
     @property
     def cell_id(self) -> str:
@@ -316,7 +319,8 @@ def planner_setup(spec: CellSpec, cfg: Any, seq_len: int, device: torch.device):
                  lora_rank=spec.lora_rank if spec.method == "lora" else 0, lora_targets=spec.lora_targets,
                  lora_dropout=spec.lora_dropout, quantize=spec.quantize, offload=spec.offload, loss=spec.loss,
                  kernels=spec.kernels, optimizer=spec.optimizer, optimizer_in_backward=spec.optimizer_in_backward,
-                 device="cuda" if device.type == "cuda" else "cpu")
+                 device="cuda" if device.type == "cuda" else "cpu",
+                 compiled=spec.effective_loop_options(device.type)["compile"] != "off")
 
 
 class _InjectedOOM:

@@ -178,6 +178,9 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--optimizer-in-backward", choices=["off", "on"], default=None,
                    help="full fine-tuning: only techniques with (on) or without (off) the optimizer in backward")
     p.add_argument("--loss", type=_csv, default=("full-logits",), help="losses to consider (train/loss.py)")
+    p.add_argument("--compiled", action="store_true",
+                   help="predict runs with compiled blocks and loss (finetune's CUDA default: the loss then keeps "
+                        "its 16-bit logits, not an fp32 copy); default: the eager step, which holds more")
     p.add_argument("--max-seq-len", action="store_true",
                    help="the longest sequence that fits --gpu-mem at --batch (default 1) per configuration, by "
                         "bisection over seq_len with the planner's dry run")
@@ -226,7 +229,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 lora_rank=args.lora_rank, lora_targets=args.lora_targets, lora_dropout=args.lora_dropout,
                 methods=args.methods, precisions=args.precisions, checkpointing=args.checkpointing,
                 optimizer=args.optimizer or "adamw", quantize=args.quantize, offload=args.offload,
-                full_optimizers=techniques, losses=args.loss)
+                full_optimizers=techniques, losses=args.loss, compiled=args.compiled)
     if args.json:
         print(json.dumps([{**p.to_dict(), "relative_cost": c, "fits": f} for p, c, f in rows], indent=1))
     else:
@@ -241,7 +244,7 @@ def _cmd_plan_longest(args: argparse.Namespace, cfg, gpu: int) -> int:
     rows = plan_longest(cfg, gpu, batch=args.batch, lora=lora, methods=args.methods, precisions=args.precisions,
                         checkpointing=args.checkpointing, quantize=args.quantize, offload=args.offload,
                         losses=args.loss, optimizer=args.optimizer or "adamw", step=args.seq_len_step,
-                        cap=args.seq_len_cap)
+                        cap=args.seq_len_cap, compiled=args.compiled)
     if args.json:
         print(json.dumps([{**r.to_dict(), "label": r.setup.label} for r in rows], indent=1))
     else:

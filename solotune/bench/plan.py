@@ -85,7 +85,7 @@ from ..peft import LoRASpec
 from ..kernels import KERNEL_SETS
 from ..optim.offload import HostStates
 from ..train.config import OFFLOAD, OFFLOAD_TARGETS
-from ..train.loss import LOSSES
+from ..train.loss import COMPILABLE_LOSSES, LOSSES
 from ..train.optim import get_optimizer_spec, optimizer_scratch_bytes, optimizer_state_bytes
 from ..train.precision import PrecisionPolicy, get_policy
 from . import dryrun
@@ -138,12 +138,16 @@ class Setup:
     optimizer_in_backward: bool = False  # each parameter updated from its gradient hook (grad_accum 1)
     loss: str = "full-logits"  # solotune.train.loss.LOSSES: how the head's logits come to exist
     kernels: str = "off"  # off | triton: fused RMSNorm / SwiGLU / RoPE (solotune.kernels; CUDA only)
+    # the run compiles its blocks and its loss (TrainConfig.compiles: auto on CUDA). Modelled: what a
+    # compiled loss keeps (dryrun.as_compiled_full_logits); the compiled blocks' own savings without
+    # checkpointing are not (an upper bound there)
+    compiled: bool = False
 
     def __init__(self, model: ModelConfig, seq_len: int = 512, batch: int = 1, grad_accum: int = 1,
                  grad_checkpoint: str = "off", precision: str = "fp32", lora: LoRASpec | None = None,
                  optimizer: str = "adamw", device: str = "cuda", quantize: str = "none", offload: str = "none",
                  optimizer_in_backward: bool = False, *, loss: str = "full-logits", kernels: str = "off",
-                 lora_rank: int | None = None,
+                 compiled: bool = False, lora_rank: int | None = None,
                  lora_targets: Iterable[str] | None = None, lora_dropout: float | None = None) -> None:
         spec = lora if lora is not None else LoRASpec()
         legacy = {k: v for k, v in (("rank", lora_rank), ("targets", lora_targets), ("dropout", lora_dropout))
@@ -153,7 +157,7 @@ class Setup:
         for name, value in (("model", model), ("seq_len", seq_len), ("batch", batch), ("grad_accum", grad_accum),
                             ("grad_checkpoint", grad_checkpoint), ("precision", precision), ("lora", spec),
                             ("optimizer", optimizer), ("device", device), ("quantize", quantize), ("offload", offload),
-                            ("loss", loss), ("kernels", kernels),
+                            ("loss", loss), ("kernels", kernels), ("compiled", bool(compiled)),
                             ("optimizer_in_backward", bool(optimizer_in_backward))):
             object.__setattr__(self, name, value)
         self.__post_init__()
@@ -294,7 +298,7 @@ class Prediction:
         return {
             "model": s.model.name, "layers": s.model.n_layers, "seq_len": s.seq_len, "batch": s.batch,
             "grad_accum": s.grad_accum, "grad_checkpoint": s.grad_checkpoint, "precision": s.precision,
-            "method": s.method, "quantize": s.quantize, "offload": s.offload, "loss": s.loss, "optimizer": s.optimizer,
+            "method": s.method, "quantize": s.quantize, "offload": s.offload, "loss": s.loss, "compiled": s.compiled, "optimizer": s.optimizer,
             "optimizer_in_backward": s.optimizer_in_backward, "trainable_params": self.trainable_params,
             "total_params": self.total_params,
             "params": dict(self.params), "grads": self.grads, "optimizer": self.optimizer,
@@ -349,7 +353,7 @@ def saved_activations(s: Setup) -> tuple[int, int, dict[str, int], dict[str, int
     """(saved activation bytes, saved weight-copy bytes, bytes by part, autocast cache by weight,
     transient sizes) for one micro-batch of ``s.batch`` x ``s.seq_len`` tokens, from the dry run."""
     a = dryrun.activations(s.model, s.policy, s.lora, s.checkpointed, s.batch, s.seq_len, s.device, s.quantize,
-                           s.loss, s.kernels)
+                           s.loss, s.kernels, s.compiled and s.loss in COMPILABLE_LOSSES)
     lp = s.policy.autocast_dtype
     cache = {} if lp is None else {name: n * lp.itemsize
                                    for name, n in dryrun.autocast_cache(s.model, s.policy, s.lora, s.quantize)}
@@ -566,7 +570,7 @@ def plan(model: ModelConfig, gpu_mem: int, seq_len: int = 512, batch: int = 1, g
          device: str = "cuda", quantize: tuple[str, ...] = ("none",),
          offload: tuple[str, ...] = ("none",),
          full_optimizers: tuple[tuple[str, bool, bool], ...] | None = None,
-         losses: tuple[str, ...] = ("full-logits",)) -> list[tuple[Prediction, float, bool]]:
+         losses: tuple[str, ...] = ("full-logits",), compiled: bool = False) -> list[tuple[Prediction, float, bool]]:
     """Every configuration as (prediction, relative cost, fits), fitting ones first, fastest first.
     Quantized bases are combined with LoRA only. ``full_optimizers``: the (optimizer, in backward,
     state offloaded) techniques to weigh for full fine-tuning (e.g. :data:`FULL_FT_OPTIMIZERS`;
@@ -586,7 +590,7 @@ def plan(model: ModelConfig, gpu_mem: int, seq_len: int = 512, batch: int = 1, g
                 continue  # the loss scaler must see every gradient before any update
             s = Setup(model, seq_len=seq_len, batch=batch, grad_accum=grad_accum, grad_checkpoint=gc, precision=prec,
                       lora=lora, optimizer=opt_name, device=device, quantize=quant,
-                      offload=_with_optimizer_offload(off, opt_off), loss=loss)
+                      offload=_with_optimizer_offload(off, opt_off), loss=loss, compiled=compiled)
             if in_bwd:
                 s = s.replace(batch=batch * grad_accum, grad_accum=1, optimizer_in_backward=True)
             p = predict(s)
@@ -677,7 +681,7 @@ def plan_longest(model: ModelConfig, gpu_mem: int, batch: int = 1, lora: LoRASpe
                  checkpointing: tuple[str, ...] = ("all",), quantize: tuple[str, ...] = ("none",),
                  offload: tuple[str, ...] = ("none",), losses: tuple[str, ...] = ("full-logits",),
                  optimizer: str = "adamw", device: str = "cuda", step: int = 128,
-                 cap: int = 1 << 20) -> list[LongestFit]:
+                 cap: int = 1 << 20, compiled: bool = False) -> list[LongestFit]:
     """:func:`longest_seq_len` of every configuration, longest first (quantized bases with LoRA only)."""
     rows = []
     for method, quant, prec, gc, off, loss in itertools.product(methods, quantize, precisions, checkpointing,
@@ -686,7 +690,7 @@ def plan_longest(model: ModelConfig, gpu_mem: int, batch: int = 1, lora: LoRASpe
             continue
         spec = lora if method == "lora" else dataclasses.replace(lora, rank=0)
         s = Setup(model, seq_len=step, batch=batch, grad_accum=1, grad_checkpoint=gc, precision=prec, lora=spec,
-                  optimizer=optimizer, device=device, quantize=quant, offload=off, loss=loss)
+                  optimizer=optimizer, device=device, quantize=quant, offload=off, loss=loss, compiled=compiled)
         rows.append(longest_seq_len(s, gpu_mem, step, cap))
     rows.sort(key=lambda r: -(r.seq_len or 0))
     return rows
@@ -732,7 +736,8 @@ def format_plan(rows: list[tuple[Prediction, float, bool]], gpu_mem: int, show_a
     if rows:
         s = rows[0][0].setup
         lines.append(f"{s.model.name}: {s.model.n_layers} layers, seq_len {s.seq_len}, micro-batch {s.batch}, "
-                     f"gradient accumulation {s.grad_accum}; GPU memory {fmt_gib(gpu_mem)} GiB. Sizes in GiB.")
+                     f"gradient accumulation {s.grad_accum}; GPU memory {fmt_gib(gpu_mem)} GiB. Sizes in GiB."
+                     + (" Compiled blocks and loss." if s.compiled else ""))
         if any(p.setup.optimizer_in_backward for p, _, _ in rows) and s.grad_accum > 1:
             lines.append(f"+in-backward rows need grad_accum 1: planned as micro-batches of {s.batch * s.grad_accum} "
                          f"rows (the same examples per optimizer step); their grads: one tensor's at a time.")

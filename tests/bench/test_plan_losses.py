@@ -8,6 +8,7 @@ kernels in and runs their ops' fake implementations (checked against CUDA where 
 from __future__ import annotations
 
 import contextlib
+import json
 import io
 
 import pytest
@@ -125,3 +126,38 @@ def test_7b_kernels_save_less():
         assert n <= off.activations_by_part[part], part
     assert on.peak < off.peak
     assert pred("triton", "cpu").activations == pred("off", "cpu").activations
+
+
+def test_compiled_loss_keeps_the_16bit_logits_not_the_fp32_log_softmax():
+    """Setup(compiled=True): the dry run's stand-in for the compiled full-logits loss saves the
+    16-bit logits, the per-token logsumexp and the targets instead of eager's fp32 log-softmax,
+    and leaves no logits transients (d logits reuse the saved buffer)."""
+    cfg = ModelConfig.from_name("llama2-7b")
+    B, T = 8, 512
+    N, V = B * T, cfg.vocab_size
+
+    def pred(compiled: bool):
+        return predict(Setup(cfg, seq_len=T, batch=B, grad_checkpoint="all", precision="bf16", lora_rank=16,
+                             lora_dropout=0.05, compiled=compiled))
+
+    eager, compiled = pred(False), pred(True)
+    # fp32 [N, V] -> bf16, + lse [N] (eager's nll also keeps a 0-dim total weight: a few bytes)
+    assert abs(eager.activations - compiled.activations - (N * V * (4 - 2) - N * 4)) <= 16
+    assert compiled.peak < eager.peak - N * V * 4  # the fp32 copy and the eager loss gradients are gone
+    # a loss that is not compiled (chunked) is modelled as it runs, compiled run or not
+    ch = [predict(Setup(cfg, seq_len=T, batch=B, grad_checkpoint="all", precision="bf16", lora_rank=16,
+                        lora_dropout=0.05, loss="chunked", compiled=c)) for c in (False, True)]
+    assert ch[0].peak == ch[1].peak
+
+
+def test_plan_cli_compiled_flag(capsys):
+    from solotune.cli import main
+
+    argv = ["plan", "--model", "llama2-7b", "--gpu-mem", "80GiB", "--batch", "8", "--grad-accum", "1", "--methods",
+            "lora", "--precisions", "bf16", "--checkpointing", "all", "--json"]
+    assert main(argv) == 0
+    eager = json.loads(capsys.readouterr().out)[0]
+    assert main(argv + ["--compiled"]) == 0
+    comp = json.loads(capsys.readouterr().out)[0]
+    assert (eager["compiled"], comp["compiled"]) == (False, True)
+    assert comp["peak"] < eager["peak"]

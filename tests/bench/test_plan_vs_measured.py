@@ -53,6 +53,8 @@ def setup_of(rec: dict) -> Setup:
                  grad_accum=rec["grad_accum"], grad_checkpoint=rec["grad_checkpoint"], precision=rec["precision"],
                  lora=spec, optimizer=rec.get("optimizer", "adamw"), quantize=rec.get("quantize", "none"),
                  offload=rec.get("offload", "none"), optimizer_in_backward=rec.get("optimizer_in_backward", False),
+                 # cells before the compiled loss (no "loss_compiled" field) ran the eager loss
+                 compiled=bool(rec.get("loss_compiled")),
                  device="cuda" if str(rec.get("peak_kind", "")).startswith("cuda") else "cpu")
 
 
