@@ -25,6 +25,10 @@ class Batch:
     labels: torch.Tensor  # [B, T] long, aligned with input_ids; IGNORE_INDEX on prompt and padding
     positions: torch.Tensor  # [B, T] long RoPE positions: 0.. within each document (padding continues the row)
     seq_lens: tuple[tuple[int, ...], ...]  # per row, the lengths of its documents in order (padding excluded)
+    # built by packing (rows with padding or several documents): attention takes the packed form even
+    # where every row holds one document, so a compiled block sees one attention form for the whole
+    # run (no new graph for a window that happens to hold one document per row)
+    packed_rows: bool = False
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -42,8 +46,9 @@ class Batch:
 
     @property
     def packed(self) -> bool:
-        """True when some row holds more than one document (attention must not cross them)."""
-        return any(len(row) > 1 for row in self.seq_lens)
+        """True when some row holds more than one document (attention must not cross them), or the
+        rows come from packing (``packed_rows``)."""
+        return self.packed_rows or any(len(row) > 1 for row in self.seq_lens)
 
     def cu_seqlens(self) -> torch.Tensor:
         """int32 [D + 1] cumulative document lengths over the flattened [B * T] tokens (each row's

@@ -57,7 +57,10 @@ def packed_batch(examples: Sequence[Example], row_len: int, pad_id: int) -> Batc
             start += n
         seq_lens.append(tuple(len(e.input_ids) for e in row))
     seq_lens_t = tuple(seq_lens)
-    return Batch(input_ids, labels, positions_for(seq_lens_t, row_len), seq_lens_t)
+    # rows that are each one document filling the row exactly (fixed-length rows) are plain causal
+    # attention; any other packed micro-batch takes the packed form, whatever its document count
+    full_rows = all(len(row) == 1 and row[0] == row_len for row in seq_lens_t)
+    return Batch(input_ids, labels, positions_for(seq_lens_t, row_len), seq_lens_t, packed_rows=not full_rows)
 
 
 def pack_window(examples: Sequence[Example], row_len: int, rows_per_batch: int, pad_id: int) -> list[Batch]:

@@ -84,3 +84,12 @@ def test_varlen_dense_fallback_equals_the_document_mask():
     assert got == pytest.approx(ref, rel=1e-12)
     for name in g_ref:
         torch.testing.assert_close(g_got[name], g_ref[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_packed_rows_take_the_packed_attention_form_unless_each_row_is_one_full_document():
+    from solotune.data.packing import pack_window
+
+    one_doc_padded = pack_window([Example([5] * 10, [5] * 10)], row_len=16, rows_per_batch=1, pad_id=0)[0]
+    assert one_doc_padded.seq_lens == ((10,),) and one_doc_padded.packed
+    full = pack_window([Example([5] * 16, [5] * 16)] * 2, row_len=16, rows_per_batch=2, pad_id=0)[0]
+    assert full.seq_lens == ((16,), (16,)) and not full.packed  # fixed-length rows: plain causal

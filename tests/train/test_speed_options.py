@@ -91,3 +91,54 @@ def test_auto_turns_packing_and_compile_on_for_cuda_only():
 
     with _pytest.raises(ConfigError, match="packing"):
         TrainConfig(packing="on", distributed="fsdp")
+
+
+@torch.library.custom_op("solotune_test::varlen_reference", mutates_args=())
+def _varlen_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
+    """Causal attention per segment of ``cu`` over flattened [N, H, D] tokens (a CPU stand-in for
+    CUDA's varlen flash attention, opaque to dynamo as the real op is)."""
+    out = torch.zeros_like(q)
+    b = cu.tolist()
+    for s, e in zip(b[:-1], b[1:]):
+        if e > s:
+            out[s:e] = torch.nn.functional.scaled_dot_product_attention(
+                *(t[s:e].transpose(0, 1) for t in (q, k, v)), is_causal=True).transpose(0, 1)
+    return out
+
+
+@_varlen_reference.register_fake
+def _(q, k, v, cu):
+    return torch.empty_like(q)
+
+
+def test_packed_windows_of_any_document_count_share_one_compiled_graph(monkeypatch):
+    """Packed micro-batches take the varlen form even when every row holds one document, and the
+    document count is traced as a symbol from the first call: one graph for the whole run (a graph
+    compiled after the warm-up would cost a 7B block's compile inside the measured steps), with the
+    dense-mask path's results."""
+    import solotune.attention as attention
+    import solotune.model as model_mod
+    from torch._dynamo.utils import counters
+
+    from solotune.data.packing import pack_window
+
+    def fake_varlen(q, k, v, cu_q, cu_k, max_q, max_k, **causal):
+        return _varlen_reference(q, k, v, cu_q)
+
+    model = build_model(CFG, dtype=torch.float64, seed=0)
+    windows = [pack_window(_examples(lens, seed=i), row_len=64, rows_per_batch=1, pad_id=0)
+               for i, lens in enumerate([[20, 30, 10], [60], [5, 7, 9, 11, 13], [63], [40, 20]])]
+    assert all(b.packed for w in windows for b in w) and any(len(b.seq_lens[0]) == 1 for w in windows for b in w)
+    with torch.no_grad():
+        dense = [float(model(b, head=functools.partial(full_logits_loss, labels=b.labels))) for w in windows for b in w]
+    monkeypatch.setattr(model_mod, "varlen_available", lambda device: True)
+    monkeypatch.setattr(attention, "_varlen_fn", lambda: (fake_varlen, {}))
+    monkeypatch.setattr(attention, "_FLASH_DTYPES", (torch.float64,))
+    torch._dynamo.reset()
+    counters.clear()
+    model.compile_blocks(backend="eager")
+    with torch.no_grad():
+        got = [float(model(b, head=functools.partial(full_logits_loss, labels=b.labels))) for w in windows for b in w]
+    assert counters["stats"]["unique_graphs"] == 1
+    assert got == pytest.approx(dense, rel=1e-12)
+    torch._dynamo.reset()
