@@ -11,7 +11,8 @@
 #   context80  the same within 80 GiB (1 optimizer step per probe: ~100k-token rows)             ~7 min
 #   offload    (not in "all") context24 with --offload activations, LoRA and QLoRA                ~3 min
 #   alpaca     (not in "all") real Alpaca records 0-199: the course setting (micro-batch 1, accumulation 8)
-#              and micro-batch 8, solotune (packing + compile) vs HF + PEFT                        ~4 min
+#              and micro-batch 8, solotune (packing + compile) vs HF + PEFT; micro-batch 32 records
+#              (~8 packed rows of 512 tokens), solotune only                                       ~5 min
 #
 #   bash benchmarks/run_bench_h200.sh OUT [PART ...]      (default: speed qlora context24 context80)
 #   OPTS="--compile blocks --kernels triton" bash benchmarks/run_bench_h200.sh OUT speed
@@ -53,7 +54,11 @@ for part in "${PARTS[@]}"; do
     alpaca)
       A=(--data alpaca-sample --samples 200 --axes none --reference hf --warmup-steps 3)
       run alpaca-course "${A[@]}" --micro-batch 1 --fix ga=on,precision=on --ga-on 8
-      run alpaca-mb8 "${A[@]}" --micro-batch 8 --fix precision=on ;;
+      run alpaca-mb8 "${A[@]}" --micro-batch 8 --fix precision=on
+      # the "8 rows of <= 512 tokens per micro-batch": packing fills a micro-batch's rows from its
+      # records, so 32 records (~3,900 tokens) make ~8 rows; ours only (HF's row is the mb8 cell above)
+      "${S[@]}" --data alpaca-sample --samples 200 --axes none --warmup-steps 2 --micro-batch 32 --fix precision=on \
+          ${OPTS:-} --out "$OUT/alpaca-rows8" 2>&1 | tee "$OUT/alpaca-rows8.console.log" ;;
     context24|context80|offload)
       limit=24GiB; extra=(); samples=2
       [ "$part" = context80 ] && { limit=80GiB; samples=1; }
