@@ -29,14 +29,14 @@ if triton is not None:
         tl.store(RSTD + row, rstd)
 
     @triton.jit
-    def _rms_norm_bwd(DY, X, W, RSTD, DX, DW_PARTIAL, R, C, rows_per_program, BLOCK: tl.constexpr):
+    def _rms_norm_bwd(DY, X, W, RSTD, DX, DW_PARTIAL, R, C, ROWS_PER_PROGRAM: tl.constexpr, BLOCK: tl.constexpr):
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < C
         w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
         dw = tl.zeros([BLOCK], dtype=tl.float32)
-        start = pid.to(tl.int64) * rows_per_program
-        for i in range(0, rows_per_program):
+        start = pid.to(tl.int64) * ROWS_PER_PROGRAM
+        for i in range(0, ROWS_PER_PROGRAM):  # a constexpr bound: Triton 3.6's interpreter cannot loop to a runtime scalar
             row = start + i
             m = mask & ((tl.zeros([BLOCK], dtype=tl.int64) + row) < R)  # the last program's rows may run past R
             off = row * C + cols
@@ -74,10 +74,12 @@ def _rms_norm_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
     """dy, x [R, C], weight [C], rstd [R] -> (dx [R, C] in x's dtype, dweight [C] in its dtype)."""
     R, C = x.shape
     dx = torch.empty_like(x)
-    P = programs(R, x.device)
+    # rows per program a power of two (a compile-time constant: a few variants, not one per row count)
+    per = triton.next_power_of_2(triton.cdiv(R, programs(R, x.device))) if R else 1
+    P = triton.cdiv(R, per) if R else 1
     partial = torch.zeros((P, C), dtype=torch.float32, device=x.device)
     if R:
-        _rms_norm_bwd[(P,)](dy.contiguous(), x, weight, rstd, dx, partial, R, C, triton.cdiv(R, P),
+        _rms_norm_bwd[(P,)](dy.contiguous(), x, weight, rstd, dx, partial, R, C, ROWS_PER_PROGRAM=per,
                             BLOCK=row_block(C), num_warps=warps(row_block(C)))
     return dx, partial.sum(0).to(weight.dtype)
 

@@ -120,7 +120,8 @@ print(json.dumps(out))
 @pytest.fixture(scope="module")
 def interpreted() -> dict[str, dict[str, float]]:
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)  # keep the caller's too
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
     r = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=600,
                        cwd=REPO)
     assert r.returncode == 0, r.stderr[-3000:]
