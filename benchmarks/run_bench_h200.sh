@@ -10,6 +10,7 @@
 #              dry run models, and no compilation per probed length)                              ~3 min
 #   context80  the same within 80 GiB (1 optimizer step per probe: ~100k-token rows)             ~7 min
 #   offload    (not in "all") context24 with --offload activations, LoRA and QLoRA                ~3 min
+#   qlora-lean (not in "all") QLoRA batch 1 with --offload activations (± 8-bit AdamW), vs HF + bitsandbytes  ~3 min
 #   alpaca     (not in "all") real Alpaca records 0-199: the course setting (micro-batch 1, accumulation 8)
 #              and micro-batch 8, solotune (packing + compile) vs HF + PEFT; micro-batch 32 records
 #              (~8 packed rows of 512 tokens), solotune only                                       ~5 min
@@ -51,6 +52,11 @@ for part in "${PARTS[@]}"; do
           --reference hf --time-budget 6
       run qlora-random-b8 "${R[@]}" --micro-batch 8 --axes none --fix gc=on,precision=on --quantize nf4 \
           --reference hf --time-budget 6 ;;
+    qlora-lean)  # batch 1 under 4 GiB: the checkpointed inputs offloaded, 8-bit AdamW for the adapters
+      run qlora-random-b1-offload "${R[@]}" --micro-batch 1 --axes none --fix gc=on,precision=on --quantize nf4 \
+          --offload activations --reference hf --time-budget 6
+      run qlora-random-b1-offload-8bit "${R[@]}" --micro-batch 1 --axes none --fix gc=on,precision=on --quantize nf4 \
+          --offload activations --optimizer adamw-8bit --time-budget 6 ;;
     alpaca)
       A=(--data alpaca-sample --samples 200 --axes none --reference hf --warmup-steps 3)
       run alpaca-course "${A[@]}" --micro-batch 1 --fix ga=on,precision=on --ga-on 8
@@ -67,6 +73,6 @@ for part in "${PARTS[@]}"; do
         run "maxlen-$part-$q" --find-max-seq-len --memory-limit "$limit" --axes none --fix gc=on,precision=on \
             --quantize "$q" "${extra[@]}" --compile off --max-probes 3 --probe-step 0.04 --probe-samples "$samples"
       done ;;
-    *) echo "unknown part $part (speed qlora context24 context80 offload alpaca)"; exit 2 ;;
+    *) echo "unknown part $part (speed qlora context24 context80 offload alpaca qlora-lean)"; exit 2 ;;
   esac
 done

@@ -4,7 +4,7 @@
 #
 #   bash benchmarks/run_final_h200.sh OUT PART...
 #   PART: tests | kernels | speed | speed-flce | qlora | qlora-flce | probe | probe-k | gen1 | gen16 |
-#         generate | alpaca | optim | table2 | context24 | context80 | guide
+#         generate | alpaca | qlora-lean | optim | table2 | context24 | context80 | guide | tests3
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?OUT}; shift
@@ -48,6 +48,8 @@ for part in "$@"; do
       timeout 330 bash benchmarks/run_bench_h200.sh "$R/bench" alpaca > "$R/alpaca.log" 2>&1 ;;
     speed-flce)
       OPTS="--loss fused-linear-ce ${KOPTS:-}" timeout 260 bash benchmarks/run_bench_h200.sh "$R/bench-flce" speed > "$R/speed-flce.log" 2>&1 ;;
+    qlora-lean)
+      timeout 200 bash benchmarks/run_bench_h200.sh "$R/bench" qlora-lean > "$R/qlora-lean.log" 2>&1 ;;
     qlora-flce)
       OPTS="--loss fused-linear-ce ${KOPTS:-}" timeout 230 bash benchmarks/run_bench_h200.sh "$R/bench-flce" qlora > "$R/qlora-flce.log" 2>&1 ;;
     table2)
