@@ -14,7 +14,7 @@ from solotune.config import ModelConfig
 from solotune.data import IGNORE_INDEX
 from solotune.data.batch import Batch
 from solotune.model import build_model
-from solotune.train.loss import chunked_loss, full_logits_loss, fused_linear_ce_loss
+from solotune.train.loss import full_logits_loss, get_loss
 
 from kernel_cases import rmsnorm_case, rope_case, swiglu_case
 
@@ -107,11 +107,15 @@ def test_model_with_kernels_on_cuda(precision):
         assert rel <= (1e-4 if precision == f32 else 4e-2), (n, rel)
 
 
-@pytest.mark.parametrize("loss_fn", [fused_linear_ce_loss, chunked_loss], ids=["fused", "chunked"])
-def test_linear_ce_7b_head(loss_fn):
+@pytest.mark.parametrize("loss_name", ["fused-linear-ce", "chunked", "full-logits compiled"])
+def test_linear_ce_7b_head(loss_name):
     """8 x 512 tokens through the 7B head (frozen, bf16), as LoRA trains it: loss and d hidden within
     bf16 rounding of full_logits_loss, and the peak of forward + backward at least the fp32
-    [tokens x vocab] logits lower."""
+    [tokens x vocab] logits lower — for the chunked and fused losses, and for the full-logits loss
+    compiled by Inductor (what compiled runs use: ``get_loss(compiled=True)``)."""
+    torch._dynamo.reset()
+    name, _, how = loss_name.partition(" ")
+    loss_fn = get_loss(name, compiled=how == "compiled")
     N, C, V = 8 * 512, 4096, 32000
     g = torch.Generator(device="cuda").manual_seed(0)
     head = torch.nn.Linear(C, V, bias=False, device="cuda", dtype=bf16).requires_grad_(False)
@@ -131,6 +135,7 @@ def test_linear_ce_7b_head(loss_fn):
         torch.cuda.synchronize()
         return loss.detach(), h.grad, torch.cuda.max_memory_allocated() - base
 
+    run(loss_fn)  # a compiled loss compiles its forward and backward here
     ref_loss, ref_grad, ref_peak = run(full_logits_loss)
     loss, grad, peak = run(loss_fn)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=0)

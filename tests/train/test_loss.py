@@ -147,7 +147,7 @@ def test_whole_model_fp64(name, tied):
 @pytest.mark.parametrize("autocast", [None, torch.bfloat16])
 def test_compiled_full_logits_equals_eager(autocast):
     """``get_loss(compiled=True)``: the graph dynamo captures (aot_eager on CPU; Inductor on the GPU
-    in tests/train/test_speed_gpu.py) gives the eager loss and gradients, also under autocast."""
+    in tests/kernels/test_kernels_gpu.py) gives the eager loss and gradients, also under autocast."""
     torch._dynamo.reset()
     hidden, head, labels = _case(torch.float32)
     head.weight.requires_grad_(True)

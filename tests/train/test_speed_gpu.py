@@ -99,34 +99,3 @@ def test_selective_checkpointing_memory_between_off_and_all():
     assert out["all"] < out["selective"] < out["off"], {k: v for k, v in out.items() if isinstance(v, int)}
     _close(out["selective-grads"], out["off-grads"], 1e-2)
 
-
-def test_inductor_compiled_loss_equals_eager_and_drops_the_fp32_logits():
-    """The compiled full-logits loss (what compiled runs use): loss and gradients as eager within
-    bf16 rounding, and the backward no longer holds the [tokens x vocab] fp32 log-softmax."""
-    from solotune.train.loss import get_loss
-
-    torch._dynamo.reset()
-    N, C, V = 2048, 512, 8192
-    g = torch.Generator(device="cuda").manual_seed(0)
-    hidden0 = torch.randn(2, N // 2, C, device="cuda", generator=g, dtype=torch.bfloat16)
-    head = torch.nn.Linear(C, V, bias=False, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
-    labels = torch.randint(0, V, (2, N // 2), device="cuda", generator=g)
-    labels[0, :100] = IGNORE_INDEX
-
-    def run(fn):
-        hidden = hidden0.clone().requires_grad_(True)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        loss = fn(hidden, head, labels)
-        loss.backward()
-        torch.cuda.synchronize()
-        return loss.detach(), hidden.grad, torch.cuda.max_memory_allocated() - base
-
-    compiled = get_loss("full-logits", compiled=True)
-    run(compiled)  # compile forward and backward
-    ref_loss, ref_grad, ref_peak = run(full_logits_loss)
-    loss, grad, peak = run(compiled)
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-2)
-    _close({"h": grad.float()}, {"h": ref_grad.float()}, 2e-2)
-    assert ref_peak - peak >= N * V * 4 * 0.9, (ref_peak, peak)  # at least the fp32 [N, V] copy less
