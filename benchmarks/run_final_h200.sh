@@ -26,8 +26,10 @@ for part in "$@"; do
       timeout 300 python3 benchmarks/speed_probe.py --out "$R/probe" --warmup 3 --steps 4 \
         --variants compile-cl,compile-gc-cl,qlora-b8-compile-cl,qlora-b1-compile-cl,compile-flce \
         > "$R/probe-cl.log" 2>&1 ;;
-    tests3)  # one file at a time, verbose: a slow or hanging test shows by name
-      for f in tests/test_generate_gpu.py:150 tests/optim/test_optim_gpu.py:60; do
+    tests3)  # every single-GPU test file, one at a time, verbose: a slow or hanging test shows by name (<= 12 min)
+      for f in tests/test_generate_gpu.py:150 tests/optim/test_optim_gpu.py:60 tests/kernels/test_kernels_gpu.py:90 \
+               tests/bench/test_plan_losses.py:60 tests/train/test_speed_gpu.py:60 tests/train/test_train_gpu.py:60 \
+               tests/train/test_offload.py:60 tests/bench/test_bench_gpu.py:90 tests/quant/test_quant_gpu.py:90; do
         timeout "${f##*:}" python3 -m pytest -v -rs -p no:cacheprovider --durations=8 "${f%%:*}" >> "$R/gpu_tests3.log" 2>&1
         echo "${f%%:*} rc=$?" >> "$R/gpu_tests3.log"
       done ;;
