@@ -240,6 +240,8 @@ def progress_line(i: int, n: int, r: dict[str, Any]) -> str:
         # The steady state is the speed to compare: the whole-run rate carries the warm-up (compilation).
         if r.get("steady_tokens_per_s"):
             warm = f"compile {r['compile_s']:.1f} s" if r.get("compile_s") else f"warm-up {r.get('warmup_s') or 0:.1f} s"
+            if r.get("compile_steps_after_warmup"):  # a step that compiled later is not steady: say so
+                warm += f", {r['compile_steps_after_warmup']} later step(s) compiled, not counted"
             tps = f"{r['steady_tokens_per_s']:.0f} tok/s steady ({warm})"
         else:
             tps = f"{r['tokens_per_s']:.0f} tok/s" if r.get("tokens_per_s") else ""

@@ -207,6 +207,8 @@ def test_progress_line_shows_the_steady_rate_and_the_compile_time_apart():
              tokens_per_s=939.0, steady_tokens_per_s=20040.0, compile_s=12.5, warmup_s=12.9, mean_loss=11.18)
     line = progress_line(1, 1, r)
     assert "20040 tok/s steady (compile 12.5 s)" in line and "939 tok/s" not in line
+    r.update(compile_steps_after_warmup=1)
+    assert "20040 tok/s steady (compile 12.5 s, 1 later step(s) compiled, not counted)" in progress_line(1, 1, r)
     r.update(steady_tokens_per_s=None)
     assert "939 tok/s" in progress_line(1, 1, r)
 
