@@ -84,7 +84,7 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--batches", default="1,16", help="comma-separated batch sizes")
-    ap.add_argument("--methods", default="compiled,eager,hf", help="comma-separated: compiled, compiled-cublas, eager, hf")
+    ap.add_argument("--methods", default="compiled,eager,hf", help="comma-separated: compiled, compiled-cublas, compiled-int8, eager, hf")
     ap.add_argument("--repeats", type=int, default=3, help="timed calls of the compiled decoder")
     ap.add_argument("--slow-repeats", type=int, default=1, help="timed calls of eager and HF (launch-bound, slow)")
     ap.add_argument("--bandwidth-tbs", type=float, default=4.27, help="HBM bandwidth for the bound (H200 measured)")
@@ -139,8 +139,22 @@ def main() -> int:
     return 0
 
 
+_INT8: dict = {}  # the int8 model, built once per run
+
+
+def _int8_model_of(model):
+    """The int8 weight-only model of ``model``'s weights (its block linears quantized as they stream)."""
+    if "m" not in _INT8:
+        from solotune.api import materialize
+
+        p = next(model.parameters())
+        _INT8["m"] = materialize(model.config, iter(model.state_dict().items()), p.dtype, p.device, None, "int8").eval()
+    return _INT8["m"]
+
+
 def measure(method: str, B: int, prompts, n_new: int, model, hf, Decoder, generate_tokens, device, args, outs) -> dict:
     """Time one method at batch B: its first call (compile + capture for ``compiled``), then timed calls."""
+    int8_model = lambda: _int8_model_of(model)  # noqa: E731
     if method == "hf":
         def run(n: int = n_new) -> list[list[int]]:
             return run_hf(hf, prompts, n, device)
@@ -151,8 +165,9 @@ def measure(method: str, B: int, prompts, n_new: int, model, hf, Decoder, genera
     else:
         # compiled: the Decoder's CUDA default (CUDA graphs + GEMV tuning); compiled-cublas: CUDA graphs
         # with Inductor's default matmuls (cuBLAS), i.e. mode="reduce-overhead", the previous default
+        # compiled-int8: the same compiled step over the int8 weight-only model (quantized from the same weights)
         how = {"mode": "reduce-overhead"} if method == "compiled-cublas" else {}
-        dec = Decoder(model, compile=method.startswith("compiled"), **how)
+        dec = Decoder(int8_model() if method == "compiled-int8" else model, compile=method.startswith("compiled"), **how)
 
         def run(n: int = n_new) -> list[list[int]]:
             return generate_tokens(dec, prompts, n, stop_ids=())

@@ -4,7 +4,7 @@
 #
 #   bash benchmarks/run_final_h200.sh OUT PART...
 #   PART: tests | kernels | speed | speed-flce | qlora | qlora-flce | probe | probe-k | gen1 | gen16 |
-#         generate | alpaca | qlora-lean | optim | table2 | context24 | context80 | guide | tests3
+#         gen1-int8 | generate | alpaca | qlora-lean | optim | table2 | context24 | context80 | guide | tests3
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?OUT}; shift
@@ -43,6 +43,9 @@ for part in "$@"; do
     gen1)  # batch 1: GEMV-tuned CUDA graphs (the new default) vs plain reduce-overhead vs HF, one process
       timeout 300 python3 benchmarks/bench_generate.py --out "$R/gen1" --batches 1 --methods compiled,compiled-cublas,hf \
         --repeats 3 > "$R/gen1.log" 2>&1 ;;
+    gen1-int8)  # int8 weight-only decoding vs bf16, same weights, one process
+      timeout 300 python3 benchmarks/bench_generate.py --out "$R/gen1-int8" --batches 1,16 --methods compiled,compiled-int8 \
+        --repeats 3 > "$R/gen1-int8.log" 2>&1 ;;
     gen16)
       timeout 200 python3 benchmarks/bench_generate.py --out "$R/gen16" --batches 16 --methods compiled,hf \
         --repeats 3 > "$R/gen16.log" 2>&1 ;;

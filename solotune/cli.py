@@ -46,6 +46,10 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="compile the decode step (CUDA graphs on CUDA); default: on for CUDA when "
                         f"--max-new-tokens >= {COMPILE_AUTO_MIN_TOKENS}, where the compile time pays back")
+    p.add_argument("--quantize", choices=["none", "int8", "nf4"], default=None,
+                   help="store the base's block linears quantized for generation: int8 (per-channel, weight-only; "
+                        "a compiled decode step reads about half the bytes per token of bf16) or nf4; default: "
+                        "the adapter's base as it was trained, else none")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)

@@ -299,17 +299,22 @@ def model_and_adapter(args: argparse.Namespace, dtype: Any):
     if args.adapter and not Path(args.adapter).is_dir():
         raise MissingPathError(f"--adapter {args.adapter}: no such directory (a run's output dir, its final/, "
                                f"a checkpoint folder or a PEFT folder)")
+    asked = getattr(args, "quantize", None)  # generate --quantize: the base quantized for inference
     if not args.adapter:
-        model, tok = _load_base(args, dtype)
+        model, tok = _load_base(args, dtype, quantize=asked or "none")
         return model, tok, None
     peft_conf = Path(args.adapter) / "adapter_config.json"
     if peft_conf.is_file():
         base = json.loads(peft_conf.read_text()).get("base_model_name_or_path")
-        model, tok = _load_base(args, dtype, base)
+        model, tok = _load_base(args, dtype, base, asked or "none")
         adapter = load_adapter(args.adapter, model.config)
     else:
         adapter = load_adapter(args.adapter)
-        model, tok = _load_base(args, dtype, adapter.base_model, quantized_base_of(adapter))
+        trained = quantized_base_of(adapter)
+        if asked not in (None, trained) and trained != "none":
+            raise ConfigError(f"--quantize {asked}: this adapter was trained over a {trained} base; its weights "
+                              f"are only right over that base (leave --quantize out)")
+        model, tok = _load_base(args, dtype, adapter.base_model, asked or trained)
     attach_adapter(model, adapter, dropout=0.0)
     return model, tok, adapter
 

@@ -242,3 +242,48 @@ def test_qlora_blocks_compile_into_one_graph_each(kind, checkpointing):
     assert loss == pytest.approx(ref_loss, rel=1e-6)
     for n in ref:
         torch.testing.assert_close(got[n], ref[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def _ops_of(fn, *args):
+    """The aten/custom ops in the graph dynamo captures for ``fn(*args)``, and its result."""
+    seen: list[str] = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    out = torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    torch._dynamo.reset()
+    return seen, out
+
+
+def test_int8_traced_for_inference_is_plain_ops_and_for_training_the_custom_op():
+    """Compiled with no grad (the decode step), the int8 linear is an int8->float cast, a matmul and a
+    per-channel scale that Inductor can fuse into one pass over the int8 bytes; its values are the
+    custom op's within fp32 rounding. Compiled with grad (training) it stays the custom op."""
+    w = torch.randn(96, 64, generator=torch.Generator().manual_seed(0))
+    lin = Int8Linear.from_weight(w, torch.float32)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
+    ref = lin(x)  # eager: the custom op
+    with torch.no_grad():
+        ops, got = _ops_of(lin, x)
+    assert not any("quant_linear" in o for o in ops), ops
+    torch.testing.assert_close(got, ref.detach(), rtol=1e-5, atol=1e-5)
+    xg = x.clone().requires_grad_(True)
+    ops, _ = _ops_of(lin, xg)
+    assert any("quant_linear" in o for o in ops), ops
+
+
+def test_int8_compiled_decode_gives_the_eager_tokens():
+    from solotune.api import materialize
+    from solotune.config import ModelConfig
+    from solotune.generate import Decoder, generate_tokens
+
+    cfg = ModelConfig.from_name("tiny").replace(n_layers=3)
+    model = materialize(cfg, None, torch.float32, "cpu", 0, "int8").eval()
+    prompts = [[1, 5, 7, 9, 11, 13], [1, 3], [7]]
+    torch._dynamo.reset()
+    assert generate_tokens(Decoder(model, compile=True, backend="aot_eager"), prompts, 12) == \
+        generate_tokens(model, prompts, 12)
+    torch._dynamo.reset()

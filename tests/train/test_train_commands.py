@@ -184,3 +184,15 @@ def test_generate_with_an_adapter_equals_the_merged_model(base, lora_run, tmp_pa
     for adapter in (lora_run, lora_run / "final", lora_run / "checkpoints" / "step-000006"):
         assert generate("--adapter", str(adapter)) == merged, adapter
     assert generate("--adapter", str(tmp_path / "peft"), "--model", str(base)) == merged
+
+
+def test_generate_quantize_int8_runs_over_the_int8_base(base, lora_run, capsys):
+    """`generate --quantize int8`: the base's block linears stored int8 for generation (the text may
+    differ from the 16-bit base's: the weights do); an adapter trained over a 16-bit base may be
+    attached to it."""
+    prompt = ["--prompt", "The capital of France is", "--max-new-tokens", "8", "--device", "cpu"]
+    assert cli.main(["generate", "--model", str(base), "--quantize", "int8", *prompt]) == 0
+    assert capsys.readouterr().out.strip()
+    assert cli.main(["generate", "--adapter", str(lora_run), "--quantize", "int8", *prompt]) == 0
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--model", str(base), "--quantize", "nope", *prompt])
