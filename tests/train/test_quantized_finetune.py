@@ -95,3 +95,7 @@ def test_qlora_adapter_evaluates_and_merges_against_its_dequantized_base(tmp_pat
         plain = solotune.load(str(base))[0](toks)
     torch.testing.assert_close(merged, want, atol=1e-4, rtol=1e-4)
     assert (plain - want).abs().max() > 1e-3  # NF4 + the adapter moved the logits: the match means something
+    # generate --quantize may not swap the base a QLoRA adapter was trained over (one clear line, exit 2)
+    prompt = ["--prompt", "hello", "--max-new-tokens", "2", "--device", "cpu"]
+    assert cli.main(["generate", "--adapter", str(run), "--quantize", "int8", *prompt]) == 2
+    assert cli.main(["generate", "--adapter", str(run), "--quantize", "nf4", *prompt]) == 0
