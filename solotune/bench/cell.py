@@ -401,9 +401,10 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
                  "targets": list(spec.lora_targets)} if spec.method == "lora" else None,
         "data": spec.data, "optimizer": spec.optimizer, "optimizer_in_backward": spec.optimizer_in_backward,
         **spec.effective_loop_options(device.type), "loop_requested": {k: getattr(spec, k) for k in LOOP_OPTIONS},
-        "warmup_steps": None, "warmup_s": None, "compile_s": None, "steady_tokens_per_s": None, "steady_steps": 0, "compile_steps_after_warmup": None,
-        "peak_note": None,
-        "max_seq_len_data": None, "max_seq_len_seen": None, "max_rows_seen": None, "sdpa": spec.sdpa if device.type == "cuda" else None,
+        "warmup_steps": None, "warmup_s": None, "compile_s": None, "steady_tokens_per_s": None, "steady_steps": 0,
+        "compile_steps_after_warmup": None, "peak_note": None,
+        "max_seq_len_data": None, "max_seq_len_seen": None, "max_rows_seen": None,
+        "sdpa": spec.sdpa if device.type == "cuda" else None,
         "device_memory_bytes": torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None,
     }
     meter = make_meter(device)
