@@ -185,8 +185,8 @@ def logits_rows(name: str, n_tokens: int) -> int:
 # Losses that ``get_loss(compiled=True)`` hands to ``torch.compile``: Inductor fuses the fp32 cast,
 # log-softmax and the gather into the head's output and recomputes the softmax from the 16-bit
 # logits in backward, so the [tokens x vocab] fp32 copy never exists (7B, 4096 tokens: 3.3 ms and
-# 250 MiB instead of 4.4 ms and 1,468 MiB: benchmarks/results/frontier2-h200/run1/kernels/). The chunked and fused
-# losses already hold one chunk at a time and loop in Python; they stay eager.
+# 250 MiB instead of 4.4 ms and 1,468 MiB, benchmarks/results/frontier2-h200/run1/kernels/). The
+# chunked and fused losses already hold one chunk at a time and loop in Python; they stay eager.
 COMPILABLE_LOSSES = frozenset({"full-logits"})
 
 
