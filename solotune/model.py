@@ -163,7 +163,8 @@ def packed_attention(batch: Batch, device: torch.device) -> torch.Tensor | Varle
         cu = batch.cu_seqlens().to(device, non_blocking=True)
         # the number of documents changes from micro-batch to micro-batch: a compiled block traces
         # that length as a symbol at once, instead of compiling for the first length and again
-        torch._dynamo.maybe_mark_dynamic(cu, 0)
+        if not torch.compiler.is_compiling():  # a whole-model compile traces this itself (and refuses the call)
+            torch._dynamo.maybe_mark_dynamic(cu, 0)
         return Varlen(cu, T)
     return document_mask(batch.seq_lens, T, device)
 

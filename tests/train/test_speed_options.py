@@ -142,3 +142,8 @@ def test_packed_windows_of_any_document_count_share_one_compiled_graph(monkeypat
     assert counters["stats"]["unique_graphs"] == 1
     assert got == pytest.approx(dense, rel=1e-12)
     torch._dynamo.reset()
+    whole = torch.compile(build_model(CFG, dtype=torch.float64, seed=0), backend="eager")  # a user's whole-model compile
+    with torch.no_grad():
+        got = [float(whole(b, head=functools.partial(full_logits_loss, labels=b.labels))) for w in windows for b in w]
+    assert got == pytest.approx(dense, rel=1e-12)
+    torch._dynamo.reset()
