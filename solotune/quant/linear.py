@@ -73,11 +73,26 @@ class QuantizedLinear(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} is not writable; merge via LoRALinear.merged_weight")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., in] -> [..., out] in the autocast dtype (autocast on) or the compute dtype."""
+        """x [..., in] -> [..., out] in the autocast dtype (autocast on) or the compute dtype.
+
+        Traced for inference (compiling, no grad: a compiled decode step) it is plain PyTorch ops
+        (:meth:`traced_linear`), which Inductor may fuse into one pass over the quantized bytes;
+        everywhere else (training, compiled or not; eager inference) the custom op, which keeps
+        nothing [out, in] for backward."""
         dev = x.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.compute_dtype
+        if torch.compiler.is_compiling() and not torch.is_grad_enabled():
+            return self.traced_linear(x.to(dtype), dtype)
         tensors, meta = self.op_inputs()
         return quant_linear(x.to(dtype), self.kind, tensors, meta, dtype)
+
+    def traced_linear(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """x [..., in] (in ``dtype``) -> [..., out]: the dequantization in traceable PyTorch ops, then the matmul."""
+        return F.linear(x, self.dequantize_traceable(dtype))
+
+    def dequantize_traceable(self, dtype: torch.dtype) -> torch.Tensor:
+        """:meth:`dequantize_as` in PyTorch ops only (no hand-written kernel), for a traced graph."""
+        return self.dequantize_as(dtype)
 
     def op_inputs(self) -> tuple[list[torch.Tensor], list[int]]:
         """The stored tensors and integer shape facts :data:`solotune.quant.ops.DEQUANTIZERS` takes."""
@@ -148,6 +163,9 @@ class NF4Linear(QuantizedLinear):
     def dequantize_as(self, dtype: torch.dtype) -> torch.Tensor:
         return dequantize_nf4(self.nf4, dtype)
 
+    def dequantize_traceable(self, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize_nf4(self.nf4, dtype, backend="torch")  # not the Triton kernel: Inductor fuses these ops
+
     def op_inputs(self) -> tuple[list[torch.Tensor], list[int]]:
         # The level tables are not op inputs: the op looks them up (quant.nf4.tables_on).
         return ([self.codes, self.qabsmax, self.absmax2_bits, self.offset_bits],
@@ -190,18 +208,12 @@ class Int8Linear(QuantizedLinear):
     def op_inputs(self) -> tuple[list[torch.Tensor], list[int]]:
         return [self.qweight, self.scale_bits], [self.out_features, self.in_features]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., in] -> [..., out]. Traced for inference (a compiled decode step: compiling, no
-        grad) it is plain ops — the int8 weight cast in the matmul, the per-channel scale applied to
-        its output in fp32 — which Inductor fuses into one pass that reads the weight's int8 bytes
-        (at batch 1 about half the bytes per token of a 16-bit weight). Everywhere else (training,
-        compiled or not; eager inference) the custom op: nothing [out, in] kept for backward."""
-        if torch.compiler.is_compiling() and not torch.is_grad_enabled():
-            dev = x.device.type
-            dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.compute_dtype
-            y = F.linear(x.to(dtype), self.qweight.to(dtype))  # |q| <= 127: exact in any float dtype
-            return (y.float() * self.scale).to(dtype)
-        return super().forward(x)
+    def traced_linear(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The int8 weight cast in the matmul, the per-channel scale applied to its output in fp32:
+        Inductor fuses it into one pass that reads the int8 bytes (at batch 1 about half the bytes
+        per token of a 16-bit weight)."""
+        y = F.linear(x, self.qweight.to(dtype))  # |q| <= 127: exact in any float dtype
+        return (y.float() * self.scale).to(dtype)
 
 
 QUANTIZED_LINEARS: dict[str, type[QuantizedLinear]] = {"nf4": NF4Linear, "int8": Int8Linear}

@@ -275,13 +275,25 @@ def test_int8_traced_for_inference_is_plain_ops_and_for_training_the_custom_op()
     assert any("quant_linear" in o for o in ops), ops
 
 
-def test_int8_compiled_decode_gives_the_eager_tokens():
+def test_nf4_traced_for_inference_is_plain_ops():
+    w = torch.randn(96, 64, generator=torch.Generator().manual_seed(0))
+    lin = NF4Linear.from_weight(w, torch.float32)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
+    ref = lin(x)
+    with torch.no_grad():
+        ops, got = _ops_of(lin, x)
+    assert not any("quant_linear" in o for o in ops), ops
+    torch.testing.assert_close(got, ref.detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_quantized_compiled_decode_gives_the_eager_tokens(kind):
     from solotune.api import materialize
     from solotune.config import ModelConfig
     from solotune.generate import Decoder, generate_tokens
 
     cfg = ModelConfig.from_name("tiny").replace(n_layers=3)
-    model = materialize(cfg, None, torch.float32, "cpu", 0, "int8").eval()
+    model = materialize(cfg, None, torch.float32, "cpu", 0, kind).eval()
     prompts = [[1, 5, 7, 9, 11, 13], [1, 3], [7]]
     torch._dynamo.reset()
     assert generate_tokens(Decoder(model, compile=True, backend="aot_eager"), prompts, 12) == \
