@@ -118,13 +118,15 @@ def main() -> int:
         (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
 
     hf = make_hf(model, device, dtype) if "hf" in methods else None
+    int8 = int8_model_of(model) if "compiled-int8" in methods else None  # built once, same weights
     for B in batches:
         prompts = all_prompts[:B]
         outs: dict[str, list[list[int]]] = {}
         for method in methods:
             row = {"method": method, "batch": B}
             try:
-                row.update(measure(method, B, prompts, n_new, model, hf, Decoder, generate_tokens, device, args, outs))
+                row.update(measure(method, B, prompts, n_new, model, hf, Decoder, generate_tokens, device, args, outs,
+                                   int8))
                 row.update(predictions(model, B, row["slots"], args.bandwidth_tbs * 1e12))
             except Exception as e:  # keep the other methods' numbers; the traceback goes to the log
                 traceback.print_exc()
@@ -139,22 +141,18 @@ def main() -> int:
     return 0
 
 
-_INT8: dict = {}  # the int8 model, built once per run
-
-
-def _int8_model_of(model):
+def int8_model_of(model):
     """The int8 weight-only model of ``model``'s weights (its block linears quantized as they stream)."""
-    if "m" not in _INT8:
-        from solotune.api import materialize
+    from solotune.api import materialize
 
-        p = next(model.parameters())
-        _INT8["m"] = materialize(model.config, iter(model.state_dict().items()), p.dtype, p.device, None, "int8").eval()
-    return _INT8["m"]
+    p = next(model.parameters())
+    return materialize(model.config, iter(model.state_dict().items()), p.dtype, p.device, None, "int8").eval()
 
 
-def measure(method: str, B: int, prompts, n_new: int, model, hf, Decoder, generate_tokens, device, args, outs) -> dict:
-    """Time one method at batch B: its first call (compile + capture for ``compiled``), then timed calls."""
-    int8_model = lambda: _int8_model_of(model)  # noqa: E731
+def measure(method: str, B: int, prompts, n_new: int, model, hf, Decoder, generate_tokens, device, args, outs,
+            int8=None) -> dict:
+    """Time one method at batch B: its first call (compile + capture for ``compiled``), then timed calls.
+    ``int8``: the int8 weight-only model that ``compiled-int8`` decodes with."""
     if method == "hf":
         def run(n: int = n_new) -> list[list[int]]:
             return run_hf(hf, prompts, n, device)
@@ -167,7 +165,7 @@ def measure(method: str, B: int, prompts, n_new: int, model, hf, Decoder, genera
         # with Inductor's default matmuls (cuBLAS), i.e. mode="reduce-overhead", the previous default
         # compiled-int8: the same compiled step over the int8 weight-only model (quantized from the same weights)
         how = {"mode": "reduce-overhead"} if method == "compiled-cublas" else {}
-        dec = Decoder(int8_model() if method == "compiled-int8" else model, compile=method.startswith("compiled"), **how)
+        dec = Decoder(int8 if method == "compiled-int8" else model, compile=method.startswith("compiled"), **how)
 
         def run(n: int = n_new) -> list[list[int]]:
             return generate_tokens(dec, prompts, n, stop_ids=())

@@ -323,16 +323,14 @@ def planner_setup(spec: CellSpec, cfg: Any, seq_len: int, device: torch.device):
                  compiled=spec.effective_loop_options(device.type)["compile"] != "off")
 
 
-class _InjectedOOM:
-    """Instrument wrapper whose first forward raises a fake out-of-memory error (tests)."""
+class _Wrapper:
+    """An instrument around another: passes every hook through (subclasses add to some)."""
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
 
-    @contextlib.contextmanager
     def forward_context(self):
-        raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 1.50 GiB. (injected by {INJECT_OOM_ENV})")
-        yield  # pragma: no cover
+        return self.inner.forward_context()
 
     def before_step(self, *a: Any) -> None:
         self.inner.before_step(*a)
@@ -341,21 +339,24 @@ class _InjectedOOM:
         self.inner.after_step(*a)
 
 
-class _GraphCounter:
+class _InjectedOOM(_Wrapper):
+    """Instrument wrapper whose first forward raises a fake out-of-memory error (tests)."""
+
+    @contextlib.contextmanager
+    def forward_context(self):
+        raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 1.50 GiB. (injected by {INJECT_OOM_ENV})")
+        yield  # pragma: no cover
+
+
+class _GraphCounter(_Wrapper):
     """Instrument wrapper that notes, at every optimizer step, how many graphs dynamo has compiled
     so far: a step that compiled (a new row shape, a packed row with one document where the others
     had several, a dynamic-shape recompile) can then be kept out of the steady state even when it
     comes after the warm-up steps (see :func:`_warmup_and_steady`)."""
 
     def __init__(self, inner: Any) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.graphs: list[int] = []
-
-    def forward_context(self):
-        return self.inner.forward_context()
-
-    def before_step(self, *a: Any) -> None:
-        self.inner.before_step(*a)
 
     def after_step(self, *a: Any) -> None:
         from torch._dynamo.utils import counters
@@ -492,21 +493,19 @@ def _reference_unavailable() -> type[Exception]:
     return ReferenceUnavailable
 
 
-class _BudgetInstrument:
+class _BudgetInstrument(_Wrapper):
     """Stop training after the optimizer step that crosses ``budget_s`` seconds of training (never
     before step ``min_steps``, which holds the longest example: see :func:`prepare_data`)."""
 
     def __init__(self, inner: Any, budget_s: float, min_steps: int = 2) -> None:
-        self.inner, self.budget_s, self.min_steps = inner, budget_s, min_steps
+        super().__init__(inner)
+        self.budget_s, self.min_steps = budget_s, min_steps
         self.t0: float | None = None
 
     def forward_context(self):
         if self.t0 is None:
             self.t0 = time.perf_counter()
         return self.inner.forward_context()
-
-    def before_step(self, *a: Any) -> None:
-        self.inner.before_step(*a)
 
     def after_step(self, model: Any, optimizer: Any, step: int) -> None:
         self.inner.after_step(model, optimizer, step)

@@ -98,4 +98,3 @@ def test_selective_checkpointing_memory_between_off_and_all():
         del loss
     assert out["all"] < out["selective"] < out["off"], {k: v for k, v in out.items() if isinstance(v, int)}
     _close(out["selective-grads"], out["off-grads"], 1e-2)
-
