@@ -420,7 +420,8 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
             torch.cuda.reset_peak_memory_stats(device)
             if spec.memory_limit_bytes:  # reproduce a smaller GPU
                 total = torch.cuda.get_device_properties(device).total_memory
-                torch.cuda.set_per_process_memory_fraction(min(1.0, spec.memory_limit_bytes / total), device)
+                index = device.index if device.index is not None else torch.cuda.current_device()  # the call wants an index
+                torch.cuda.set_per_process_memory_fraction(min(1.0, spec.memory_limit_bytes / total), index)
         if spec.impl != "solotune":
             from .hf_cell import build_hf_model, peak_note
 
