@@ -21,8 +21,8 @@ they are swapped in (:class:`_CudaKernels`), everything else is the CPU code pat
   which also keeps its RNG state on the GPU (24 bytes), and the memory-efficient kernel in fp32
   (flash has no fp32), whose log-sum-exp rows are padded to 32 and whose RNG seed/offset live on
   the host (not counted, as the anatomy does not count host tensors). Both are called as aten ops
-  on the fake tensors, so their saved tensors come from PyTorch's own meta kernels. (Head dims
-  that are multiples of 8, as in every LLaMA; CUDA pads others for flash.)
+  on the fake tensors, so their saved tensors come from PyTorch's own meta kernels. Head dims that
+  are not multiples of 8 are padded for flash, as CUDA's SDPA does (its padded copies are saved).
 
 Quantized bases (QLoRA, ``quantize="nf4"|"int8"``): the block linears are swapped for the real
 :class:`~solotune.quant.linear.NF4Linear` / ``Int8Linear`` before LoRA wraps them, as ``api.load``
@@ -233,12 +233,16 @@ class _CudaKernels(TorchFunctionMode):
         if q.dtype in (torch.float16, torch.bfloat16):
             # flash attention; its RNG state (uint64 seed [2] + offset) is a device tensor, kept for
             # backward (the int64 seed/offset scalars of older torch versions live on the host)
+            head_dim = q.shape[-1]
+            if head_dim % 8:  # as CUDA's SDPA does: pad to a multiple of 8 (the padded copies are saved)
+                pad = -head_dim % 8
+                q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
             out, _, _, _, _, _, seed, offset, _ = torch.ops.aten._scaled_dot_product_flash_attention(
-                q, k, v, 0.0, is_causal, False)
+                q, k, v, 0.0, is_causal, False, scale=head_dim ** -0.5)
             if seed.dtype != torch.uint64:
                 self.forget(seed)
                 self.forget(offset)
-            return out
+            return out[..., :head_dim]
         # fp32: the memory-efficient kernel; its seed/offset scalars live on the host
         lse = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         out, _, seed, offset = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, lse, 0.0, is_causal)
