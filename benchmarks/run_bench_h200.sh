@@ -10,6 +10,8 @@
 #              dry run models, and no compilation per probed length)                              ~3 min
 #   context80  the same within 80 GiB (1 optimizer step per probe: ~100k-token rows)             ~7 min
 #   offload    (not in "all") context24 with --offload activations, LoRA and QLoRA                ~3 min
+#   context24-lean, context80-lean (not in "all") the same with fused linear-CE + activation offload and
+#              PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (no fragmentation under the cap)   ~3 / ~7 min
 #   qlora-lean (not in "all") QLoRA batch 1 with --offload activations (± 8-bit AdamW), vs HF + bitsandbytes  ~3 min
 #   alpaca     (not in "all") real Alpaca records 0-199: the course setting (micro-batch 1, accumulation 8)
 #              and micro-batch 8, solotune (packing + compile) vs HF + PEFT; micro-batch 32 records
@@ -65,14 +67,18 @@ for part in "${PARTS[@]}"; do
       # records, so 32 records (~3,900 tokens) make ~8 rows; ours only (HF's row is the mb8 cell above)
       "${S[@]}" --data alpaca-sample --samples 200 --axes none --warmup-steps 2 --micro-batch 32 --fix precision=on \
           ${OPTS:-} --out "$OUT/alpaca-rows8" 2>&1 | tee "$OUT/alpaca-rows8.console.log" ;;
-    context24|context80|offload)
+    context24|context80|offload|context24-lean|context80-lean)
       limit=24GiB; extra=(); samples=2
-      [ "$part" = context80 ] && { limit=80GiB; samples=1; }
+      case "$part" in context80*) limit=80GiB; samples=1 ;; esac
       [ "$part" = offload ] && extra=(--offload activations)
+      # -lean: no [tokens x vocab] fp32 logits (fused linear-CE) and no fragmentation under the cap
+      # (context24 at 16,000 tokens failed with 2 GiB reserved but unallocated: frontier3-h200/run4)
+      case "$part" in *-lean) extra=(--loss fused-linear-ce --offload activations) ;; esac
       for q in none nf4; do
-        run "maxlen-$part-$q" --find-max-seq-len --memory-limit "$limit" --axes none --fix gc=on,precision=on \
-            --quantize "$q" "${extra[@]}" --compile off --max-probes 3 --probe-step 0.04 --probe-samples "$samples"
+        ( case "$part" in *-lean) export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True ;; esac
+          run "maxlen-$part-$q" --find-max-seq-len --memory-limit "$limit" --axes none --fix gc=on,precision=on \
+            --quantize "$q" "${extra[@]}" --compile off --max-probes 3 --probe-step 0.04 --probe-samples "$samples" )
       done ;;
-    *) echo "unknown part $part (speed qlora context24 context80 offload alpaca qlora-lean)"; exit 2 ;;
+    *) echo "unknown part $part (speed qlora context24 context80 offload context24-lean context80-lean alpaca qlora-lean)"; exit 2 ;;
   esac
 done

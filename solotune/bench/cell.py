@@ -57,6 +57,9 @@ DATA = ("alpaca-sample", RANDOM)
 # HF reference cells run and the "off" side of a speed axis.
 LOOP_OPTIONS = {name: TrainConfig.__dataclass_fields__[name].default for name in ("packing", "compile", "kernels", "loss")}
 LOOP_OFF = {"packing": "off", "compile": "off", "kernels": "off", "loss": "full-logits"}
+# Memory techniques HF has no equivalent of: its reference cell runs the nearest configuration, without
+# them (the comparison the user makes: "what does this technique buy over the reference").
+REFERENCE_NEAREST = {"offload": "none", "optimizer": "adamw", "optimizer_in_backward": False}
 
 
 @dataclass
@@ -158,8 +161,9 @@ class CellSpec:
 
     def as_reference(self, impl: str) -> "CellSpec":
         """This cell run by reference implementation ``impl``: the same model, data, method and
-        memory techniques, solotune's own loop options off."""
-        return CellSpec.from_dict({**self.to_dict(), **LOOP_OFF, "impl": impl})
+        memory techniques, solotune's own loop options off, and without the techniques HF has no
+        equivalent of (``REFERENCE_NEAREST``: offload, another optimizer)."""
+        return CellSpec.from_dict({**self.to_dict(), **LOOP_OFF, **REFERENCE_NEAREST, "impl": impl})
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -185,17 +189,19 @@ def _check_loop_options(spec: CellSpec) -> None:
 
 
 def reference_gap(spec: CellSpec) -> str | None:
-    """Why an HF reference cell has no equivalent of this cell's memory techniques (None: it has
-    one). solotune's loop options do not count: :meth:`CellSpec.as_reference` turns them off."""
+    """Why an HF reference cell cannot run this cell's configuration (None: it can). solotune's
+    loop options and the techniques in ``REFERENCE_NEAREST`` do not count: :meth:`CellSpec.as_reference`
+    turns them off (the reference then runs without them)."""
     if spec.grad_checkpoint not in ("off", "all"):
         return f"HF has no {spec.grad_checkpoint} checkpointing policy (every layer or none)"
     if spec.quantize not in ("none", "nf4"):
         return f"no HF reference for quantize {spec.quantize!r} (nf4: bitsandbytes)"
-    if spec.offload != "none":
-        return f"HF has no equivalent of --offload {spec.offload}"
-    if spec.optimizer != "adamw" or spec.optimizer_in_backward:
-        return "the HF reference steps torch's AdamW after backward only"
     return None
+
+
+def reference_differs(spec: CellSpec) -> list[str]:
+    """The memory techniques of a solotune cell that its reference runs without (``REFERENCE_NEAREST``)."""
+    return [f"{k} {getattr(spec, k)}" for k, v in REFERENCE_NEAREST.items() if getattr(spec, k) != v]
 
 
 def _check_reference(spec: CellSpec) -> None:

@@ -130,9 +130,28 @@ def options(r: dict[str, Any]) -> str:
 
 
 def ref_key(r: dict[str, Any]) -> tuple:
-    """What a solotune cell and its reference cells share (the loop options are solotune's own)."""
+    """What a solotune cell and its reference cells share: not the loop options (solotune's own), nor
+    offload or the optimizer (the reference runs without them: ``cell.REFERENCE_NEAREST``)."""
     s = state(r)
-    return (tuple(s[k] for k in ("ga", "precision", "lora", "gc")), r.get("quantize", "none"), r.get("offload", "none"))
+    return (tuple(s[k] for k in ("ga", "precision", "lora", "gc")), r.get("quantize", "none"))
+
+
+def reference_differs(r: dict[str, Any]) -> list[str]:
+    """What a solotune cell uses that its reference ran without, e.g. ``["offload activations"]``."""
+    from .cell import REFERENCE_NEAREST
+
+    return [f"{k.replace('_', ' ')} {r[k]}" if not isinstance(v, bool) else k.replace("_", " ")
+            for k, v in REFERENCE_NEAREST.items() if r.get(k, v) != v]
+
+
+def reference_cells(results: Iterable[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
+    """(impl, ref_key) -> the reference cell; one that ran wins over one that was skipped for another cell."""
+    out: dict[tuple, dict[str, Any]] = {}
+    for r in results:
+        k = (r["impl"], ref_key(r))
+        if r["impl"] != "solotune" and (k not in out or out[k]["status"] == "skipped"):
+            out[k] = r
+    return out
 
 
 def describe(r: dict[str, Any]) -> str:
@@ -460,7 +479,7 @@ def render(results: Sequence[dict[str, Any]], bc: Any) -> str:
     results = sorted(results, key=table_order)
     sol = [r for r in results if r["impl"] == "solotune"]
     refs = [i for i in ("hf", "hf-liger") if any(r["impl"] == i for r in results)]
-    ref_cells = {(r["impl"], ref_key(r)): r for r in results if r["impl"] != "solotune"}
+    ref_cells = reference_cells(results)
     first = next((r for r in results if r.get("device")), results[0] if results else {})
     mm = (getattr(bc, "extra", {}) or {}).get("matmul") or {}
     L: list[str] = []
@@ -531,8 +550,13 @@ def render(results: Sequence[dict[str, Any]], bc: Any) -> str:
     if refs:
         L.append("")
         L.append("memory ratio = solotune peak / reference peak; speed-up = reference runtime / solotune runtime. "
-                 "`skipped` reference cells were not run: the solotune cell did not fit, HF has no equivalent, or a "
+                 "`skipped` reference cells were not run: the solotune cell did not fit, HF cannot run its configuration (a checkpointing policy, int8), or a "
                  "package is missing (the per-cell details say which).")
+        differs = sorted({d for r in sol for d in reference_differs(r)})
+        if differs:
+            L.append("")
+            L.append(f"The reference cells ran without {', '.join(differs)} (HF has no equivalent): each is compared "
+                     "with the nearest configuration it has.")
     L.append("")
     L += speed_table(results, ref_cells, u)
 

@@ -10,9 +10,11 @@ unless ``fixed`` pins it (``--fix ga=on``); ``--axes none --fix ...`` runs a sin
 
 With ``reference="hf"`` (or ``hf-liger``, or both: ``hf,hf-liger``) every solotune cell that ran is
 followed by the same cell in HF transformers + peft (+ Liger-Kernel); solotune's loop options are
-off there, so cells that differ only in them share one reference cell. A reference cell is
-recorded as ``skipped`` with the reason when the solotune cell did not fit, when HF has no
-equivalent (``every:K`` checkpointing, int8, offload) or when its packages are missing.
+off there, and so are offload and another optimizer (HF has none: the reference is the nearest
+configuration, ``cell.REFERENCE_NEAREST``), so cells that differ only in them share one reference
+cell. A reference cell is recorded as ``skipped`` with the reason when the solotune cell did not
+fit, when HF cannot run the configuration (``every:K`` checkpointing, int8) or when its packages
+are missing.
 
 ``--find-max-seq-len`` (:func:`find_max_seq_len`): instead of the matrix, the longest row that
 trains at micro-batch 1 under ``--memory-limit``, by real cells on random rows: first at the
@@ -208,6 +210,7 @@ def _failed(spec: CellSpec, message: str, wall: float, status: str = "error", im
     return {"model": spec.model, "layers": spec.layers, "seq_len": spec.seq_len, "micro_batch": spec.micro_batch,
             "grad_accum": spec.grad_accum, "grad_checkpoint": spec.grad_checkpoint, "precision": spec.precision,
             "method": spec.method_name, "quantize": spec.quantize, "offload": spec.offload, "data": spec.data,
+            "optimizer": spec.optimizer, "optimizer_in_backward": spec.optimizer_in_backward,
             **{k: options.get(k, getattr(spec, k)) for k in LOOP_OPTIONS},
             "memory_limit_bytes": spec.memory_limit_bytes, "impl": impl, "cell_id": cell_id, "status": status,
             "peak_alloc_bytes": None, "peak_reserved_bytes": None, "predicted_peak_bytes": None, "runtime_s": None,

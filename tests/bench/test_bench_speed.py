@@ -112,6 +112,34 @@ def test_reference_cells_are_shared_across_loop_options_and_skipped_with_a_reaso
     assert runner.reference_cell(gap, "hf", {"status": "ok"}, {}, 1.0, None)["status"] == "skipped"
 
 
+def test_a_technique_hf_lacks_is_compared_with_its_nearest_reference(tmp_path, monkeypatch):
+    """Offload and another optimizer: the HF cell runs without them (not skipped), once for both
+    solotune cells, and the report says what it ran without."""
+    ran: list[CellSpec] = []
+
+    def fake(spec, timeout_s, log):
+        ran.append(spec)
+        return {**runner._failed(spec, "", 0.0, status="ok"), "error": None, "wall_s": 0.0, "runtime_s": 1.0,
+                "mean_loss": 1.0, "peak_alloc_bytes": 2 if spec.impl == "hf" else 1}
+
+    monkeypatch.setattr(runner, "run_cell_subprocess", fake)
+    monkeypatch.setattr(runner, "measure_matmul", lambda *a: {"device": None, "matmul_tflops": None})
+    monkeypatch.setattr("solotune.bench.hf_cell.missing_package", lambda impl, q: None)
+    for i, extra in enumerate(({"offload": "activations"}, {"optimizer": "adamw-8bit", "offload": "activations"})):
+        bc = runner.BenchConfig(model="tiny", axes=(), reference="hf", out=str(tmp_path / str(i)), data="random",
+                                fixed={"gc": True}, **extra)
+        results = runner.run_bench(bc, say=lambda *_: None)
+        hf = [r for r in results if r["impl"] == "hf"]
+        assert len(hf) == 1 and hf[0]["status"] == "ok"
+        assert (ran[-1].impl, ran[-1].offload, ran[-1].optimizer) == ("hf", "none", "adamw")
+        md = (tmp_path / str(i) / "report.md").read_text()
+        assert "ran without offload activations" in md and "0.50" in md  # the memory ratio is shown
+        assert ("optimizer adamw-8bit" in md) == ("optimizer" in extra)
+    assert [s.impl for s in ran] == ["solotune", "hf", "solotune", "hf"]
+    assert cellmod.reference_differs(CellSpec(model="tiny", offload="activations")) == ["offload activations"]
+    assert cellmod.reference_differs(CellSpec(model="tiny")) == []
+
+
 def test_reference_cells_without_their_device_are_skipped_not_failed():
     for spec in (CellSpec(model="tiny", impl="hf-liger", device="cpu"),
                  CellSpec(model="tiny", impl="hf", quantize="nf4", device="cpu")):
