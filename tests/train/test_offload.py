@@ -349,3 +349,33 @@ def test_cuda_offload_lowers_peak_memory_by_the_block_inputs():
     # Here, with flash attention and cuBLAS heuristics at T=16384, the offloaded run's LoRA gradients
     # were seen to differ from the plain run's by a few bf16 ulps amplified over 32 layers while two
     # plain runs agreed bitwise (H200, 2026-12-01) — open, see benchmarks/NOTES.md; not asserted here.
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_long_rows_offload_is_as_close_to_fp32_as_the_plain_run():
+    """The open long-row question (benchmarks/NOTES.md): with flash attention at T = 16,384 the
+    offloaded bf16 run's LoRA gradients differ from the plain bf16 run's. Rounding (another kernel
+    choice) or wrong data? Against fp32 gradients of the same weights, an offload that restores the
+    right bytes is as close as the plain run (within 2x its error); wrong bytes in a block input would
+    be off by far more. Also: two offloaded runs agree bitwise (no race between the copy streams)."""
+    L, B, T, C = 32, 1, 16384, 256
+    cfg = ModelConfig(name="long-thin", dim=C, n_layers=L, n_heads=4, n_kv_heads=4, vocab_size=128,
+                      hidden_dim=C, max_seq_len=T)
+    model = _model("lora", "all", torch.bfloat16, cfg=cfg, device="cuda", dropout=0.0)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, cfg.vocab_size, (B, T), generator=g)
+    batch = Batch(ids, ids.clone(), torch.arange(T).expand(B, T).clone(), ((T,),) * B).to("cuda")
+    plain = _run(model, batch)
+    off = [_run(model, batch, ActivationOffload(model, "cuda", max_in_flight=2)) for _ in range(2)]
+    _assert_same(off[0], off[1])
+    ref = _run(model.float(), batch)[1]  # the same values in fp32 (bf16 -> fp32 is exact)
+
+    def rel_err(grads: dict) -> float:
+        num = sum(float((grads[n].float() - ref[n]).norm() ** 2) for n in ref)
+        den = sum(float(ref[n].norm() ** 2) for n in ref)
+        return (num / den) ** 0.5
+
+    e_plain, e_off = rel_err(plain[1]), rel_err(off[0][1])
+    assert e_plain < 0.2, e_plain  # the fp32 reference is a meaningful one for this model
+    assert e_off <= 2 * e_plain + 1e-6, (e_off, e_plain)
