@@ -307,6 +307,19 @@ def test_cuda_gradients_equal_without_offload(deterministic, precision, method, 
     assert off.stats.prefetched > 0
 
 
+LONG_THIN = (32, 1, 16384, 256)  # layers, rows, tokens per row, width: long rows, many thin layers
+
+
+def _long_thin_lora() -> tuple[torch.nn.Module, Batch]:
+    """A bf16 LoRA model (checkpointing all, no dropout) on CUDA and one random row of it."""
+    L, B, T, C = LONG_THIN
+    cfg = ModelConfig(name="long-thin", dim=C, n_layers=L, n_heads=4, n_kv_heads=4, vocab_size=128,
+                      hidden_dim=C, max_seq_len=T)
+    model = _model("lora", "all", torch.bfloat16, cfg=cfg, device="cuda", dropout=0.0)
+    ids = torch.randint(3, cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(0))
+    return model, Batch(ids, ids.clone(), torch.arange(T).expand(B, T).clone(), ((T,),) * B).to("cuda")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_offload_lowers_peak_memory_by_the_block_inputs():
@@ -316,13 +329,8 @@ def test_cuda_offload_lowers_peak_memory_by_the_block_inputs():
     (RMSNorm's fp32 input is the largest saved storage: the vocabulary is kept small so the fp32
     logits are <= h). The per-block transients are the same in both runs, so
     peak_none - peak_off >= (L - 2 (max_in_flight + 2)) h."""
-    L, B, T, C = 32, 1, 16384, 256
-    cfg = ModelConfig(name="long-thin", dim=C, n_layers=L, n_heads=4, n_kv_heads=4, vocab_size=128,
-                      hidden_dim=C, max_seq_len=T)
-    model = _model("lora", "all", torch.bfloat16, cfg=cfg, device="cuda", dropout=0.0)
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, cfg.vocab_size, (B, T), generator=g)
-    batch = Batch(ids, ids.clone(), torch.arange(T).expand(B, T).clone(), ((T,),) * B).to("cuda")
+    L, B, T, C = LONG_THIN
+    model, batch = _long_thin_lora()
     h = B * T * C * 2
     max_in_flight = 2
     peaks, mids, results = {}, {}, {}
@@ -359,13 +367,7 @@ def test_cuda_long_rows_offload_is_as_close_to_fp32_as_the_plain_run():
     choice) or wrong data? Against fp32 gradients of the same weights, an offload that restores the
     right bytes is as close as the plain run (within 2x its error); wrong bytes in a block input would
     be off by far more. Also: two offloaded runs agree bitwise (no race between the copy streams)."""
-    L, B, T, C = 32, 1, 16384, 256
-    cfg = ModelConfig(name="long-thin", dim=C, n_layers=L, n_heads=4, n_kv_heads=4, vocab_size=128,
-                      hidden_dim=C, max_seq_len=T)
-    model = _model("lora", "all", torch.bfloat16, cfg=cfg, device="cuda", dropout=0.0)
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, cfg.vocab_size, (B, T), generator=g)
-    batch = Batch(ids, ids.clone(), torch.arange(T).expand(B, T).clone(), ((T,),) * B).to("cuda")
+    model, batch = _long_thin_lora()
     plain = _run(model, batch)
     off = [_run(model, batch, ActivationOffload(model, "cuda", max_in_flight=2)) for _ in range(2)]
     _assert_same(off[0], off[1])
