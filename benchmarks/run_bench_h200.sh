@@ -16,6 +16,7 @@
 #   alpaca     (not in "all") real Alpaca records 0-199: the course setting (micro-batch 1, accumulation 8)
 #              and micro-batch 8, solotune (packing + compile) vs HF + PEFT; micro-batch 32 records
 #              (~8 packed rows of 512 tokens), solotune only                                       ~5 min
+#   alpaca-graphs (not in "all") the course setting with --compile blocks-cudagraphs, solotune only  ~1.5 min
 #
 #   bash benchmarks/run_bench_h200.sh OUT [PART ...]      (default: speed qlora context24 context80)
 #   OPTS="--compile blocks --kernels triton" bash benchmarks/run_bench_h200.sh OUT speed
@@ -59,6 +60,9 @@ for part in "${PARTS[@]}"; do
           --offload activations --reference hf --time-budget 6
       run qlora-random-b1-offload-8bit "${R[@]}" --micro-batch 1 --axes none --fix gc=on,precision=on --quantize nf4 \
           --offload activations --optimizer adamw-8bit --time-budget 6 ;;
+    alpaca-graphs)  # the course setting with the compiled blocks replayed as CUDA graphs (batch 1 is launch-bound)
+      run alpaca-course-graphs --data alpaca-sample --samples 200 --axes none --warmup-steps 3 --micro-batch 1 \
+          --fix ga=on,precision=on --ga-on 8 --compile blocks-cudagraphs ;;
     alpaca)
       A=(--data alpaca-sample --samples 200 --axes none --reference hf --warmup-steps 3)
       run alpaca-course "${A[@]}" --micro-batch 1 --fix ga=on,precision=on --ga-on 8
@@ -79,6 +83,6 @@ for part in "${PARTS[@]}"; do
           run "maxlen-$part-$q" --find-max-seq-len --memory-limit "$limit" --axes none --fix gc=on,precision=on \
             --quantize "$q" "${extra[@]}" --compile off --max-probes 3 --probe-step 0.04 --probe-samples "$samples" )
       done ;;
-    *) echo "unknown part $part (speed qlora context24 context80 offload context24-lean context80-lean alpaca qlora-lean)"; exit 2 ;;
+    *) echo "unknown part $part (speed qlora context24 context80 offload context24-lean context80-lean alpaca alpaca-graphs qlora-lean)"; exit 2 ;;
   esac
 done

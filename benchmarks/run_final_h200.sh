@@ -5,7 +5,7 @@
 #   bash benchmarks/run_final_h200.sh OUT PART...
 #   PART: tests | kernels | speed | speed-flce | qlora | qlora-flce | probe | probe-k | gen1 | gen16 |
 #         gen1-int8 | generate | alpaca | qlora-lean | optim | table2 | context24 | context80 |
-#         context24-lean | context80-lean | profile-b1 | guide | tests3
+#         context24-lean | context80-lean | profile-b1 | alpaca-graphs | guide | tests3
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?OUT}; shift
@@ -52,6 +52,8 @@ for part in "$@"; do
         --repeats 3 > "$R/gen16.log" 2>&1 ;;
     alpaca)
       timeout 330 bash benchmarks/run_bench_h200.sh "$R/bench" alpaca > "$R/alpaca.log" 2>&1 ;;
+    alpaca-graphs)
+      timeout 150 bash benchmarks/run_bench_h200.sh "$R/bench" alpaca-graphs > "$R/alpaca-graphs.log" 2>&1 ;;
     speed-flce)
       OPTS="--loss fused-linear-ce ${KOPTS:-}" timeout 260 bash benchmarks/run_bench_h200.sh "$R/bench-flce" speed > "$R/speed-flce.log" 2>&1 ;;
     qlora-lean)
