@@ -5,7 +5,7 @@
 #   bash benchmarks/run_final_h200.sh OUT PART...
 #   PART: tests | kernels | speed | speed-flce | qlora | qlora-flce | probe | probe-k | gen1 | gen16 |
 #         gen1-int8 | generate | alpaca | qlora-lean | optim | table2 | context24 | context80 |
-#         context24-lean | context80-lean | profile-b1 | alpaca-graphs | guide | tests3
+#         context24-lean | context80-lean | profile-b1 | int8-code | alpaca-graphs | guide | tests3
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?OUT}; shift
@@ -83,6 +83,9 @@ for part in "$@"; do
       timeout 240 bash benchmarks/run_bench_h200.sh "$R/bench" context24-lean > "$R/context24-lean.log" 2>&1 ;;
     context80-lean)
       timeout 480 bash benchmarks/run_bench_h200.sh "$R/bench" context80-lean > "$R/context80-lean.log" 2>&1 ;;
+    int8-code)  # what Inductor makes of the int8 decode step (is the int8 -> bf16 cast fused into the GEMV?), 2 layers
+      TORCH_LOGS=output_code timeout 200 python3 benchmarks/bench_generate.py --out "$R/int8-code" --layers 2 --batches 1 \
+        --methods compiled-int8 --repeats 1 --new-tokens 16 > "$R/int8-code.log" 2>&1 ;;
     profile-b1)  # where a batch-1 compiled step's time goes (the course setting is ~4x slower per row than mb8)
       timeout 200 python3 benchmarks/speed_probe.py --out "$R/probe" --warmup 3 --steps 4 \
         --variants lora-b1-compile,lora-b1-graphs,compile-cl --profile lora-b1-compile,lora-b1-graphs > "$R/profile-b1.log" 2>&1 ;;
