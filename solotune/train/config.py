@@ -159,9 +159,6 @@ class TrainConfig:
                            "unsharded weights)")
         if "optimizer" in self.offload_targets and self.distributed != "none":
             bad("offload", "optimizer-state offload is single-process (FSDP already shards the state)")
-        if self.optimizer == "adamw-8bit" and self.distributed != "none":
-            bad("optimizer", "adamw-8bit is single-process for now: its codes and block scales are not shaped like "
-                             "the parameters, so FSDP's sharded optimizer state dict cannot hold them")
         if self.optimizer_in_backward:
             why = ("grad_accum", f"must be 1 with optimizer_in_backward (got {self.grad_accum}): each parameter is "
                                  "updated as soon as its gradient exists, so nothing can accumulate")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn as nn
@@ -44,18 +44,27 @@ def _adamw(groups: list[dict], lr: float, device: torch.device) -> torch.optim.O
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=fused)
 
 
-def _adamw_state_bytes(numel: int, dtype: torch.dtype) -> int:
+Shape = int | Sequence[int]  # a tensor's shape, or only its element count
+
+
+def _numel(shape: Shape) -> int:
+    return shape if isinstance(shape, int) else math.prod(shape)
+
+
+def _adamw_state_bytes(shape: Shape, dtype: torch.dtype) -> int:
     # exp_avg + exp_avg_sq via zeros_like (the parameter's dtype: bf16 weights get bf16 state),
     # plus a 0-dim fp32 ``step`` tensor per parameter tensor.
-    return 2 * numel * torch.empty((), dtype=dtype).element_size() + 4
+    return 2 * _numel(shape) * torch.empty((), dtype=dtype).element_size() + 4
 
 
 def _adamw8bit(groups: list[dict], lr: float, device: torch.device) -> torch.optim.Optimizer:
     return AdamW8bit(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
 
 
-def _adamw8bit_state_bytes(numel: int, dtype: torch.dtype) -> int:
-    return adamw8bit.state_bytes(numel)
+def _adamw8bit_state_bytes(shape: Shape, dtype: torch.dtype) -> int:
+    # One scale per block of a row: exact for a shape; an element count alone is taken as a matrix
+    # of rows of whole blocks (adamw8bit.state_bytes).
+    return adamw8bit.state_bytes(shape)
 
 
 def _no_scratch(numel: int, dtype: torch.dtype, device: str) -> int:
@@ -73,7 +82,8 @@ def _adamw8bit_scratch(numel: int, dtype: torch.dtype, device: str) -> int:
 class OptimizerSpec:
     name: str
     build: Callable[[list[dict], float, torch.device], torch.optim.Optimizer]
-    state_bytes: Callable[[int, torch.dtype], int]  # (numel, param dtype) of one trainable tensor -> bytes
+    # (shape -- or numel only --, param dtype) of one trainable tensor -> bytes
+    state_bytes: Callable[[Shape, torch.dtype], int]
     description: str
     # (numel, dtype, "cuda"|"cpu") of the largest trainable tensor -> bytes of the update's working memory
     scratch_bytes: Callable[[int, torch.dtype, str], int] = _no_scratch
@@ -114,8 +124,9 @@ def grad_norm_fn(optimizer: torch.optim.Optimizer, par: Any) -> Callable[[list[t
     return optimizer.clip_grad_norm if isinstance(optimizer, OptimizerInBackward) else par.clip_grad_norm
 
 
-def optimizer_state_bytes(name: str, params: Iterable[tuple[int, torch.dtype]]) -> int:
-    """Bytes of optimizer state for trainable tensors given as (numel, dtype), after the first step."""
+def optimizer_state_bytes(name: str, params: Iterable[tuple[Shape, torch.dtype]]) -> int:
+    """Bytes of optimizer state for trainable tensors given as (shape, dtype), after the first step
+    (a numel in place of a shape: see :func:`solotune.optim.adamw8bit.state_bytes`)."""
     spec = get_optimizer_spec(name)
     return sum(spec.state_bytes(n, dt) for n, dt in params)
 
