@@ -170,8 +170,6 @@ class TrainConfig:
             if self.precision == "fp16-amp":
                 bad("optimizer_in_backward", "fp16-amp's loss scaler must see every gradient before it may skip "
                                              "a step; use bf16/bf16-amp/fp32")
-            if self.distributed != "none":
-                bad("optimizer_in_backward", "single-process only (FSDP reduces gradients asynchronously)")
         for fld, allowed in (("packing", PACKING), ("compile", COMPILE), ("kernels", KERNELS)):
             if getattr(self, fld) not in allowed:
                 bad(fld, f"{getattr(self, fld)!r} is not one of {', '.join(allowed)}")

@@ -1,13 +1,17 @@
-"""8-bit AdamW under FSDP2 on CPU: 2 processes, gloo, full fine-tuning of a small model whose
-matrices are 8-bit (rows shorter than a block, rows of a partial last block, an embedding of 129
-rows split 65 / 64), through the one training loop.
+"""8-bit AdamW and optimizer-in-backward under FSDP2 on CPU: 2 processes, gloo, full fine-tuning
+of a small model whose matrices are 8-bit (rows shorter than a block, rows of a partial last
+block, an embedding of 129 rows split 65 / 64), through the one training loop.
 
-(a) 2 ranks follow the single-process curve; (b) the states are DTensors placed like their
-parameters; (c) a checkpoint of 2 ranks loads into one process with every state tensor equal, bit
-for bit, to the 2 ranks' gathered state at that step, and the resumed run follows the uninterrupted
-one; (d) a single-process checkpoint put onto 2 ranks' shards gathers back to itself bit for bit.
-A state that was not resharded (a rank's rows written as the whole, or scales cut across rows)
-fails (c) and (d).
+8-bit AdamW: (a) 2 ranks follow the single-process curve; (b) the states are DTensors placed like
+their parameters; (c) a checkpoint of 2 ranks loads into one process with every state tensor
+equal, bit for bit, to the 2 ranks' gathered state at that step, and the resumed run follows the
+uninterrupted one; (d) a single-process checkpoint put onto 2 ranks' shards gathers back to itself
+bit for bit. A state that was not resharded (a rank's rows written as the whole, or scales cut
+across rows) fails (c) and (d).
+
+In backward: (e) FSDP's reduce-scatter runs the sharded parameters' hooks: the 2-rank curve equals
+the 2-rank plain step's bit for bit, with one sharded gradient alive at a time; its checkpoint
+resumes in one process.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ RUN = dict(full=True, optimizer="adamw-8bit", lr=3e-3, weight_decay=0.1, max_ste
 # fp32 gradients of 2 ranks' partial sums differ from one process's in the last bits; a moment
 # that lands next to a decision boundary may then round to the neighbouring code.
 RTOL = 1e-5
+NO_CLIP = dict(max_grad_norm=None)
+INB = dict(NO_CLIP, optimizer_in_backward=True)
 
 
 def _cfg(root: Path, name: str, **kw):
@@ -99,8 +105,27 @@ def _scenarios(rank: int, root: Path) -> None:
     from solotune.train.precision import get_policy
     from solotune.train.sharded import load_training_checkpoint
 
+    from solotune.optim import OptimizerInBackward
+
     tok = WordTokenizer()
     finetune(_cfg(root, "straight2", distributed="fsdp"), model=_model(), tokenizer=tok)
+    # In backward vs the plain step, both on 2 ranks; count the gradients alive at each hook.
+    finetune(_cfg(root, "plain2", distributed="fsdp", **NO_CLIP), model=_model(), tokenizer=tok)
+    alive, hooked = [], OptimizerInBackward._on_grad
+
+    def probe(self, p):
+        alive.append(sum(q.grad is not None for q in self.params))
+        hooked(self, p)
+
+    OptimizerInBackward._on_grad = probe  # this worker process only
+    try:
+        finetune(_cfg(root, "inb2", distributed="fsdp", **INB), model=_model(), tokenizer=tok)
+        with contextlib.suppress(KeyboardInterrupt):
+            finetune(_cfg(root, "inb2-cut", distributed="fsdp", **INB), model=_model(), tokenizer=tok,
+                     instrument=CtrlCAfter(3))
+    finally:
+        OptimizerInBackward._on_grad = hooked
+    (root / f"alive-rank{rank}.json").write_text(json.dumps(alive))
     with contextlib.suppress(KeyboardInterrupt):
         finetune(_cfg(root, "cut2", distributed="fsdp"), model=_model(), tokenizer=tok,
                  instrument=GatherAt(3, root / "cut2-states.pt", rank, stop=True))
@@ -225,3 +250,26 @@ def test_single_process_checkpoint_onto_two_ranks_gathers_back_bit_for_bit(ranks
     load_training_checkpoint(SingleProcess(torch.device("cpu")), load_checkpoint(ranks / "cut1"), model, opt,
                              lora=False)
     _assert_states_equal(torch.load(ranks / "onto2-states.pt", weights_only=True), _full_states(model, opt))
+
+
+# ================================================================================ (e) in backward
+def test_in_backward_on_two_ranks_equals_the_plain_step_bit_for_bit(ranks):
+    plain, inb = _losses(ranks / "plain2"), _losses(ranks / "inb2")
+    assert len(inb) == 6 and inb == plain
+    norms = [json.loads(line)["grad_norm"] for line in (ranks / "inb2" / "metrics.jsonl").read_text().splitlines()]
+    want = [json.loads(line)["grad_norm"] for line in (ranks / "plain2" / "metrics.jsonl").read_text().splitlines()]
+    assert norms == pytest.approx(want, rel=1e-5)  # the ranks' squares summed: the whole gradient's norm
+    n_params = sum(1 for _ in _model().parameters())
+    for r in range(WORLD):
+        alive = json.loads((ranks / f"alive-rank{r}.json").read_text())
+        assert len(alive) == (6 + 3) * n_params  # every parameter's hook ran once per step, on every rank
+        assert max(alive) == 1  # the sharded gradient being used is the only one
+
+
+def test_in_backward_checkpoint_of_two_ranks_resumes_in_one_process(ranks, tmp_path):
+    ckpt = load_checkpoint(ranks / "inb2-cut")
+    assert ckpt.sharded is not None and ckpt.trainer["world_size"] == 2
+    cfg = _cfg(ranks, "inb2-cut", output_dir=str(tmp_path / "resumed"), resume=str(ranks / "inb2-cut"), **INB)
+    resumed = finetune(cfg, model=_model(), tokenizer=WordTokenizer())
+    assert resumed.steps == 6
+    assert _losses(tmp_path / "resumed") == pytest.approx(_losses(ranks / "plain2"), rel=RTOL)
