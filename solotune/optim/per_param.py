@@ -89,6 +89,19 @@ class PerParamOptimizer(torch.optim.Optimizer):
         self.store.flush()  # every pending copy to the host is complete before the tensors are read
         return super().state_dict()
 
+    def upgrade_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """A saved state (either format) in torch's format with every inner state in its optimizer's
+        current layout (8-bit AdamW: ``AdamW8bit.upgrade_state_dict``): what FSDP's loading of a
+        single-process checkpoint puts onto the shards."""
+        state, groups = {}, []
+        for i, (p, sd) in enumerate(zip(self.params, _per_parameter(state_dict, len(self.params)))):
+            upgrade = getattr(self.inner[p], "upgrade_state_dict", None)
+            sd = upgrade(sd) if upgrade is not None else sd
+            if 0 in sd["state"]:
+                state[i] = sd["state"][0]
+            groups.append({**sd["param_groups"][0], "params": [i]})
+        return {"state": state, "param_groups": groups}
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         per_param = _per_parameter(state_dict, len(self.params))
         for p, sd in zip(self.params, per_param):

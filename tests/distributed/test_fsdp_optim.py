@@ -11,7 +11,7 @@ across rows) fails (c) and (d).
 
 In backward: (e) FSDP's reduce-scatter runs the sharded parameters' hooks: the 2-rank curve equals
 the 2-rank plain step's bit for bit, with one sharded gradient alive at a time; its checkpoint
-resumes in one process.
+resumes in one process, and a single-process one on 2 ranks.
 """
 
 from __future__ import annotations
@@ -123,6 +123,9 @@ def _scenarios(rank: int, root: Path) -> None:
         with contextlib.suppress(KeyboardInterrupt):
             finetune(_cfg(root, "inb2-cut", distributed="fsdp", **INB), model=_model(), tokenizer=tok,
                      instrument=CtrlCAfter(3))
+        one = _cfg(root, "inb1-cut", **INB)  # a single-process in-backward checkpoint resumed on 2 ranks
+        finetune(one.replace(resume=one.output_dir, output_dir=str(root / "inb1to2"), distributed="fsdp"),
+                 model=_model(), tokenizer=tok)
     finally:
         OptimizerInBackward._on_grad = hooked
     (root / f"alive-rank{rank}.json").write_text(json.dumps(alive))
@@ -177,6 +180,8 @@ def ranks(tmp_path_factory) -> Path:
     finetune(_cfg(root, "straight1"), model=_model(), tokenizer=WordTokenizer())
     with contextlib.suppress(KeyboardInterrupt):
         finetune(_cfg(root, "cut1"), model=_model(), tokenizer=WordTokenizer(), instrument=CtrlCAfter(3))
+    with contextlib.suppress(KeyboardInterrupt):
+        finetune(_cfg(root, "inb1-cut", **INB), model=_model(), tokenizer=WordTokenizer(), instrument=CtrlCAfter(3))
     mp.spawn(_worker, args=(WORLD, _free_port(), str(root)), nprocs=WORLD, join=True)
     return root
 
@@ -262,7 +267,7 @@ def test_in_backward_on_two_ranks_equals_the_plain_step_bit_for_bit(ranks):
     n_params = sum(1 for _ in _model().parameters())
     for r in range(WORLD):
         alive = json.loads((ranks / f"alive-rank{r}.json").read_text())
-        assert len(alive) == (6 + 3) * n_params  # every parameter's hook ran once per step, on every rank
+        assert len(alive) == (6 + 3 + 3) * n_params  # every parameter's hook ran once per step, on every rank
         assert max(alive) == 1  # the sharded gradient being used is the only one
 
 
@@ -273,3 +278,7 @@ def test_in_backward_checkpoint_of_two_ranks_resumes_in_one_process(ranks, tmp_p
     resumed = finetune(cfg, model=_model(), tokenizer=WordTokenizer())
     assert resumed.steps == 6
     assert _losses(tmp_path / "resumed") == pytest.approx(_losses(ranks / "plain2"), rel=RTOL)
+
+
+def test_single_process_in_backward_checkpoint_resumes_on_two_ranks(ranks):
+    assert _losses(ranks / "inb1to2") == pytest.approx(_losses(ranks / "plain2"), rel=RTOL)

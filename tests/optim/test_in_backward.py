@@ -154,6 +154,11 @@ def test_state_dict_is_torch_format_and_the_earlier_format_still_loads():
             a, b = opt.state[p], other.state[q]
             assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k]
                                                 for k in a)
+    # what FSDP's loading of a single-file checkpoint reads: torch's format, from either
+    up = opt.upgrade_state_dict(copy.deepcopy(old))
+    assert [g["params"] for g in up["param_groups"]] == [g["params"] for g in sd["param_groups"]]
+    assert all(torch.equal(up["state"][i]["m_codes"], sd["state"][i]["m_codes"]) for i in sd["state"]
+               if "m_codes" in sd["state"][i])
     with pytest.raises(ValueError, match="expected .* per-parameter states"):
         other.load_state_dict({"state": {}, "param_groups": sd["param_groups"][:3]})
 
