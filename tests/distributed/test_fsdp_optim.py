@@ -282,3 +282,29 @@ def test_in_backward_checkpoint_of_two_ranks_resumes_in_one_process(ranks, tmp_p
 
 def test_single_process_in_backward_checkpoint_resumes_on_two_ranks(ranks):
     assert _losses(ranks / "inb1to2") == pytest.approx(_losses(ranks / "plain2"), rel=RTOL)
+
+
+@pytest.mark.parametrize("how", ["none", "fsdp"])
+def test_flat_layout_checkpoint_is_refused_in_one_line(ranks, tmp_path, how):
+    """A single-file checkpoint whose 8-bit state is in the earlier flat layout, with rows that are
+    not whole blocks (cols 64, 320): resuming it (one process, or put onto FSDP shards) names the
+    checkpoint and the parameter in one line instead of loading codes into the wrong rows."""
+    import shutil
+
+    from solotune.checkpoint.common import CheckpointError
+    from solotune.train.state import TRAINER_STATE
+
+    run = tmp_path / "old"
+    shutil.copytree(ranks / "cut1", run)
+    path = run / "checkpoints" / "step-000003" / TRAINER_STATE
+    trainer = torch.load(path, weights_only=True)
+    for st in trainer["optimizer"]["state"].values():
+        for k in [k for k in st if k.endswith(("_codes", "_absmax"))]:
+            st[k] = st[k].reshape(-1) if k.endswith("_codes") else torch.zeros(blockwise.n_blocks(st[k.replace(
+                "absmax", "codes")].numel()))
+    torch.save(trainer, path)
+    cfg = _cfg(ranks, "cut1", output_dir=str(tmp_path / "resumed"), resume=str(run), distributed=how)
+    with pytest.raises(CheckpointError, match=r"step-000003: 8-bit AdamW state of parameter \d+ \[.*cannot be "
+                                              r"converted exactly") as e:
+        finetune(cfg, model=_model(), tokenizer=WordTokenizer())
+    assert "\n" not in str(e.value)
