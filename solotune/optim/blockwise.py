@@ -16,14 +16,19 @@ Round trip bound (``tests/optim/test_blockwise.py``): for an element x of a bloc
 absolute value A, ``|deq(q(x)) - x| <= A * gap / 2`` where gap is the widest spacing of the map
 around ``x / A``; at most ``A * 0.45 / 2**n`` for the n fraction bits of its exponent.
 
-Shapes: x is any shape; codes are uint8 of ``x.numel()`` (flat), absmax fp32 of
-``ceil(numel / BLOCK)``. Everything here is plain PyTorch (CPU or CUDA).
+Shapes: blocks run along the last dimension and never cross it. x [..., c] -> codes uint8
+[..., c] (x's shape) and absmax fp32 [..., ceil(c / BLOCK)]; a row's last block may be partial.
+8-bit AdamW stores a matrix's moments as rows (:func:`row_shape`), so its codes are shaped like the
+parameter and its scales have one row per parameter row: a row split of the parameter (FSDP's
+Shard(0)) splits codes and scales the same way. A 1-D x is one row. Everything here is plain
+PyTorch (CPU or CUDA).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from typing import Sequence
 
 import torch
 
@@ -66,35 +71,56 @@ def midpoints(qmap: torch.Tensor) -> torch.Tensor:
 
 
 def n_blocks(numel: int) -> int:
+    """Blocks of one row of ``numel`` elements."""
     return math.ceil(numel / BLOCK)
 
 
+def row_shape(shape: Sequence[int]) -> tuple[int, int]:
+    """(rows, cols) a tensor of ``shape`` is quantized as: dim 0 are the rows, the other dims make up
+    each row (a 1-D or 0-D tensor is one row)."""
+    if len(shape) < 2:
+        return 1, math.prod(int(d) for d in shape)
+    return int(shape[0]), math.prod(int(d) for d in shape[1:])
+
+
+def scale_shape(shape: Sequence[int]) -> tuple[int, int]:
+    """Shape of the absmax of a tensor of ``shape`` quantized by rows: [rows, ceil(cols / BLOCK)]."""
+    rows, cols = row_shape(shape)
+    return rows, n_blocks(cols)
+
+
+def _blocks(x: torch.Tensor, nb: int) -> torch.Tensor:
+    """x [..., c] -> [..., nb, BLOCK] (zero padding at each row's end), or [..., 1, c] for c <= BLOCK."""
+    c = x.shape[-1]
+    if c <= BLOCK:
+        return x.unsqueeze(-2)
+    pad = nb * BLOCK - c
+    return (torch.nn.functional.pad(x, (0, pad)) if pad else x).unflatten(-1, (nb, BLOCK))
+
+
 def quantize(x: torch.Tensor, qmap: torch.Tensor, mids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (any shape, any float dtype) -> (codes uint8 [numel], absmax fp32 [n_blocks]); the map's
-    device is used. A block of zeros gets absmax 0 and the code of 0."""
-    flat = x.reshape(-1).float()
-    n = flat.numel()
-    nb = n_blocks(n)
-    pad = nb * BLOCK - n
-    blocks = (torch.nn.functional.pad(flat, (0, pad)) if pad else flat).view(nb, BLOCK)
-    absmax = blocks.abs().amax(dim=1)
-    scaled = blocks / absmax.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)
+    """x [..., c] (any float dtype) -> (codes uint8 [..., c], absmax fp32 [..., n_blocks(c)]); the
+    map's device is used. A block of zeros gets absmax 0 and the code of 0."""
+    x = x.float()
+    c = x.shape[-1]
+    blocks = _blocks(x, n_blocks(c))
+    absmax = blocks.abs().amax(dim=-1)
+    scaled = blocks / absmax.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
     mids = midpoints(qmap) if mids is None else mids
-    codes = torch.searchsorted(mids, scaled.reshape(-1)).to(torch.uint8)
-    return codes[:n], absmax
+    codes = torch.searchsorted(mids, scaled.reshape(-1)).to(torch.uint8).view(scaled.shape)
+    return codes.flatten(-2)[..., :c], absmax
 
 
 def dequantize(codes: torch.Tensor, absmax: torch.Tensor, qmap: torch.Tensor) -> torch.Tensor:
-    """(codes uint8 [n], absmax fp32 [n_blocks(n)]) -> fp32 [n]."""
-    n = codes.numel()
-    nb = absmax.numel()
-    vals = qmap[codes.long()]
-    pad = nb * BLOCK - n
-    if pad:
-        vals = torch.nn.functional.pad(vals, (0, pad))
-    return (vals.view(nb, BLOCK) * absmax.unsqueeze(1)).reshape(-1)[:n]
+    """(codes uint8 [..., c], absmax fp32 [..., n_blocks(c)]) -> fp32 [..., c]."""
+    c = codes.shape[-1]
+    vals = _blocks(qmap[codes.long()], absmax.shape[-1])
+    return (vals * absmax.unsqueeze(-1)).flatten(-2)[..., :c]
 
 
-def quantized_bytes(numel: int) -> int:
-    """Bytes of one quantized tensor: a code per element and an fp32 scale per block."""
-    return numel + 4 * n_blocks(numel)
+def quantized_bytes(shape: int | Sequence[int]) -> int:
+    """Bytes of one tensor quantized by rows: a code per element and an fp32 scale per block.
+    An int is a 1-D tensor of that many elements (one row)."""
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    rows, cols = row_shape(shape)
+    return rows * cols + 4 * rows * n_blocks(cols)

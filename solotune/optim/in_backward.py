@@ -18,8 +18,16 @@ Rules (``TrainConfig.validate`` refuses the rest with one line):
   :meth:`OptimizerInBackward.clip_grad_norm` returns the norm of the gradients the hooks saw
   (accumulated per parameter, in fp32, from each gradient's own norm) and clips nothing.
 * **No fp16 loss scaling** (fp16-amp): the scaler must see every gradient before it may skip a step.
-* **One process** (no FSDP): FSDP's reduce-scatter of a block's gradients is asynchronous to these
-  hooks.
+
+Under FSDP2 the hooks are registered on the *sharded* parameters (DTensors), which autograd never
+sees (it differentiates the all-gathered unsharded ones). FSDP2 itself runs them: after the
+reduce-scatter of a block (``foreach_reduce`` in ``torch/distributed/fsdp/_fully_shard/
+_fsdp_collectives.py``) it assigns each sharded gradient and right after calls that parameter's
+post-accumulate-grad hooks (on CUDA on the post-reduce stream, ordered after the reduce-scatter;
+the default stream waits for it before the next forward). So each rank updates its shard from
+the reduced gradient the moment it exists, one parameter at a time, and the sharded gradients of
+only one block ever exist. The reported norm sums each rank's local squares and all-reduces once
+per step (:meth:`OptimizerInBackward.clip_grad_norm`).
 
 Evaluation runs under ``torch.no_grad()``: no gradients, so no hooks fire. The hooks hold the
 optimizer weakly and :meth:`close` removes them; a backward on the model after the run (and after
@@ -49,7 +57,8 @@ class OptimizerInBackward(PerParamOptimizer):
         self._handles = [p.register_post_accumulate_grad_hook(_hook(ref)) for p in self.params]
 
     def _on_grad(self, p: torch.Tensor) -> None:
-        norm = torch.linalg.vector_norm(p.grad.detach()).float()
+        g = p.grad.detach()
+        norm = torch.linalg.vector_norm(g.to_local() if hasattr(g, "to_local") else g).float()  # this rank's shard
         self._sq = norm * norm if self._sq is None else self._sq + norm * norm
         self._order.append(p)
         self.step_param(p, self._next.get(id(p)))  # prefetch what came next in the last backward
@@ -57,12 +66,17 @@ class OptimizerInBackward(PerParamOptimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        """The updates happened in backward: wait for the store's copies; learn the hook order."""
+        """The updates happened in backward: wait for the store's copies; learn the hook order. A
+        gradient that is still there was not produced by backward (torch's state-dict code sets
+        zero gradients and steps to create an empty optimizer's state): it is stepped now."""
         if closure is not None:
             raise RuntimeError("optimizer in backward: step(closure) is not supported")
         if self._order:
             self._next = {id(a): b for a, b in zip(self._order, self._order[1:])}
             self._order = []
+        for p in self.params:
+            if p.grad is not None:
+                self.step_param(p)
         self.store.flush()
         return None
 
@@ -72,6 +86,12 @@ class OptimizerInBackward(PerParamOptimizer):
         if max_norm is not None:
             raise RuntimeError("optimizer in backward cannot clip by the global norm (max_grad_norm must be None)")
         sq, self._sq = self._sq, None
+        mesh = next((p.device_mesh for p in self.params if hasattr(p, "device_mesh")), None)
+        if mesh is not None:  # sharded (FSDP2, a 1-D mesh): sum the ranks' squares; every rank calls this
+            import torch.distributed as dist
+
+            sq = sq if sq is not None else torch.zeros((), device=self.params[0].device)
+            dist.all_reduce(sq, group=mesh.get_group())
         return 0.0 if sq is None else float(sq.sqrt())
 
     def close(self) -> None:

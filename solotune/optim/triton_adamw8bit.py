@@ -1,7 +1,9 @@
 """One Triton pass of the 8-bit AdamW update (``adamw8bit.py``'s ``_update``) per parameter tensor.
 
-Each program owns one quantization block (``blockwise.BLOCK`` = 256 elements): it loads the
-parameter, gradient, both moments' codes and the block's two absmax scales, dequantizes through
+Each program owns one quantization block (``blockwise.BLOCK`` = 256 elements of one row; the
+state layout of ``adamw8bit.py``: blocks never cross a row, a row's last block may be partial, and
+program ``row * blocks_per_row + b`` is the index of its scale in the [rows, blocks_per_row]
+absmax): it loads the parameter, gradient, both moments' codes and the block's two absmax scales, dequantizes through
 the maps, applies the AdamW update in fp32, writes the parameter back in its dtype, takes the new
 block maxima and re-quantizes both moments to the nearest map entry (a binary search over the
 255 decision boundaries, the same rule as ``torch.searchsorted`` in ``blockwise.quantize``).
@@ -41,11 +43,13 @@ if triton is not None:
 
     @triton.jit
     def _adamw8bit_kernel(p_ptr, g_ptr, mc_ptr, ma_ptr, vc_ptr, va_ptr, smap_ptr, smid_ptr, umap_ptr, umid_ptr,
-                          n, lr, one_minus_b1, b2, one_minus_b2, eps, decay, step_size, bc2_sqrt,
+                          cols, nb, lr, one_minus_b1, b2, one_minus_b2, eps, decay, step_size, bc2_sqrt,
                           BLOCK: tl.constexpr):
-        pid = tl.program_id(0)
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
-        valid = offs < n
+        pid = tl.program_id(0)  # = row * nb + block: also the block's scale index
+        row = pid // nb
+        col = (pid - row * nb) * BLOCK + tl.arange(0, BLOCK)
+        valid = col < cols
+        offs = row.to(tl.int64) * cols + col
         p = tl.load(p_ptr + offs, mask=valid, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + offs, mask=valid, other=0.0).to(tl.float32)
         mcode = tl.load(mc_ptr + offs, mask=valid, other=0).to(tl.int32)
@@ -67,13 +71,17 @@ if triton is not None:
 
 
 def adamw8bit_update_triton(p: torch.Tensor, grad: torch.Tensor, state: dict, maps: tuple, hp: tuple) -> None:
-    """In place: ``p`` (contiguous), its 8-bit ``state`` (m_codes, m_absmax, v_codes, v_absmax);
+    """In place: ``p`` (contiguous, >= 2-D: rows of cols), its 8-bit ``state`` (m_codes, v_codes
+    shaped like p; m_absmax, v_absmax [rows, ceil(cols / BLOCK)]; plain local tensors);
     ``maps`` = ((signed map, boundaries), (unsigned map, boundaries)) on p's device; ``hp`` =
     (lr, b1, b2, eps, wd, 1 - b1^t, sqrt(1 - b2^t))."""
     lr, b1, b2, eps, wd, bc1, bc2_sqrt = hp
     (smap, smid), (umap, umid) = maps
-    n = p.numel()
-    grid = (blockwise.n_blocks(n),)
+    rows, cols = blockwise.row_shape(p.shape)
+    nb = blockwise.n_blocks(cols)
+    if tuple(state["m_absmax"].shape) != (rows, nb):
+        raise ValueError(f"8-bit state scales {tuple(state['m_absmax'].shape)} for a {tuple(p.shape)} tensor")
+    grid = (rows * nb,)
     _adamw8bit_kernel[grid](p, grad.reshape(-1).contiguous(), state["m_codes"], state["m_absmax"], state["v_codes"],
-                            state["v_absmax"], smap, smid, umap, umid, n, lr, 1.0 - b1, b2, 1.0 - b2, eps,
+                            state["v_absmax"], smap, smid, umap, umid, cols, nb, lr, 1.0 - b1, b2, 1.0 - b2, eps,
                             1.0 - lr * wd, -lr / bc1, bc2_sqrt, BLOCK=blockwise.BLOCK, enable_fp_fusion=False)

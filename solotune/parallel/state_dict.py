@@ -118,6 +118,12 @@ def load_full_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, wei
         raise CheckpointError(source, f"weights do not fit this model: missing {missing[:6]}, unexpected {unexpected[:6]}")
     # The single-process optimizer numbered its parameters in param_groups order; this run built
     # its optimizer from the same model in the same order, so the numbers map onto names.
+    upgrade = getattr(optimizer, "upgrade_state_dict", None)  # a state saved in an earlier layout (8-bit AdamW)
+    if upgrade is not None:
+        try:
+            optim_state = upgrade(optim_state)
+        except ValueError as e:
+            raise CheckpointError(source, str(e)) from None
     names = {id(p): n for n, p in model.named_parameters()}
     fqn = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
     try:

@@ -159,9 +159,6 @@ class TrainConfig:
                            "unsharded weights)")
         if "optimizer" in self.offload_targets and self.distributed != "none":
             bad("offload", "optimizer-state offload is single-process (FSDP already shards the state)")
-        if self.optimizer == "adamw-8bit" and self.distributed != "none":
-            bad("optimizer", "adamw-8bit is single-process for now: its codes and block scales are not shaped like "
-                             "the parameters, so FSDP's sharded optimizer state dict cannot hold them")
         if self.optimizer_in_backward:
             why = ("grad_accum", f"must be 1 with optimizer_in_backward (got {self.grad_accum}): each parameter is "
                                  "updated as soon as its gradient exists, so nothing can accumulate")
@@ -173,8 +170,6 @@ class TrainConfig:
             if self.precision == "fp16-amp":
                 bad("optimizer_in_backward", "fp16-amp's loss scaler must see every gradient before it may skip "
                                              "a step; use bf16/bf16-amp/fp32")
-            if self.distributed != "none":
-                bad("optimizer_in_backward", "single-process only (FSDP reduces gradients asynchronously)")
         for fld, allowed in (("packing", PACKING), ("compile", COMPILE), ("kernels", KERNELS)):
             if getattr(self, fld) not in allowed:
                 bad(fld, f"{getattr(self, fld)!r} is not one of {', '.join(allowed)}")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn as nn
@@ -44,6 +44,9 @@ def _adamw(groups: list[dict], lr: float, device: torch.device) -> torch.optim.O
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=fused)
 
 
+Shape = int | Sequence[int]  # a tensor's shape, or only its element count
+
+
 def _adamw_state_bytes(numel: int, dtype: torch.dtype) -> int:
     # exp_avg + exp_avg_sq via zeros_like (the parameter's dtype: bf16 weights get bf16 state),
     # plus a 0-dim fp32 ``step`` tensor per parameter tensor.
@@ -54,8 +57,10 @@ def _adamw8bit(groups: list[dict], lr: float, device: torch.device) -> torch.opt
     return AdamW8bit(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
 
 
-def _adamw8bit_state_bytes(numel: int, dtype: torch.dtype) -> int:
-    return adamw8bit.state_bytes(numel)
+def _adamw8bit_state_bytes(shape: Shape, dtype: torch.dtype) -> int:
+    # One scale per block of a row: exact for a shape; an element count alone is taken as a matrix
+    # of rows of whole blocks (adamw8bit.state_bytes).
+    return adamw8bit.state_bytes(shape if isinstance(shape, int) else tuple(shape))
 
 
 def _no_scratch(numel: int, dtype: torch.dtype, device: str) -> int:
@@ -77,13 +82,24 @@ class OptimizerSpec:
     description: str
     # (numel, dtype, "cuda"|"cpu") of the largest trainable tensor -> bytes of the update's working memory
     scratch_bytes: Callable[[int, torch.dtype, str], int] = _no_scratch
+    # (shape, param dtype) -> bytes, where the state depends on more than the element count (8-bit
+    # AdamW: one scale per block of a row); None: ``state_bytes`` of the shape's element count
+    shaped_state_bytes: Callable[[tuple[int, ...], torch.dtype], int] | None = None
+
+    def bytes_for(self, shape: Shape, dtype: torch.dtype) -> int:
+        """State bytes of one trainable tensor given by its shape (exact) or its element count."""
+        if isinstance(shape, int):
+            return self.state_bytes(shape, dtype)
+        if self.shaped_state_bytes is not None:
+            return self.shaped_state_bytes(tuple(shape), dtype)
+        return self.state_bytes(math.prod(shape), dtype)
 
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     "adamw": OptimizerSpec("adamw", _adamw, _adamw_state_bytes, "torch AdamW; two moments in the parameter's dtype"),
     "adamw-8bit": OptimizerSpec("adamw-8bit", _adamw8bit, _adamw8bit_state_bytes,
                                 "AdamW with blockwise 8-bit moments (solotune.optim.adamw8bit); ~2 bytes/parameter",
-                                _adamw8bit_scratch),
+                                _adamw8bit_scratch, _adamw8bit_state_bytes),
 }
 
 
@@ -114,10 +130,11 @@ def grad_norm_fn(optimizer: torch.optim.Optimizer, par: Any) -> Callable[[list[t
     return optimizer.clip_grad_norm if isinstance(optimizer, OptimizerInBackward) else par.clip_grad_norm
 
 
-def optimizer_state_bytes(name: str, params: Iterable[tuple[int, torch.dtype]]) -> int:
-    """Bytes of optimizer state for trainable tensors given as (numel, dtype), after the first step."""
+def optimizer_state_bytes(name: str, params: Iterable[tuple[Shape, torch.dtype]]) -> int:
+    """Bytes of optimizer state for trainable tensors given as (shape, dtype), after the first step
+    (a numel in place of a shape: see :func:`solotune.optim.adamw8bit.state_bytes`)."""
     spec = get_optimizer_spec(name)
-    return sum(spec.state_bytes(n, dt) for n, dt in params)
+    return sum(spec.bytes_for(n, dt) for n, dt in params)
 
 
 def optimizer_scratch_bytes(name: str, params: Iterable[tuple[int, torch.dtype]], device: str) -> int:

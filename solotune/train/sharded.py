@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..checkpoint.common import atomic_dir
+from ..checkpoint.common import CheckpointError, atomic_dir
 from ..parallel.state_dict import load_full_state_dict, load_sharded, save_sharded
 from .state import CONFIG, SHARDED, TRAINER_STATE, TrainingCheckpoint, checkpoint_dir, restore_rng, save_checkpoint
 from .weights import load_trainable_state, save_final, trainable_state
@@ -68,7 +68,10 @@ def load_training_checkpoint(par: Any, ckpt: TrainingCheckpoint, model: nn.Modul
         load_full_state_dict(model, optimizer, ckpt.weights, ckpt.trainer["optimizer"], ckpt.path)
     else:
         load_trainable_state(model, ckpt.weights, lora, ckpt.path)
-        optimizer.load_state_dict(ckpt.trainer["optimizer"])
+        try:
+            optimizer.load_state_dict(ckpt.trainer["optimizer"])
+        except ValueError as e:  # a state this optimizer cannot take (8-bit AdamW: a layout it cannot convert)
+            raise CheckpointError(ckpt.path, str(e)) from None
 
 
 def rank_rng_state(trainer: dict[str, Any], rank: int) -> dict[str, torch.Tensor] | None:

@@ -133,3 +133,47 @@ def test_a_state_dict_of_another_shape_is_refused():
     opt = PerParamOptimizer(param_groups(model, 0.0), OPTS["adamw"])
     with pytest.raises(ValueError, match="per-parameter"):
         opt.load_state_dict(torch.optim.AdamW(model.parameters()).state_dict())
+
+
+def test_state_dict_is_torch_format_and_the_earlier_format_still_loads():
+    """torch's layout (one group per parameter, state by position: what DCP's get_state_dict /
+    set_state_dict expect); a ``{"per_parameter": [...]}`` state of earlier checkpoints loads too."""
+    model = build_model(CFG, seed=0)
+    opt = PerParamOptimizer(param_groups(model, 0.1), OPTS["adamw-8bit"])
+    assert not opt.state  # empty before the first update, as torch's (DCP initialises it then)
+    for p in opt.params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    sd = opt.state_dict()
+    assert len(sd["param_groups"]) == len(opt.params) and sorted(sd["state"]) == list(range(len(opt.params)))
+    old = {"per_parameter": [opt.inner[p].state_dict() for p in opt.params]}
+    for saved in (copy.deepcopy(sd), copy.deepcopy(old)):
+        other = PerParamOptimizer(param_groups(build_model(CFG, seed=0), 0.1), OPTS["adamw-8bit"])
+        other.load_state_dict(saved)
+        for p, q in zip(opt.params, other.params):
+            a, b = opt.state[p], other.state[q]
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k]
+                                                for k in a)
+    # what FSDP's loading of a single-file checkpoint reads: torch's format, from either
+    up = opt.upgrade_state_dict(copy.deepcopy(old))
+    assert [g["params"] for g in up["param_groups"]] == [g["params"] for g in sd["param_groups"]]
+    assert all(torch.equal(up["state"][i]["m_codes"], sd["state"][i]["m_codes"]) for i in sd["state"]
+               if "m_codes" in sd["state"][i])
+    with pytest.raises(ValueError, match="expected .* per-parameter states"):
+        other.load_state_dict({"state": {}, "param_groups": sd["param_groups"][:3]})
+
+
+def test_in_backward_steps_a_gradient_left_outside_backward():
+    """torch's state-dict code creates an empty optimizer's state by setting zero gradients and
+    calling step() with lr 0: in backward, step() must then update (create the state)."""
+    model = build_model(CFG, seed=0)
+    opt = OptimizerInBackward(param_groups(model, 0.1), OPTS["adamw-8bit"])
+    before = [p.detach().clone() for p in opt.params]
+    for g in opt.param_groups:
+        g["lr"] = 0.0
+    for p in opt.params:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    assert len(opt.state) == len(opt.params) and all(st["step"] == 1 for st in opt.state.values())
+    assert all(torch.equal(a, p.detach()) for a, p in zip(before, opt.params))
+    opt.close()

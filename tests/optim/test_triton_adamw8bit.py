@@ -25,7 +25,7 @@ CHILD = r"""
 import json, torch
 from solotune.optim import AdamW8bit
 out = []
-for shape in [(3000,), (64, 80), (256,)]:       # a partial last block; whole blocks; one block
+for shape in [(30, 300), (16, 512), (40, 80), (3, 4, 100)]:  # rows: a partial last block; whole blocks; shorter than a block; 3-D
     torch.manual_seed(0)
     a = torch.nn.Parameter(torch.randn(shape)); b = torch.nn.Parameter(a.detach().clone())
     ref = AdamW8bit([a], lr=1e-2, weight_decay=0.1, min_8bit_size=0, kernel="torch")
@@ -50,7 +50,7 @@ def test_triton_update_equals_pytorch_under_the_interpreter():
     r = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads(r.stdout.strip().splitlines()[-1])
-    assert len(rows) == 3
+    assert len(rows) == 4
     for row in rows:
         assert row["dtypes"] == ["torch.uint8", "torch.float32", "torch.uint8", "torch.float32"], row
         assert row["p_rel"] < 1e-6 and row["m_absmax"] < 1e-6 and row["v_absmax"] < 1e-6, row

@@ -94,9 +94,7 @@ def test_ctrl_c_then_resume_with_8bit_states_is_bitwise_identical(tmp_path, data
     (dict(optimizer_in_backward=True, grad_accum=2, max_grad_norm=None), "grad_accum"),
     (dict(optimizer_in_backward=True, grad_accum=1, max_grad_norm=1.0), "max_grad_norm"),
     (dict(optimizer_in_backward=True, grad_accum=1, max_grad_norm=None, precision="fp16-amp"), "optimizer_in_backward"),
-    (dict(optimizer_in_backward=True, grad_accum=1, max_grad_norm=None, distributed="fsdp"), "optimizer_in_backward"),
     (dict(offload="optimizer", distributed="fsdp"), "offload"),
-    (dict(optimizer="adamw-8bit", distributed="fsdp"), "optimizer"),
     (dict(offload="gpu"), "offload"),
     (dict(optimizer="adam-4bit"), "optimizer"),
 ])
