@@ -494,6 +494,15 @@ def parameters(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec,
 
 
 @functools.lru_cache(maxsize=64)
+def shapes(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec, quantize: str = "none") -> dict[str, tuple[int, ...]]:
+    """Every parameter's shape by name (as :func:`parameters` names them): what the optimizer state
+    sizes depend on (8-bit AdamW keeps one scale per block of a row)."""
+    with torch.device("meta"):
+        model = training_model(cfg, policy, lora, quantize)
+    return {n: tuple(p.shape) for n, p in model.named_parameters()}
+
+
+@functools.lru_cache(maxsize=64)
 def _parameters(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec,
                 quantize: str = "none") -> tuple[tuple[str, int, torch.dtype, bool], ...]:
     with torch.device("meta"):

@@ -345,7 +345,13 @@ def grad_bytes(s: Setup) -> int:
 
 def optimizer_bytes(s: Setup) -> int:
     """The optimizer's state over the trainable tensors (``solotune.train.optim``)."""
-    return optimizer_state_bytes(s.optimizer, [(n, dt) for _, n, dt, tr in _tensors(s) if tr])
+    return optimizer_state_bytes(s.optimizer, _trainable_shapes(s))
+
+
+def _trainable_shapes(s: Setup) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """(shape, dtype) of every trainable tensor: what optimizer state sizes are computed from."""
+    shape = dryrun.shapes(s.model, s.policy, s.lora, s.quantize)
+    return [(shape[name], dt) for name, _, dt, tr in _tensors(s) if tr]
 
 
 # ======================================================================= saved activations
@@ -397,8 +403,9 @@ def predict(s: Setup) -> Prediction:
     update_in_blocks = update  # in backward, while the blocks' gradients arrive (in-backward only)
     if "optimizer" in s.offload_targets:
         host += opt
-        largest_state = max((optimizer_state_bytes(s.optimizer, [t]) for t in trainable_tensors), default=0)
-        block_tensors = [(n, dt) for name, n, dt, tr in tensors if tr and _layer_of(name) is not None]
+        largest_state = max((optimizer_state_bytes(s.optimizer, [t]) for t in _trainable_shapes(s)), default=0)
+        shape = dryrun.shapes(s.model, s.policy, s.lora, s.quantize)
+        block_tensors = [(shape[name], dt) for name, n, dt, tr in tensors if tr and _layer_of(name) is not None]
         largest_block = max((optimizer_state_bytes(s.optimizer, [t]) for t in block_tensors), default=0)
         if s.optimizer_in_backward:  # in gradient order: one head-sized tensor among the ones in flight
             update += min(opt, largest_state + (OPTIMIZER_STATES_ON_DEVICE - 1) * largest_block)
@@ -501,7 +508,7 @@ def relative_cost(s: Setup) -> float:
     recompute = n_ckpt * block_fwd * s.batch
     pcie = 0.0
     if "optimizer" in s.offload_targets:  # every state crosses twice per optimizer step
-        pcie = 2 * optimizer_state_bytes(s.optimizer, [(n, dt) for _, n, dt, tr in _tensors(s) if tr])
+        pcie = 2 * optimizer_state_bytes(s.optimizer, _trainable_shapes(s))
         pcie *= PCIE_FLOPS_PER_BYTE * PRECISION_SPEED[s.precision] / s.grad_accum  # per micro-batch
     return (base + recompute + pcie) / PRECISION_SPEED[s.precision] / (s.batch * T)
 
