@@ -345,15 +345,46 @@ def _host_outputs(gm: torch.fx.GraphModule) -> tuple[int, ...]:
     return tuple(host)
 
 
-class _AsCompiledBlock:
-    """A block's forward in a compiled run without checkpointing: the traced graph (one per input
-    signature, shared by the blocks of a dry run: the parameters are its inputs) run under
-    :class:`_AsCompiledBlockFn`. Anything it cannot trace runs the eager block, and says so in
-    ``notes``."""
+@functools.lru_cache(maxsize=64)  # a pure function of its arguments: plans ask for the same block again and again
+def _block_graph(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec, quantize: str, kernels: str, device: str,
+                 names: tuple[str, ...], signature: tuple) -> _BlockGraph | str:
+    """The traced graph of ``cfg``'s block for inputs of this :func:`_signature` (the block's
+    parameters and buffers ``names``, then x, cos, sin), on a block of its own (built as
+    :func:`dry_run` builds the model, in a fake mode of its own: the graph holds no tensors, so any
+    dry run can run it); the error, as text, when it cannot be traced."""
+    from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
-    def __init__(self, layer: nn.Module, graphs: dict[tuple, _BlockGraph | None], forget: Callable[[torch.Tensor], None],
-                 notes: list[str]) -> None:
-        self.layer, self.graphs, self.forget, self.notes = layer, graphs, forget, notes
+    (amp, amp_dtype), metas = signature
+    try:  # outside the asking dry run's fake mode: the meta model is built as dry_run builds it
+        with unset_fake_temporarily(), torch.device("meta"):
+            model = training_model(cfg.replace(n_layers=1), policy, lora, quantize)
+        if device == "cuda":
+            apply_kernels(model, kernels, available=lambda *tensors: True)
+        with unset_fake_temporarily(), FakeTensorMode(allow_non_fake_inputs=quantize != "none"):
+            _fake_parameters(model)
+            layer = model.layers[0]
+            params = {**dict(layer.named_parameters()), **dict(layer.named_buffers())}
+            if tuple(params) != names:
+                raise RuntimeError(f"block parameters {tuple(params)} differ from the dry run's {names}")
+            x, cos, sin = (torch.empty_strided(shape, stride, dtype=dtype).requires_grad_(grad)
+                           for shape, stride, dtype, grad in metas[len(names):])
+            forget_nothing = lambda t: None  # noqa: E731 - host tensors are found in the graph (_host_outputs)
+            with _kernels(device, forget_nothing), torch.autocast("cpu", dtype=amp_dtype, enabled=amp):
+                return _trace_block(layer, params, x, cos, sin)
+    except Exception as e:  # noqa: BLE001 - any tracing failure: the dry run models the eager block
+        msg = str(e).splitlines()[0][:160] if str(e) else ""
+        return f"{type(e).__name__}: {msg}"
+
+
+class _AsCompiledBlock:
+    """A block's forward in a compiled run without checkpointing: the traced graph of its input
+    signature (:func:`_block_graph`: the parameters are graph inputs, so one graph serves every block
+    of that signature) run under :class:`_AsCompiledBlockFn`. What it cannot trace runs the eager
+    block, and says so in ``notes``."""
+
+    def __init__(self, layer: nn.Module, graph_for: Callable[[tuple[str, ...], tuple], _BlockGraph | str],
+                 forget: Callable[[torch.Tensor], None], notes: list[str]) -> None:
+        self.layer, self.graph_for, self.forget, self.notes = layer, graph_for, forget, notes
         self.eager = layer.forward
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Any = None,
@@ -363,16 +394,9 @@ class _AsCompiledBlock:
         # buffers too (a quantized base's codes and scales): graph inputs, as dynamo lifts them
         params = {**dict(self.layer.named_parameters()), **dict(self.layer.named_buffers())}
         flat = [*params.values(), x, cos, sin]
-        key = _signature(flat)
-        if key not in self.graphs:
-            try:
-                self.graphs[key] = _trace_block(self.layer, params, x, cos, sin)
-            except Exception as e:  # noqa: BLE001 - any tracing failure: model the eager block instead
-                self.graphs[key] = None
-                self.notes.append(f"compiled block not traced ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); "
-                                  "modelled as the eager block (an upper bound)")
-        graph = self.graphs[key]
-        if graph is None:
+        graph = self.graph_for(tuple(params), _signature(flat))
+        if isinstance(graph, str):
+            self.notes.append(f"compiled block not traced ({graph}); modelled as the eager block (an upper bound)")
             return self.eager(x, cos, sin, mask, cache_pos)
         with torch.autocast("cpu", enabled=False):  # the graph holds autocast's casts already
             return _AsCompiledBlockFn.apply(graph, self.forget, *flat)
@@ -508,13 +532,13 @@ def dry_run(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec, checkpoin
         rec = _Recorder(model)
         notes: list[str] = []
         if compiled_blocks:
-            graphs: dict[tuple, _BlockGraph | None] = {}  # one trace per input signature, for all blocks
+            graph_for = functools.partial(_block_graph, cfg, policy, lora, quantize, kernels, device)
             for i, layer in enumerate(model.layers):
                 if i not in checkpointed:
-                    layer.forward = _AsCompiledBlock(layer, graphs, rec.forget, notes)
+                    layer.forward = _AsCompiledBlock(layer, graph_for, rec.forget, notes)
         tokens = torch.zeros(batch, seq_len, dtype=torch.long)
         labels = torch.zeros(batch, seq_len, dtype=torch.long)
-        with _kernels(device, rec), torch.autograd.graph.saved_tensors_hooks(rec.pack, lambda t: t):
+        with _kernels(device, rec.forget), torch.autograd.graph.saved_tensors_hooks(rec.pack, lambda t: t):
             _check_autocast(policy)
             forward_loss(model, tokens, labels, policy, "cpu", loss, compiled_loss)
         rec.close()
@@ -557,8 +581,8 @@ def _fake_parameters(model: Transformer) -> None:
                 m._buffers[name] = torch.empty(b.shape, dtype=b.dtype)
 
 
-def _kernels(device: str, rec: _Recorder) -> Any:
-    return _CudaKernels(rec.forget) if device == "cuda" else contextlib.nullcontext()
+def _kernels(device: str, forget: Callable[[torch.Tensor], None]) -> Any:
+    return _CudaKernels(forget) if device == "cuda" else contextlib.nullcontext()
 
 
 # ========================================================================= any depth, cheaply

@@ -74,6 +74,13 @@ def test_compiled_blocks_measured_equal_the_planner(case, tmp_path):
         assert (eager, eager_copies) != (acts, copies)  # the eager model would not pass this test
 
 
+def _clear_caches() -> None:
+    from solotune.bench import dryrun
+
+    dryrun.dry_run.cache_clear()
+    dryrun._block_graph.cache_clear()
+
+
 def test_a_block_that_cannot_be_traced_is_modelled_eager_with_a_note(monkeypatch):
     from solotune.bench import dryrun
 
@@ -82,13 +89,13 @@ def test_a_block_that_cannot_be_traced_is_modelled_eager_with_a_note(monkeypatch
 
     shape = (2, 16)
     eager = predict(_setup(GQA, "bf16", "lora", shape, compiled=False))
-    dryrun.dry_run.cache_clear()
+    _clear_caches()
     with monkeypatch.context() as m:
         m.setattr(dryrun, "_trace_block", fail)
         try:
             p = predict(_setup(GQA, "bf16", "lora", shape, compiled=True))
         finally:
-            dryrun.dry_run.cache_clear()  # nothing of the failing runs stays cached
+            _clear_caches()  # nothing of the failing runs stays cached
     assert p.activations == eager.activations and p.weight_copies == eager.weight_copies
     assert len(p.notes) == 1 and "no trace here" in p.notes[0] and "eager" in p.notes[0]
     assert p.to_dict()["notes"] == list(p.notes)
@@ -106,7 +113,8 @@ def test_checkpointed_compiled_blocks_keep_their_inputs():
 
 def test_7b_traces_two_graphs_and_saves_less_than_eager(monkeypatch):
     """A 32-layer 7B compiled plan traces one graph for block 0 (its input needs no gradient under
-    LoRA) and one for every other block, once (the dry runs are cached); the compiled blocks keep less than the eager ones (the partitioner recomputes the
+    LoRA) and one for every other block, once (the traced graphs are cached: the checkpointing
+    policies' dry runs reuse them); the compiled blocks keep less than the eager ones (the partitioner recomputes the
     pointwise work and saves no fp32 copies of the normed inputs)."""
     from solotune.bench import dryrun
     from solotune.bench.plan import model_config
@@ -116,11 +124,11 @@ def test_7b_traces_two_graphs_and_saves_less_than_eager(monkeypatch):
     monkeypatch.setattr(dryrun, "_trace_block", lambda *a, **k: traced.append(1) or real(*a, **k))
     s = Setup(model_config("llama2-7b"), seq_len=512, batch=8, precision="bf16", lora_rank=16, lora_dropout=0.05,
               compiled=True)
-    dryrun.dry_run.cache_clear()
+    _clear_caches()
     comp = predict(s)
     assert len(traced) == 2 and not comp.notes
-    predict(s)
-    predict(s.replace(grad_accum=4))  # the same micro-batch: the same dry run
+    for gc in ("all", "every:2", "every:4"):  # other dry runs, the same two block signatures
+        assert not predict(s.replace(grad_checkpoint=gc)).notes
     assert len(traced) == 2
     eager = predict(s.replace(compiled=False))
     assert comp.activations < eager.activations and comp.peak < eager.peak
