@@ -32,6 +32,21 @@ touch are NF4's constant tables (levels, dynamic map), which the fake mode is al
 Their custom autograd Function saves nothing of [out, in] size, so the ledger sees what it sees on
 the GPU; the dequantized weight is a transient the planner adds (:func:`quantized`).
 
+Compiled blocks (``compiled_blocks``: the loop's ``Transformer.compile_blocks``, Inductor): a block
+that is not checkpointed saves what Inductor's min-cut partitioner keeps, not what eager autograd
+keeps (it recomputes the pointwise work, keeps the matmul and attention outputs, no fp32 copies of
+the normed inputs). The dry run learns that from the real block: :func:`_block_graph` traces it
+(parameters and buffers as graph inputs, as dynamo lifts them) through AOTAutograd with Inductor's
+decompositions, joint-graph passes and partitioner (``torch._inductor.compile_fx.partition_fn``)
+on fake tensors of the dry run's shapes, under the same autocast and CUDA kernels, and the block
+then runs that forward graph, saving exactly the partitioner's saved values through
+``ctx.save_for_backward`` (:class:`_AsCompiledBlockFn`), where the ledger sees them by storage as
+it sees Inductor's. One graph per input signature (the parameters are its inputs), cached across
+dry runs; a block it cannot trace runs eager and the dry run says so (``DryRun.notes``). Checked
+byte for byte against compiled training steps on CPU (tests/bench/test_plan_compiled.py) and against
+the committed 7B H200 cells (tests/bench/test_plan_vs_measured.py). A checkpointed compiled block
+keeps its inputs, as the eager one.
+
 Activation offload: :class:`~solotune.train.offload.ActivationOffload` cannot run here (it moves
 plain ``torch.Tensor`` storages only, and every tensor here is a ``FakeTensor``), so the dry run
 records, per storage, what it would move: activations (not weight copies; parameters and buffers

@@ -32,6 +32,12 @@ fake tensors (shapes and dtypes, no data) for one forward + the training loop's 
   blocks, the optimizer's scratch. Sizes come from the dry run; how they overlap is modelled, not
   measured.
 
+Compiled runs (``compiled``: the blocks and, where it compiles, the loss): a block that is not
+checkpointed saves what Inductor's partitioner keeps, traced from the real block
+(``dryrun._block_graph``); the full-logits loss saves its 16-bit logits and logsumexp
+(``dryrun.as_compiled_full_logits``). A checkpointed block's recomputation is the compiled block's
+saved set. What the dry run could not trace is modelled eager and named in ``Prediction.notes``.
+
 Two options change components rather than add any:
 
 * **quantize** ("nf4" | "int8", LoRA only: QLoRA): the dry run's model has the real quantized
@@ -732,7 +738,14 @@ def format_longest(rows: list[LongestFit], gpu_mem: int, step: int = 128) -> str
                      f"{fmt_gib(p.params_total)} | {fmt_gib(p.activations)} | {fmt_gib(p.transient_fb)} | {over} |")
     lines.append(f"\nDoubling, then bisection over seq_len in steps of {step} tokens (the peak grows with it); "
                  "`first over`: the shortest length probed that does not fit (– : the cap fits).")
+    lines.extend(_notes_lines([r.prediction for r in rows]))
     return "\n".join(lines)
+
+
+def _notes_lines(predictions: list[Prediction]) -> list[str]:
+    """The dry runs' notes (what they could not model as asked), each once."""
+    notes = list(dict.fromkeys(n for p in predictions for n in p.notes))
+    return ["\nNotes:"] + [f"- {n}" for n in notes] if notes else []
 
 
 def format_plan(rows: list[tuple[Prediction, float, bool]], gpu_mem: int, show_all: bool = False) -> str:
@@ -776,6 +789,7 @@ def format_plan(rows: list[tuple[Prediction, float, bool]], gpu_mem: int, show_a
     if host:
         lines.append("\nWith +offload, activations are what stays on the GPU (+offload(optimizer): the optimizer state "
                      "too, and it is 0 there); host (pinned): the copies in host memory.")
+    lines.extend(_notes_lines([p for p, _, _ in rows]))
     lines.append("\nrel. time: model FLOPs + recomputation over a per-precision speed factor "
                  f"({', '.join(f'{k} {v:g}x' for k, v in PRECISION_SPEED.items())}); a ranking, not a measurement.")
     return "\n".join(lines)

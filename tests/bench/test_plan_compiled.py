@@ -15,7 +15,7 @@ import torch
 from solotune.api import BUNDLED_LLAMA2_TOKENIZER
 from solotune.bench.anatomy import AnatomyInstrument, TensorMeter
 from solotune.bench.cell import FoldedTokenizer
-from solotune.bench.plan import Setup, predict, saved_activations
+from solotune.bench.plan import Setup, format_plan, predict, saved_activations
 from solotune.config import ModelConfig
 from solotune.model import build_model
 from solotune.tokenizer import load_tokenizer
@@ -99,6 +99,7 @@ def test_a_block_that_cannot_be_traced_is_modelled_eager_with_a_note(monkeypatch
     assert p.activations == eager.activations and p.weight_copies == eager.weight_copies
     assert len(p.notes) == 1 and "no trace here" in p.notes[0] and "eager" in p.notes[0]
     assert p.to_dict()["notes"] == list(p.notes)
+    assert "no trace here" in format_plan([(p, 1.0, True)], 2**40)  # `solotune plan` says so too
     assert not predict(_setup(GQA, "bf16", "lora", shape, compiled=True)).notes
 
 
