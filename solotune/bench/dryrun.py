@@ -413,8 +413,12 @@ class _AsCompiledBlock:
         if isinstance(graph, str):
             self.notes.append(f"compiled block not traced ({graph}); modelled as the eager block (an upper bound)")
             return self.eager(x, cos, sin, mask, cache_pos)
-        with torch.autocast("cpu", enabled=False):  # the graph holds autocast's casts already
-            return _AsCompiledBlockFn.apply(graph, self.forget, *flat)
+        try:
+            with torch.autocast("cpu", enabled=False):  # the graph holds autocast's casts already
+                return _AsCompiledBlockFn.apply(graph, self.forget, *flat)
+        except Exception as e:  # noqa: BLE001 - a graph that does not run here: the eager block (nothing was saved)
+            self.notes.append(f"compiled block graph did not run ({type(e).__name__}); modelled as the eager block")
+            return self.eager(x, cos, sin, mask, cache_pos)
 
 
 # ============================================================================= the dry run
