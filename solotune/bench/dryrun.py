@@ -32,6 +32,21 @@ touch are NF4's constant tables (levels, dynamic map), which the fake mode is al
 Their custom autograd Function saves nothing of [out, in] size, so the ledger sees what it sees on
 the GPU; the dequantized weight is a transient the planner adds (:func:`quantized`).
 
+Compiled blocks (``compiled_blocks``: the loop's ``Transformer.compile_blocks``, Inductor): a block
+that is not checkpointed saves what Inductor's min-cut partitioner keeps, not what eager autograd
+keeps (it recomputes the pointwise work, keeps the matmul and attention outputs, no fp32 copies of
+the normed inputs). The dry run learns that from the real block: :func:`_block_graph` traces it
+(parameters and buffers as graph inputs, as dynamo lifts them) through AOTAutograd with Inductor's
+decompositions, joint-graph passes and partitioner (``torch._inductor.compile_fx.partition_fn``)
+on fake tensors of the dry run's shapes, under the same autocast and CUDA kernels, and the block
+then runs that forward graph, saving exactly the partitioner's saved values through
+``ctx.save_for_backward`` (:class:`_AsCompiledBlockFn`), where the ledger sees them by storage as
+it sees Inductor's. One graph per input signature (the parameters are its inputs), cached across
+dry runs; a block it cannot trace runs eager and the dry run says so (``DryRun.notes``). Checked
+byte for byte against compiled training steps on CPU (tests/bench/test_plan_compiled.py) and against
+the committed 7B H200 cells (tests/bench/test_plan_vs_measured.py). A checkpointed compiled block
+keeps its inputs, as the eager one.
+
 Activation offload: :class:`~solotune.train.offload.ActivationOffload` cannot run here (it moves
 plain ``torch.Tensor`` storages only, and every tensor here is a ``FakeTensor``), so the dry run
 records, per storage, what it would move: activations (not weight copies; parameters and buffers
@@ -46,6 +61,7 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import operator
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -190,6 +206,7 @@ class DryRun:
     logits_fp32: int  # the loss's fp32 copy of the logits (0 when they are fp32 already)
     loss_grads: int  # d(log_softmax) and d(logits), [rows, V] each, in the loss's dtype
     head_grad: int  # the output head's weight gradient (0 when it is frozen)
+    notes: tuple[str, ...] = ()  # what the dry run could not model as asked (e.g. a block it could not trace)
 
     @property
     def saved(self) -> Saved:
@@ -249,6 +266,159 @@ class _CudaKernels(TorchFunctionMode):
         self.forget(seed)
         self.forget(offset)
         return out
+
+
+# ================================================================= compiled blocks (Inductor)
+# The attention ops whose RNG seed/offset outputs (at these indices) CUDA keeps on the host when they
+# are not uint64 device tensors (see _CudaKernels): not counted, as the anatomy does not count them.
+_HOST_RNG_OUTPUTS = {"_scaled_dot_product_flash_attention": (6, 7), "_scaled_dot_product_efficient_attention": (2, 3)}
+
+
+@dataclass(frozen=True)
+class _BlockGraph:
+    """A block's forward as the min-cut partitioner leaves it: ``forward(*params, x, cos, sin)`` ->
+    (block output, *saved for backward); ``host``: the saved positions that live on the host on CUDA."""
+
+    forward: torch.fx.GraphModule
+    host: tuple[int, ...]
+
+
+class _AsCompiledBlockFn(torch.autograd.Function):
+    """Runs a :class:`_BlockGraph` and saves exactly the partitioner's saved values for backward
+    (as Inductor's compiled function does: ``ctx.save_for_backward``, so the anatomy's pack hook
+    sees them, by storage). The dry run never runs backward."""
+
+    @staticmethod
+    def forward(ctx: Any, graph: _BlockGraph, forget: Callable[[torch.Tensor], None], *flat: torch.Tensor) -> torch.Tensor:
+        out, *saved = graph.forward(*flat)
+        ctx.save_for_backward(*(t for t in saved if isinstance(t, torch.Tensor)))
+        for i in graph.host:
+            forget(saved[i])
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> Any:
+        raise RuntimeError("a dry run has no backward")
+
+
+def _signature(flat: list[torch.Tensor]) -> tuple:
+    """What a traced graph is specialised on: every input's shape, strides, dtype and requires_grad,
+    and the autocast state it was traced under."""
+    dev = "cpu"
+    amp = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+    return amp, tuple((tuple(t.shape), t.stride(), t.dtype, t.requires_grad) for t in flat)
+
+
+def _trace_block(layer: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor) -> _BlockGraph:
+    """Trace ``layer`` (eager forward, as torch.compile sees it: parameters as graph inputs)
+    through AOTAutograd with Inductor's decompositions, joint-graph passes and min-cut partitioner
+    (``torch._inductor.compile_fx.partition_fn``) on these fake inputs; keep the forward graph."""
+    from torch._functorch.aot_autograd import aot_function
+    from torch._inductor.compile_fx import partition_fn
+    from torch._inductor.decomposition import select_decomp_table
+    from torch._inductor.virtualized import V
+    from torch.nn.utils.stateless import _reparametrize_module
+
+    names = list(params)
+    kept: dict[str, Any] = {}
+
+    def partition(joint: torch.fx.GraphModule, inputs: Any, **kw: Any) -> Any:
+        # parameters and buffers are static inputs, as dynamo marks them: saving them costs nothing
+        kw["static_lifetime_input_indices"] = list(range(len(names)))
+        return partition_fn(joint, inputs, **kw)
+
+    def fw_compiler(gm: torch.fx.GraphModule, example_inputs: Any) -> torch.fx.GraphModule:
+        kept["fw"] = gm
+        return gm
+
+    def block(flat_params: list[torch.Tensor], x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        with _reparametrize_module(layer, dict(zip(names, flat_params))):
+            return layer._forward(x, cos, sin, None, None)
+
+    fn = aot_function(block, fw_compiler, lambda gm, _: gm, partition_fn=partition,
+                      decompositions=select_decomp_table(), num_params_buffers=len(names))
+    # Inductor's joint-graph passes read the fake mode from its virtualized state (compile_fx sets
+    # it); an inner pair of no-op hooks: nothing the tracing packs reaches the ledger
+    with V.set_fake_mode(x.fake_mode), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        fn(list(params.values()), x, cos, sin)
+    gm = kept["fw"]
+    return _BlockGraph(gm, _host_outputs(gm))
+
+
+def _host_outputs(gm: torch.fx.GraphModule) -> tuple[int, ...]:
+    """Positions (among the saved values) of attention RNG seeds/offsets that CUDA keeps on the host."""
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0][1:]
+    host = []
+    for i, n in enumerate(out):
+        if isinstance(n, torch.fx.Node) and n.target is operator.getitem and isinstance(n.args[0], torch.fx.Node):
+            src, idx = n.args[0].target, n.args[1]
+            name = getattr(getattr(src, "overloadpacket", None), "__name__", "")
+            val = n.meta.get("val")
+            if idx in _HOST_RNG_OUTPUTS.get(name, ()) and isinstance(val, torch.Tensor) and val.dtype != torch.uint64:
+                host.append(i)
+    return tuple(host)
+
+
+@functools.lru_cache(maxsize=64)  # a pure function of its arguments: plans ask for the same block again and again
+def _block_graph(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec, quantize: str, kernels: str, device: str,
+                 names: tuple[str, ...], signature: tuple) -> _BlockGraph | str:
+    """The traced graph of ``cfg``'s block for inputs of this :func:`_signature` (the block's
+    parameters and buffers ``names``, then x, cos, sin), on a block of its own (built as
+    :func:`dry_run` builds the model, in a fake mode of its own: the graph holds no tensors, so any
+    dry run can run it); the error, as text, when it cannot be traced."""
+    from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+
+    (amp, amp_dtype), metas = signature
+    try:  # outside the asking dry run's fake mode: the meta model is built as dry_run builds it
+        with unset_fake_temporarily(), torch.device("meta"):
+            model = training_model(cfg.replace(n_layers=1), policy, lora, quantize)
+        if device == "cuda":
+            apply_kernels(model, kernels, available=lambda *tensors: True)
+        with unset_fake_temporarily(), FakeTensorMode(allow_non_fake_inputs=quantize != "none"):
+            _fake_parameters(model)
+            layer = model.layers[0]
+            params = {**dict(layer.named_parameters()), **dict(layer.named_buffers())}
+            if tuple(params) != names:
+                raise RuntimeError(f"block parameters {tuple(params)} differ from the dry run's {names}")
+            x, cos, sin = (torch.empty_strided(shape, stride, dtype=dtype).requires_grad_(grad)
+                           for shape, stride, dtype, grad in metas[len(names):])
+            forget_nothing = lambda t: None  # noqa: E731 - host tensors are found in the graph (_host_outputs)
+            with _kernels(device, forget_nothing), torch.autocast("cpu", dtype=amp_dtype, enabled=amp):
+                return _trace_block(layer, params, x, cos, sin)
+    except Exception as e:  # noqa: BLE001 - any tracing failure: the dry run models the eager block
+        msg = str(e).splitlines()[0][:160] if str(e) else ""
+        return f"{type(e).__name__}: {msg}"
+
+
+class _AsCompiledBlock:
+    """A block's forward in a compiled run without checkpointing: the traced graph of its input
+    signature (:func:`_block_graph`: the parameters are graph inputs, so one graph serves every block
+    of that signature) run under :class:`_AsCompiledBlockFn`. What it cannot trace runs the eager
+    block, and says so in ``notes``."""
+
+    def __init__(self, layer: nn.Module, graph_for: Callable[[tuple[str, ...], tuple], _BlockGraph | str],
+                 forget: Callable[[torch.Tensor], None], notes: list[str]) -> None:
+        self.layer, self.graph_for, self.forget, self.notes = layer, graph_for, forget, notes
+        self.eager = layer.forward
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Any = None,
+                 cache_pos: Any = None) -> torch.Tensor:
+        if mask is not None or cache_pos is not None or not torch.is_grad_enabled():
+            return self.eager(x, cos, sin, mask, cache_pos)
+        # buffers too (a quantized base's codes and scales): graph inputs, as dynamo lifts them
+        params = {**dict(self.layer.named_parameters()), **dict(self.layer.named_buffers())}
+        flat = [*params.values(), x, cos, sin]
+        graph = self.graph_for(tuple(params), _signature(flat))
+        if isinstance(graph, str):
+            self.notes.append(f"compiled block not traced ({graph}); modelled as the eager block (an upper bound)")
+            return self.eager(x, cos, sin, mask, cache_pos)
+        try:
+            with torch.autocast("cpu", enabled=False):  # the graph holds autocast's casts already
+                return _AsCompiledBlockFn.apply(graph, self.forget, *flat)
+        except Exception as e:  # noqa: BLE001 - a graph that does not run here: the eager block (nothing was saved)
+            self.notes.append(f"compiled block graph did not run ({type(e).__name__}); modelled as the eager block")
+            return self.eager(x, cos, sin, mask, cache_pos)
 
 
 # ============================================================================= the dry run
@@ -361,10 +531,12 @@ class _Recorder:
 @functools.lru_cache(maxsize=512)  # a pure function of its (hashable) arguments; plan() asks again and again
 def dry_run(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec, checkpointed: frozenset[int], batch: int, seq_len: int,
             device: str, quantize: str = "none", loss: str = "full-logits", kernels: str = "off",
-            compiled_loss: bool = False) -> DryRun:
+            compiled_loss: bool = False, compiled_blocks: bool = False) -> DryRun:
     """One forward + loss of ``cfg`` (at its own depth; blocks ``checkpointed`` recomputed in
     backward) on fake tensors, as the training loop runs it on ``device`` ("cuda" | "cpu"), under
-    the anatomy's saved-tensor hooks."""
+    the anatomy's saved-tensor hooks. ``compiled_blocks``: the blocks that are not checkpointed
+    save what Inductor's partitioner keeps (:class:`_AsCompiledBlock`); a checkpointed compiled
+    block keeps its inputs, as the eager one."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with torch.device("meta"):  # build, cast and wrap on meta: nothing is allocated or initialised
@@ -377,9 +549,15 @@ def dry_run(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec, checkpoin
     with FakeTensorMode(allow_non_fake_inputs=quantize != "none"):
         _fake_parameters(model)
         rec = _Recorder(model)
+        notes: list[str] = []
+        if compiled_blocks:
+            graph_for = functools.partial(_block_graph, cfg, policy, lora, quantize, kernels, device)
+            for i, layer in enumerate(model.layers):
+                if i not in checkpointed:
+                    layer.forward = _AsCompiledBlock(layer, graph_for, rec.forget, notes)
         tokens = torch.zeros(batch, seq_len, dtype=torch.long)
         labels = torch.zeros(batch, seq_len, dtype=torch.long)
-        with _kernels(device, rec), torch.autograd.graph.saved_tensors_hooks(rec.pack, lambda t: t):
+        with _kernels(device, rec.forget), torch.autograd.graph.saved_tensors_hooks(rec.pack, lambda t: t):
             _check_autocast(policy)
             forward_loss(model, tokens, labels, policy, "cpu", loss, compiled_loss)
         rec.close()
@@ -390,11 +568,13 @@ def dry_run(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec, checkpoin
         outside, shared, blocks, standalone, inputs = rec.result()
         if compiled_loss:  # the logits are saved (counted above) and become d logits in place: no transients
             return DryRun(outside, shared, blocks, standalone, inputs, logits=0, logits_fp32=0, loss_grads=0,
-                          head_grad=head.numel() * head.element_size() if head.requires_grad else 0)
+                          head_grad=head.numel() * head.element_size() if head.requires_grad else 0,
+                          notes=tuple(dict.fromkeys(notes)))
         return DryRun(outside, shared, blocks, standalone, inputs, logits=n_logits * head_dtype.itemsize,
                       logits_fp32=n_logits * loss_dtype.itemsize if loss_dtype != head_dtype else 0,
                       loss_grads=2 * n_logits * loss_dtype.itemsize,
-                      head_grad=head.numel() * head.element_size() if head.requires_grad else 0)
+                      head_grad=head.numel() * head.element_size() if head.requires_grad else 0,
+                      notes=tuple(dict.fromkeys(notes)))
 
 
 def _check_autocast(policy: PrecisionPolicy) -> None:
@@ -420,8 +600,8 @@ def _fake_parameters(model: Transformer) -> None:
                 m._buffers[name] = torch.empty(b.shape, dtype=b.dtype)
 
 
-def _kernels(device: str, rec: _Recorder) -> Any:
-    return _CudaKernels(rec.forget) if device == "cuda" else contextlib.nullcontext()
+def _kernels(device: str, forget: Callable[[torch.Tensor], None]) -> Any:
+    return _CudaKernels(forget) if device == "cuda" else contextlib.nullcontext()
 
 
 # ========================================================================= any depth, cheaply
@@ -441,11 +621,12 @@ class Activations:
     # of the blocks (what moves back and forth during the backward).
     outside_offloadable: int = 0
     largest_block_offloadable: int = 0
+    notes: tuple[str, ...] = ()  # DryRun.notes of the dry runs it came from
 
 
 def activations(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec, checkpointed: frozenset[int], batch: int,
                 seq_len: int, device: str, quantize: str = "none", loss: str = "full-logits",
-                kernels: str = "off", compiled_loss: bool = False) -> Activations:
+                kernels: str = "off", compiled_loss: bool = False, compiled_blocks: bool = False) -> Activations:
     """:func:`dry_run` of the full depth, from one dry run of 3 blocks.
 
     Blocks are identical, and block i >= 1 saves the same whatever its position: its own tensors
@@ -462,7 +643,8 @@ def activations(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec, check
     L = cfg.n_layers
     ckpt = frozenset(checkpointed)
     run = functools.partial(dry_run, policy=policy, lora=lora, batch=batch, seq_len=seq_len, device=device,
-                            quantize=quantize, loss=loss, kernels=kernels, compiled_loss=compiled_loss)
+                            quantize=quantize, loss=loss, kernels=kernels, compiled_loss=compiled_loss,
+                            compiled_blocks=compiled_blocks)
     if L <= 3:
         d = run(cfg, checkpointed=ckpt)
         saved = d.saved
@@ -470,18 +652,22 @@ def activations(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec, check
         recompute = max((ref.standalone[i] for i in ckpt), default=0)
         largest = max([d.shared.largest_offloadable] + [b.largest_offloadable for b in d.blocks])
         return Activations(saved, recompute, d.logits, d.logits_fp32, d.loss_grads, d.head_grad,
-                           d.outside.offloadable, largest)
+                           d.outside.offloadable, largest, tuple(dict.fromkeys(d.notes + ref.notes)))
     d = run(cfg.replace(n_layers=3), checkpointed=frozenset({1}))
-    first = d.blocks[0]
+    first, notes = d.blocks[0], d.notes
     if 0 in ckpt:
         same_rule = d.inputs[1] == d.blocks[1]
-        first = d.inputs[0] if same_rule else run(cfg.replace(n_layers=3), checkpointed=frozenset({0, 1})).blocks[0]
+        if same_rule:
+            first = d.inputs[0]
+        else:
+            d01 = run(cfg.replace(n_layers=3), checkpointed=frozenset({0, 1}))
+            first, notes = d01.blocks[0], notes + d01.notes
     n_ckpt = len(ckpt - {0})
     saved = d.outside + d.shared + first + d.blocks[1] * n_ckpt + d.blocks[2] * (L - 1 - n_ckpt)
     recompute = max([d.standalone[0]] * (0 in ckpt) + [d.standalone[2]] * (n_ckpt > 0), default=0)
     blocks = [d.shared, first] + [d.blocks[1]] * (n_ckpt > 0) + [d.blocks[2]] * (L - 1 - n_ckpt > 0)
     return Activations(saved, recompute, d.logits, d.logits_fp32, d.loss_grads, d.head_grad,
-                       d.outside.offloadable, max(b.largest_offloadable for b in blocks))
+                       d.outside.offloadable, max(b.largest_offloadable for b in blocks), tuple(dict.fromkeys(notes)))
 
 
 # ======================================================================== parameters (meta)

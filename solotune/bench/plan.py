@@ -32,6 +32,12 @@ fake tensors (shapes and dtypes, no data) for one forward + the training loop's 
   blocks, the optimizer's scratch. Sizes come from the dry run; how they overlap is modelled, not
   measured.
 
+Compiled runs (``compiled``: the blocks and, where it compiles, the loss): a block that is not
+checkpointed saves what Inductor's partitioner keeps, traced from the real block
+(``dryrun._block_graph``); the full-logits loss saves its 16-bit logits and logsumexp
+(``dryrun.as_compiled_full_logits``). A checkpointed block's recomputation is the compiled block's
+saved set. What the dry run could not trace is modelled eager and named in ``Prediction.notes``.
+
 Two options change components rather than add any:
 
 * **quantize** ("nf4" | "int8", LoRA only: QLoRA): the dry run's model has the real quantized
@@ -138,16 +144,19 @@ class Setup:
     optimizer_in_backward: bool = False  # each parameter updated from its gradient hook (grad_accum 1)
     loss: str = "full-logits"  # solotune.train.loss.LOSSES: how the head's logits come to exist
     kernels: str = "off"  # off | triton: fused RMSNorm / SwiGLU / RoPE (solotune.kernels; CUDA only)
-    # the run compiles its blocks and its loss (TrainConfig.compiles: auto on CUDA). Modelled: what a
-    # compiled loss keeps (dryrun.as_compiled_full_logits); the compiled blocks' own savings without
-    # checkpointing are not (an upper bound there)
+    # the run compiles its blocks and its loss (TrainConfig.compiles: auto on CUDA): what a compiled
+    # loss keeps (dryrun.as_compiled_full_logits), and what Inductor's partitioner saves of each
+    # block that is not checkpointed (dryrun._AsCompiledBlock: the real block traced by AOTAutograd)
     compiled: bool = False
+    # whether the compiled run compiles its loss too (None: as ``compiled``; runs recorded before the
+    # compiled loss compiled their blocks only)
+    loss_compiled: bool | None = None
 
     def __init__(self, model: ModelConfig, seq_len: int = 512, batch: int = 1, grad_accum: int = 1,
                  grad_checkpoint: str = "off", precision: str = "fp32", lora: LoRASpec | None = None,
                  optimizer: str = "adamw", device: str = "cuda", quantize: str = "none", offload: str = "none",
                  optimizer_in_backward: bool = False, *, loss: str = "full-logits", kernels: str = "off",
-                 compiled: bool = False, lora_rank: int | None = None,
+                 compiled: bool = False, loss_compiled: bool | None = None, lora_rank: int | None = None,
                  lora_targets: Iterable[str] | None = None, lora_dropout: float | None = None) -> None:
         spec = lora if lora is not None else LoRASpec()
         legacy = {k: v for k, v in (("rank", lora_rank), ("targets", lora_targets), ("dropout", lora_dropout))
@@ -158,6 +167,7 @@ class Setup:
                             ("grad_checkpoint", grad_checkpoint), ("precision", precision), ("lora", spec),
                             ("optimizer", optimizer), ("device", device), ("quantize", quantize), ("offload", offload),
                             ("loss", loss), ("kernels", kernels), ("compiled", bool(compiled)),
+                            ("loss_compiled", None if loss_compiled is None else bool(loss_compiled)),
                             ("optimizer_in_backward", bool(optimizer_in_backward))):
             object.__setattr__(self, name, value)
         self.__post_init__()
@@ -223,6 +233,13 @@ class Setup:
                         + [f"+{self.loss}"] * (self.loss != "full-logits"))
 
     @property
+    def compiles_loss(self) -> bool:
+        """The loss runs compiled: a compiled run's (unless ``loss_compiled`` says otherwise) and a
+        loss that the loop compiles (``train.loss.COMPILABLE_LOSSES``)."""
+        wanted = self.compiled if self.loss_compiled is None else self.loss_compiled
+        return wanted and self.loss in COMPILABLE_LOSSES
+
+    @property
     def amp(self) -> bool:
         return self.policy.autocast_dtype is not None
 
@@ -267,6 +284,7 @@ class Prediction:
     activations_saved: int = 0
     host_bytes: int = 0
     dequantized: int = 0  # one quantized weight dequantized [out, in] (part of transient_fb)
+    notes: tuple[str, ...] = ()  # what the dry run could not model as asked (dryrun.DryRun.notes)
 
     @property
     def params_total(self) -> int:
@@ -298,7 +316,8 @@ class Prediction:
         return {
             "model": s.model.name, "layers": s.model.n_layers, "seq_len": s.seq_len, "batch": s.batch,
             "grad_accum": s.grad_accum, "grad_checkpoint": s.grad_checkpoint, "precision": s.precision,
-            "method": s.method, "quantize": s.quantize, "offload": s.offload, "loss": s.loss, "compiled": s.compiled, "optimizer": s.optimizer,
+            "method": s.method, "quantize": s.quantize, "offload": s.offload, "loss": s.loss, "compiled": s.compiled, "loss_compiled": s.compiles_loss,
+            "optimizer": s.optimizer,
             "optimizer_in_backward": s.optimizer_in_backward, "trainable_params": self.trainable_params,
             "total_params": self.total_params,
             "params": dict(self.params), "grads": self.grads, "optimizer": self.optimizer,
@@ -307,6 +326,7 @@ class Prediction:
             "transient_fb": self.transient_fb, "transient_step": self.transient_step,
             "peak_fb": self.peak_fb, "peak_step": self.peak_step, "peak": self.peak, "peak_phase": self.peak_phase,
             "activations_saved": self.activations_saved, "host_bytes": self.host_bytes, "dequantized": self.dequantized,
+            "notes": list(self.notes),
         }
 
 
@@ -358,8 +378,7 @@ def _trainable_shapes(s: Setup) -> list[tuple[tuple[int, ...], torch.dtype]]:
 def saved_activations(s: Setup) -> tuple[int, int, dict[str, int], dict[str, int], dict[str, int]]:
     """(saved activation bytes, saved weight-copy bytes, bytes by part, autocast cache by weight,
     transient sizes) for one micro-batch of ``s.batch`` x ``s.seq_len`` tokens, from the dry run."""
-    a = dryrun.activations(s.model, s.policy, s.lora, s.checkpointed, s.batch, s.seq_len, s.device, s.quantize,
-                           s.loss, s.kernels, s.compiled and s.loss in COMPILABLE_LOSSES)
+    a = _activations(s)
     lp = s.policy.autocast_dtype
     cache = {} if lp is None else {name: n * lp.itemsize
                                    for name, n in dryrun.autocast_cache(s.model, s.policy, s.lora, s.quantize)}
@@ -367,6 +386,12 @@ def saved_activations(s: Setup) -> tuple[int, int, dict[str, int], dict[str, int
              "recompute": a.recompute, "offloadable": a.saved.offloadable,
              "outside_offloadable": a.outside_offloadable, "largest_offloadable": a.largest_block_offloadable}
     return a.saved.activations, a.saved.weight_copies, dict(a.saved.by_part), cache, extra
+
+
+def _activations(s: Setup) -> dryrun.Activations:
+    return dryrun.activations(s.model, s.policy, s.lora, s.checkpointed, s.batch, s.seq_len, s.device, s.quantize,
+                              s.loss, s.kernels, compiled_loss=s.compiles_loss,
+                              compiled_blocks=s.compiled)
 
 
 def offloaded(s: Setup, acts: int, offloadable: int, outside: int, largest: int) -> tuple[int, int]:
@@ -452,7 +477,7 @@ def predict(s: Setup) -> Prediction:
         transient_step = update
         peak_step = sum(params.values()) + grads + opt + transient_step
     return Prediction(s, params, trainable, total, grads, opt, acts, copies, cache_total, parts,
-                      transient_fb, transient_step, peak_fb, peak_step, acts_saved, host, deq)
+                      transient_fb, transient_step, peak_fb, peak_step, acts_saved, host, deq, _activations(s).notes)
 
 
 def _layer_of(name: str) -> int | None:
@@ -720,7 +745,14 @@ def format_longest(rows: list[LongestFit], gpu_mem: int, step: int = 128) -> str
                      f"{fmt_gib(p.params_total)} | {fmt_gib(p.activations)} | {fmt_gib(p.transient_fb)} | {over} |")
     lines.append(f"\nDoubling, then bisection over seq_len in steps of {step} tokens (the peak grows with it); "
                  "`first over`: the shortest length probed that does not fit (– : the cap fits).")
+    lines.extend(_notes_lines([r.prediction for r in rows]))
     return "\n".join(lines)
+
+
+def _notes_lines(predictions: list[Prediction]) -> list[str]:
+    """The dry runs' notes (what they could not model as asked), each once."""
+    notes = list(dict.fromkeys(n for p in predictions for n in p.notes))
+    return ["\nNotes:"] + [f"- {n}" for n in notes] if notes else []
 
 
 def format_plan(rows: list[tuple[Prediction, float, bool]], gpu_mem: int, show_all: bool = False) -> str:
@@ -764,6 +796,7 @@ def format_plan(rows: list[tuple[Prediction, float, bool]], gpu_mem: int, show_a
     if host:
         lines.append("\nWith +offload, activations are what stays on the GPU (+offload(optimizer): the optimizer state "
                      "too, and it is 0 there); host (pinned): the copies in host memory.")
+    lines.extend(_notes_lines([p for p, _, _ in rows]))
     lines.append("\nrel. time: model FLOPs + recomputation over a per-precision speed factor "
                  f"({', '.join(f'{k} {v:g}x' for k, v in PRECISION_SPEED.items())}); a ranking, not a measurement.")
     return "\n".join(lines)

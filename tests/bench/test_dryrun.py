@@ -91,3 +91,24 @@ def test_cuda_kernels():
     cpu16, cuda16 = (dry_run(cfg, amp, no_drop, frozenset(), B, T, dev).saved for dev in ("cpu", "cuda"))
     assert cuda16.activations - cpu16.activations == cfg.n_layers * 24
     assert cuda16.weight_copies == cpu16.weight_copies > 0
+
+
+# Compiled blocks (Inductor's partitioner, traced per input signature and shared by the blocks):
+# the composition from 3 blocks holds for them too.
+COMPILED_CASES = [(GQA, "bf16", QV, "cuda"), (TIED, "bf16-amp", FULL, "cpu")]
+
+
+@pytest.mark.parametrize("case", COMPILED_CASES, ids=lambda c: f"{c[0].name}-{c[1]}-r{c[2].rank}-{c[3]}")
+@pytest.mark.parametrize("layers,policy", [(4, "off"), (5, "every:2")])
+def test_any_depth_equals_the_full_depth_dry_run_compiled(case, layers, policy):
+    base, precision, lora, device = case
+    cfg, pol = base.replace(n_layers=layers), get_policy(precision)
+    ckpt = checkpoint_policy(policy, layers)
+    run = dict(batch=2, seq_len=21, device=device, compiled_blocks=True)
+    got = activations(cfg, pol, lora, ckpt, **run)
+    full = dry_run(cfg, pol, lora, ckpt, **run)
+    plain = dry_run(cfg, pol, lora, frozenset(), **run)
+    assert got.saved == full.saved and not got.notes and not full.notes
+    assert got.recompute == max((plain.standalone[i] for i in ckpt), default=0)
+    eager = dry_run(cfg, pol, lora, ckpt, 2, 21, device)
+    assert full.saved != eager.saved  # the compiled blocks were modelled
