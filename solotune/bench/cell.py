@@ -199,10 +199,6 @@ def reference_gap(spec: CellSpec) -> str | None:
     return None
 
 
-def reference_differs(spec: CellSpec) -> list[str]:
-    """The memory techniques of a solotune cell that its reference runs without (``REFERENCE_NEAREST``)."""
-    return [f"{k} {getattr(spec, k)}" for k, v in REFERENCE_NEAREST.items() if getattr(spec, k) != v]
-
 
 def _check_reference(spec: CellSpec) -> None:
     on = [k for k, off in LOOP_OFF.items() if getattr(spec, k) != off]

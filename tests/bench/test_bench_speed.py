@@ -13,6 +13,7 @@ from solotune.bench import cell as cellmod
 from solotune.bench import runner
 from solotune.bench.cell import CellSpec, run_cell
 from solotune.bench.plan import GiB, LoRASpec, Setup, longest_seq_len, predict
+from solotune.bench.report import reference_differs
 from solotune.config import PRESETS
 from solotune.errors import ConfigError
 
@@ -136,8 +137,8 @@ def test_a_technique_hf_lacks_is_compared_with_its_nearest_reference(tmp_path, m
         assert "ran without offload activations" in md and "0.50" in md  # the memory ratio is shown
         assert ("optimizer adamw-8bit" in md) == ("optimizer" in extra)
     assert [s.impl for s in ran] == ["solotune", "hf", "solotune", "hf"]
-    assert cellmod.reference_differs(CellSpec(model="tiny", offload="activations")) == ["offload activations"]
-    assert cellmod.reference_differs(CellSpec(model="tiny")) == []
+    assert reference_differs(CellSpec(model="tiny", offload="activations").to_dict()) == ["offload activations"]
+    assert reference_differs(CellSpec(model="tiny").to_dict()) == []
 
 
 def test_reference_cells_without_their_device_are_skipped_not_failed():

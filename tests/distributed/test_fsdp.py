@@ -10,12 +10,9 @@ same global batch (fp32 tolerance), LoRA and full; (b) checkpoints move between 
 from __future__ import annotations
 
 import contextlib
-import gc
-import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
 
+from gloo_ranks import free_port, spawn_ranks  # noqa: E402
 from train_fixtures import TINY, CtrlCAfter, WordTokenizer, tiny_config, tiny_model, write_records  # noqa: E402
 
 from solotune.parallel.fsdp import NVLS_OFF  # noqa: E402
@@ -79,11 +77,6 @@ class GradsAfterEachMicroBatch:
 def _cfg(root: Path, name: str, **kw):
     return tiny_config(root, root / "records.json", **{"output_dir": str(root / name), **RUNS.get(name, {}), **kw})
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _losses(out: Path, key: str = "loss") -> list[float]:
@@ -153,38 +146,17 @@ def _policy(name: str):
     return get_policy(name)
 
 
-def _worker(rank: int, world: int, port: int, root: str) -> None:
-    import torch.distributed as dist
-
-    for k, v in NVLS_OFF.items():
-        os.environ.setdefault(k, v)
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    out, err = io.StringIO(), io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            _scenarios(rank, Path(root))
-    finally:
-        (Path(root) / f"stdout-rank{rank}.txt").write_text(out.getvalue())
-        (Path(root) / f"stderr-rank{rank}.txt").write_text(err.getvalue())
-        gc.collect()  # free the sharded models (and any gloo work they hold) before the group goes
-        dist.barrier()
-        dist.destroy_process_group()
-
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> Path:
     """Run every 2-rank scenario once; returns the folder the runs wrote."""
-    import torch.multiprocessing as mp
-
     root = tmp_path_factory.mktemp("fsdp")
     write_records(root / "records.json")
     torch.set_num_threads(1)
     with contextlib.suppress(KeyboardInterrupt):  # the single-process checkpoint the ranks resume
         finetune(_cfg(root, "nodrop", output_dir=str(root / "nodrop-cut1")), model=tiny_model(),
                  tokenizer=WordTokenizer(), instrument=CtrlCAfter(3))
-    mp.spawn(_worker, args=(WORLD, _free_port(), str(root)), nprocs=WORLD, join=True)
+    spawn_ranks(_scenarios, WORLD, root)
     return root
 
 
@@ -406,7 +378,7 @@ def test_torchrun_cli_matches_one_process(tmp_path, device):
                          env=env, capture_output=True, text=True, timeout=120)
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                          "--master-port", str(_free_port()), "-m", "solotune", *flags,
+                          "--master-port", str(free_port()), "-m", "solotune", *flags,
                           "--output-dir", str(tmp_path / "two"), "--distributed", "fsdp"],
                          env=env, capture_output=True, text=True, timeout=180)
     assert two.returncode == 0, two.stderr[-3000:]

@@ -17,11 +17,7 @@ resumes in one process, and a single-process one on 2 ranks.
 from __future__ import annotations
 
 import contextlib
-import gc
-import io
 import json
-import os
-import socket
 import sys
 from pathlib import Path
 
@@ -30,10 +26,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
 
+from gloo_ranks import spawn_ranks  # noqa: E402
 from train_fixtures import TINY, CtrlCAfter, WordTokenizer, tiny_config, tiny_model, write_records  # noqa: E402
 
 from solotune.optim import blockwise  # noqa: E402
-from solotune.parallel.fsdp import NVLS_OFF  # noqa: E402
 from solotune.train import finetune  # noqa: E402
 from solotune.train.state import load_checkpoint  # noqa: E402
 
@@ -144,35 +140,10 @@ def _scenarios(rank: int, root: Path) -> None:
             torch.save(full, root / "onto2-states.pt")
 
 
-def _worker(rank: int, world: int, port: int, root: str) -> None:
-    import torch.distributed as dist
-
-    for k, v in NVLS_OFF.items():
-        os.environ.setdefault(k, v)
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    out, err = io.StringIO(), io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            _scenarios(rank, Path(root))
-    finally:
-        (Path(root) / f"stderr-rank{rank}.txt").write_text(err.getvalue())
-        gc.collect()
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> Path:
-    import torch.multiprocessing as mp
-
     root = tmp_path_factory.mktemp("fsdp8")
     write_records(root / "records.json")
     torch.set_num_threads(1)
@@ -182,7 +153,7 @@ def ranks(tmp_path_factory) -> Path:
         finetune(_cfg(root, "cut1"), model=_model(), tokenizer=WordTokenizer(), instrument=CtrlCAfter(3))
     with contextlib.suppress(KeyboardInterrupt):
         finetune(_cfg(root, "inb1-cut", **INB), model=_model(), tokenizer=WordTokenizer(), instrument=CtrlCAfter(3))
-    mp.spawn(_worker, args=(WORLD, _free_port(), str(root)), nprocs=WORLD, join=True)
+    spawn_ranks(_scenarios, WORLD, root)
     return root
 
 
