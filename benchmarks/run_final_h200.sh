@@ -5,7 +5,7 @@
 #   bash benchmarks/run_final_h200.sh OUT PART...
 #   PART: tests | kernels | speed | speed-flce | qlora | qlora-flce | probe | probe-k | gen1 | gen16 |
 #         gen1-int8 | generate | alpaca | qlora-lean | optim | table2 | context24 | context80 |
-#         context24-lean | context80-lean | profile-b1 | int8-code | alpaca-graphs | guide | tests3
+#         context24-lean | context80-lean | profile-b1 | int8-code | alpaca-graphs | guide | tests3 | tests4
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?OUT}; shift
@@ -33,6 +33,12 @@ for part in "$@"; do
                tests/train/test_offload.py:60 tests/bench/test_bench_gpu.py:90 tests/quant/test_quant_gpu.py:90; do
         timeout "${f##*:}" python3 -m pytest -v -rs -p no:cacheprovider --durations=8 "${f%%:*}" >> "$R/gpu_tests3.log" 2>&1
         echo "${f%%:*} rc=$?" >> "$R/gpu_tests3.log"
+      done ;;
+    tests4)  # the test files whose code changed since their last GPU run (8-bit row kernel, padded head dims, offload, bench)
+      for f in tests/optim/test_optim_gpu.py:60 tests/bench/test_plan_losses.py:60 tests/train/test_offload.py:60 \
+               tests/bench/test_bench_gpu.py:90; do
+        timeout "${f##*:}" python3 -m pytest -v -rs -p no:cacheprovider --durations=8 "${f%%:*}" >> "$R/gpu_tests4.log" 2>&1
+        echo "${f%%:*} rc=$?" >> "$R/gpu_tests4.log"
       done ;;
     tests2)
       timeout 130 python3 -m pytest -q -rs -p no:cacheprovider --durations=12 tests/test_generate_gpu.py tests/optim/test_optim_gpu.py \
