@@ -8,7 +8,7 @@
 #   context24  longest row that trains at batch 1 within 24 GiB (--memory-limit), LoRA and QLoRA:
 #              planner first, then real probes around it; eager (--compile off: what the planner's
 #              dry run models, and no compilation per probed length)                              ~3 min
-#   context80  the same within 80 GiB (1 optimizer step per probe: ~100k-token rows)             ~7 min
+#   context80  the same within 80 GiB (1 optimizer step per probe, 2 probes: ~100k-token rows)   ~6 min
 #   offload    (not in "all") context24 with --offload activations, LoRA and QLoRA                ~3 min
 #   context24-lean, context80-lean (not in "all") the same with fused linear-CE + activation offload and
 #              PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (no fragmentation under the cap)   ~3 / ~7 min
@@ -73,7 +73,8 @@ for part in "${PARTS[@]}"; do
           ${OPTS:-} --out "$OUT/alpaca-rows8" 2>&1 | tee "$OUT/alpaca-rows8.console.log" ;;
     context24|context80|offload|context24-lean|context80-lean)
       limit=24GiB; extra=(); samples=2
-      case "$part" in context80*) limit=80GiB; samples=1 ;; esac
+      probes=3
+      case "$part" in context80*) limit=80GiB; samples=1; probes=2 ;; *-lean) samples=1 ;; esac
       [ "$part" = offload ] && extra=(--offload activations)
       # -lean: no [tokens x vocab] fp32 logits (fused linear-CE) and no fragmentation under the cap
       # (context24 at 16,000 tokens failed with 2 GiB reserved but unallocated: frontier3-h200/run4)
@@ -81,7 +82,7 @@ for part in "${PARTS[@]}"; do
       for q in none nf4; do
         ( case "$part" in *-lean) export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True ;; esac
           run "maxlen-$part-$q" --find-max-seq-len --memory-limit "$limit" --axes none --fix gc=on,precision=on \
-            --quantize "$q" "${extra[@]}" --compile off --max-probes 3 --probe-step 0.04 --probe-samples "$samples" )
+            --quantize "$q" "${extra[@]}" --compile off --max-probes "$probes" --probe-step 0.04 --probe-samples "$samples" )
       done ;;
     *) echo "unknown part $part (speed qlora context24 context80 offload context24-lean context80-lean alpaca alpaca-graphs qlora-lean)"; exit 2 ;;
   esac

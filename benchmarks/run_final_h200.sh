@@ -5,7 +5,7 @@
 #   bash benchmarks/run_final_h200.sh OUT PART...
 #   PART: tests | kernels | speed | speed-flce | qlora | qlora-flce | probe | probe-k | gen1 | gen16 |
 #         gen1-int8 | generate | alpaca | qlora-lean | optim | table2 | context24 | context80 |
-#         context24-lean | context80-lean | profile-b1 | int8-code | alpaca-graphs | guide | tests3 | tests4
+#         context24-lean | context80-lean | profile-b1 | int8-code | alpaca-graphs | guide | tests3 | tests4 | tests5
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?OUT}; shift
@@ -33,6 +33,11 @@ for part in "$@"; do
                tests/train/test_offload.py:60 tests/bench/test_bench_gpu.py:90 tests/quant/test_quant_gpu.py:90; do
         timeout "${f##*:}" python3 -m pytest -v -rs -p no:cacheprovider --durations=8 "${f%%:*}" >> "$R/gpu_tests3.log" 2>&1
         echo "${f%%:*} rc=$?" >> "$R/gpu_tests3.log"
+      done ;;
+    tests5)  # this session's graph-replay and segment-padding changes, and the rewritten long-row offload test
+      for f in tests/train/test_train_gpu.py:120 tests/train/test_speed_gpu.py:90 tests/train/test_offload.py:60; do
+        timeout "${f##*:}" python3 -m pytest -v -rs -p no:cacheprovider --durations=8 "${f%%:*}" >> "$R/gpu_tests5.log" 2>&1
+        echo "${f%%:*} rc=$?" >> "$R/gpu_tests5.log"
       done ;;
     tests4)  # the test files whose code changed since their last GPU run (8-bit row kernel, padded head dims, offload, bench)
       for f in tests/optim/test_optim_gpu.py:60 tests/bench/test_plan_losses.py:60 tests/train/test_offload.py:60 \
@@ -86,7 +91,7 @@ for part in "$@"; do
     context24)
       timeout 200 bash benchmarks/run_bench_h200.sh "$R/bench" context24 > "$R/context24.log" 2>&1 ;;
     context24-lean)
-      timeout 240 bash benchmarks/run_bench_h200.sh "$R/bench" context24-lean > "$R/context24-lean.log" 2>&1 ;;
+      timeout 330 bash benchmarks/run_bench_h200.sh "$R/bench" context24-lean > "$R/context24-lean.log" 2>&1 ;;
     context80-lean)
       timeout 480 bash benchmarks/run_bench_h200.sh "$R/bench" context80-lean > "$R/context80-lean.log" 2>&1 ;;
     int8-code)  # what Inductor makes of the int8 decode step (is the int8 -> bf16 cast fused into the GEMV?), 2 layers

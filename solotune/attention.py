@@ -49,12 +49,23 @@ def block_causal_mask(doc: torch.Tensor) -> torch.Tensor:
     return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
 
 
+def pad_segments(cu_seqlens: torch.Tensor, min_len: int = 8) -> torch.Tensor:
+    """cu_seqlens int32 [N + 1] -> the same boundaries with empty segments appended (the total
+    repeated) up to the next power of two >= max(N + 1, min_len) entries: the document count changes
+    from micro-batch to micro-batch, and a few bucketed lengths keep the compiled blocks' shapes
+    (and any CUDA graphs recorded for them) to a few instead of one per count."""
+    n = cu_seqlens.numel()
+    size = max(min_len, 1 << (n - 1).bit_length())
+    return torch.cat([cu_seqlens, cu_seqlens[-1:].expand(size - n)]) if size > n else cu_seqlens
+
+
 @dataclass(frozen=True)
 class Varlen:
     """Block-diagonal causal attention over the flattened rows of a packed batch.
 
     cu_seqlens: int32 [N + 1] on the device: cumulative document lengths over the B * T tokens, a
-        row's trailing padding being one more segment (``Batch.cu_seqlens``).
+        row's trailing padding being one more segment (``Batch.cu_seqlens``), possibly followed by
+        empty segments (:func:`pad_segments`).
     max_len: an upper bound of the longest segment (T: a segment never crosses a row).
     """
 
@@ -84,4 +95,4 @@ class Varlen:
         return y.transpose(1, 2)
 
 
-__all__ = ["Varlen", "block_causal_mask", "varlen_available"]
+__all__ = ["Varlen", "block_causal_mask", "pad_segments", "varlen_available"]

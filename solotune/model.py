@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .attention import Varlen, block_causal_mask, varlen_available
+from .attention import Varlen, block_causal_mask, pad_segments, varlen_available
 from .config import ModelConfig
 from .data.batch import Batch
 from .kv_cache import CachePos, KVCache, generation_mask
@@ -160,9 +160,10 @@ def packed_attention(batch: Batch, device: torch.device) -> torch.Tensor | Varle
     exact dense block-diagonal mask."""
     T = batch.input_ids.shape[1]
     if varlen_available(device):
-        cu = batch.cu_seqlens().to(device, non_blocking=True)
+        cu = pad_segments(batch.cu_seqlens()).to(device, non_blocking=True)
         # the number of documents changes from micro-batch to micro-batch: a compiled block traces
         # that length as a symbol at once, instead of compiling for the first length and again
+        # (padded to a few bucketed lengths: CUDA graphs are recorded per concrete length)
         if not torch.compiler.is_compiling():  # a whole-model compile traces this itself (and refuses the call)
             torch._dynamo.maybe_mark_dynamic(cu, 0)
         return Varlen(cu, T)

@@ -250,6 +250,10 @@ class TrainConfig:
         return (self.compile == "auto" and device_type == "cuda" and self.distributed == "none"
                 and importlib.util.find_spec("triton") is not None)
 
+    def replays_graphs(self, device_type: str) -> bool:
+        """Compiled blocks replayed as CUDA graphs (``blocks-cudagraphs`` on CUDA: train/graphs.py)."""
+        return self.compile == "blocks-cudagraphs" and device_type == "cuda"
+
     @property
     def compile_options(self) -> dict[str, Any]:
         """``torch.compile`` keyword arguments of the chosen compile setting."""

@@ -37,6 +37,7 @@ from ..errors import ConfigError
 from ..parallel import make_parallel
 from ..peft import apply_lora, count_parameters, trainable_summary
 from .config import TRAJECTORY_FIELDS, TrainConfig
+from .graphs import GraphSteps
 from .inputs import chat_samples, check_data, load_data
 from .interrupts import terminate_saves
 from .loss import get_loss
@@ -173,11 +174,12 @@ def _finetune(cfg: TrainConfig, par: Any, ckpt: Any, records: Any, model: nn.Mod
                                   epochs=None if cfg.max_steps is not None else cfg.epochs), device)
     # compiled runs compile the loss too (the head's fp32 logits then never exist: train/loss.py)
     loss_fn = get_loss(cfg.loss, compiled=cfg.compiles(device.type))
-    ctx = StepContext(model, optimizer, [p for p in model.parameters() if p.requires_grad], policy, loss_fn,
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    ctx = StepContext(model, optimizer, trainable, policy, loss_fn,
                       par, device, cfg.max_grad_norm, getattr(instrument, "forward_context", None),
                       getattr(instrument, "before_step", None),
                       offload_context("activations" if "activations" in cfg.offload_targets else "none", model, device),
-                      grad_norm_fn(optimizer, par))
+                      grad_norm_fn(optimizer, par), GraphSteps(trainable, cfg.replays_graphs(device.type)))
     validate = functools.partial(evaluate, model, val_set, policy, device, cfg.eval_batch_size, pad_id, par,
                                  loss_name=cfg.loss)
     # Random weights only babble; sharded generation is not supported (generate from final/ instead).

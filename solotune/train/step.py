@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from ..data.batch import Batch
+from .graphs import NO_GRAPHS, GraphSteps
 from .interrupts import deferred_signals
 from .loss import HeadLoss
 from .precision import PrecisionPolicy
@@ -42,6 +43,7 @@ class StepContext:
     offload: contextlib.AbstractContextManager = contextlib.nullcontext()  # train/offload.py, entered per micro-batch
     # (params, max_norm) -> grad norm, where the step clips (train/optim.grad_norm_fn); None: par.clip_grad_norm
     clip_grad_norm: Callable[[list[torch.Tensor], float | None], float] | None = None
+    graphs: GraphSteps = NO_GRAPHS  # train/graphs.py: compiled blocks replaying CUDA graphs
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,7 @@ def train_step(ctx: StepContext, state: TrainState, window: Sequence[Batch]) -> 
         grad_norm = (ctx.clip_grad_norm or par.clip_grad_norm)(ctx.params, ctx.max_grad_norm)
         took_step = scaler.step(opt)
         state.scheduler.step()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=ctx.graphs.grads_to_none)
         dt = time.perf_counter() - t0
         state.step += 1
         state.tokens += n_tokens
@@ -88,6 +90,7 @@ def _window_loss(ctx: StepContext, scaler: Any, window: Sequence[Batch], n_targe
     loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
     for j, batch in enumerate(window):
         batch = batch.to(ctx.device)
+        ctx.graphs.before_forward()
         hook = ctx.forward_context() if ctx.forward_context else contextlib.nullcontext()
         # The instrument's hook is outermost, so the anatomy sees what the offload leaves on the device.
         with hook, ctx.offload, par.accumulate(ctx.model, last=j == len(window) - 1):

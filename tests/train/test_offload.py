@@ -366,11 +366,13 @@ def test_cuda_long_rows_offload_is_as_close_to_fp32_as_the_plain_run():
     offloaded bf16 run's LoRA gradients differ from the plain bf16 run's. Rounding (another kernel
     choice) or wrong data? Against fp32 gradients of the same weights, an offload that restores the
     right bytes is as close as the plain run (within 2x its error); wrong bytes in a block input would
-    be off by far more. Also: two offloaded runs agree bitwise (no race between the copy streams)."""
+    be off by far more. (Not bitwise between runs, offloaded or not: flash attention's backward adds
+    dQ with atomics, in whatever order the blocks finish — the first GPU run of this test showed two
+    offloaded runs differing so, which is what the first long-row comparison had seen.)"""
     model, batch = _long_thin_lora()
     plain = _run(model, batch)
     off = [_run(model, batch, ActivationOffload(model, "cuda", max_in_flight=2)) for _ in range(2)]
-    _assert_same(off[0], off[1])
+    assert torch.equal(off[0][0], off[1][0])  # the forward (the loss) is deterministic
     ref = _run(model.float(), batch)[1]  # the same values in fp32 (bf16 -> fp32 is exact)
 
     def rel_err(grads: dict) -> float:
@@ -378,6 +380,6 @@ def test_cuda_long_rows_offload_is_as_close_to_fp32_as_the_plain_run():
         den = sum(float(ref[n].norm() ** 2) for n in ref)
         return (num / den) ** 0.5
 
-    e_plain, e_off = rel_err(plain[1]), rel_err(off[0][1])
+    e_plain, e_off, e_off2 = rel_err(plain[1]), rel_err(off[0][1]), rel_err(off[1][1])
     assert e_plain < 0.2, e_plain  # the fp32 reference is a meaningful one for this model
-    assert e_off <= 2 * e_plain + 1e-6, (e_off, e_plain)
+    assert max(e_off, e_off2) <= 2 * e_plain + 1e-6, (e_off, e_off2, e_plain)

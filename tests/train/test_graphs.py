@@ -1,0 +1,36 @@
+"""train/graphs.py: with graph replay on, each micro-batch gets gradients in place before its forward
+and updates zero them instead of freeing them; with it off, nothing changes. (The GPU test that the
+replayed run's gradients equal the plain compiled run's: tests/train/test_train_gpu.py.)"""
+
+from __future__ import annotations
+
+import torch
+
+from solotune.train.config import TrainConfig
+from solotune.train.graphs import NO_GRAPHS, GraphSteps
+
+
+def test_replay_materialises_zero_gradients_and_keeps_them():
+    w = torch.nn.Parameter(torch.ones(3, 2))
+    frozen = torch.ones(2)
+    steps = GraphSteps([w], replay=True)
+    steps.before_forward()
+    assert w.grad is not None and torch.equal(w.grad, torch.zeros(3, 2))
+    (w * 2).sum().backward()
+    kept = w.grad
+    steps.before_forward()  # the next micro-batch: the accumulated gradient stays
+    assert w.grad is kept and torch.equal(w.grad, torch.full((3, 2), 2.0))
+    assert steps.grads_to_none is False and frozen.grad is None
+
+
+def test_without_replay_nothing_is_touched():
+    w = torch.nn.Parameter(torch.ones(2))
+    GraphSteps([w], replay=False).before_forward()
+    NO_GRAPHS.before_forward()
+    assert w.grad is None and NO_GRAPHS.grads_to_none and GraphSteps([w], replay=False).grads_to_none
+
+
+def test_only_cuda_graph_compiles_replay_on_cuda():
+    cfg = TrainConfig(model="tiny", compile="blocks-cudagraphs")
+    assert cfg.replays_graphs("cuda") and not cfg.replays_graphs("cpu")
+    assert not TrainConfig(model="tiny", compile="blocks").replays_graphs("cuda")
