@@ -80,7 +80,7 @@ for part in "${PARTS[@]}"; do
       # (context24 at 16,000 tokens failed with 2 GiB reserved but unallocated: frontier3-h200/run4)
       case "$part" in *-lean) extra=(--loss fused-linear-ce --offload activations) ;; esac
       for q in none nf4; do
-        ( case "$part" in *-lean) export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True ;; esac
+        ( case "$part" in *-lean|context80) export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True ;; esac
           run "maxlen-$part-$q" --find-max-seq-len --memory-limit "$limit" --axes none --fix gc=on,precision=on \
             --quantize "$q" "${extra[@]}" --compile off --max-probes "$probes" --probe-step 0.04 --probe-samples "$samples" )
       done ;;

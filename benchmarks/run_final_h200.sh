@@ -5,7 +5,7 @@
 #   bash benchmarks/run_final_h200.sh OUT PART...
 #   PART: tests | kernels | speed | speed-flce | qlora | qlora-flce | probe | probe-k | gen1 | gen16 |
 #         gen1-int8 | generate | alpaca | qlora-lean | optim | table2 | context24 | context80 |
-#         context24-lean | context80-lean | profile-b1 | int8-code | alpaca-graphs | guide | tests3 | tests4 | tests5
+#         context24-lean | context80-lean | profile-b1 | int8-code | alpaca-graphs | guide | tests3 | tests4 | tests5 | tests6
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?OUT}; shift
@@ -39,6 +39,9 @@ for part in "$@"; do
         timeout "${f##*:}" python3 -m pytest -v -rs -p no:cacheprovider --durations=8 "${f%%:*}" >> "$R/gpu_tests5.log" 2>&1
         echo "${f%%:*} rc=$?" >> "$R/gpu_tests5.log"
       done ;;
+    tests6)  # the graph-replay training test again (validation now runs the blocks eagerly)
+      timeout 120 python3 -m pytest -v -rs -p no:cacheprovider tests/train/test_train_gpu.py -k graph_replayed \
+        > "$R/gpu_tests6.log" 2>&1 ;;
     tests4)  # the test files whose code changed since their last GPU run (8-bit row kernel, padded head dims, offload, bench)
       for f in tests/optim/test_optim_gpu.py:60 tests/bench/test_plan_losses.py:60 tests/train/test_offload.py:60 \
                tests/bench/test_bench_gpu.py:90; do

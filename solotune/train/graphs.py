@@ -11,11 +11,16 @@ replay. Two of a step's tensors outlive a replay:
   materialised (zeroed, not freed) gradients while graphs replay;
 * nothing else a step keeps (losses are detached copies), so each micro-batch's forward starts a new
   graph generation (``cudagraph_mark_step_begin``), which frees the previous one's outputs.
+
+Forwards without gradients (validation, samples) run the blocks eagerly instead (:meth:`GraphSteps.outside`):
+with no backward pending, the trees take each block's call of the one shared block graph for a new
+generation and overwrite the previous block's output, the very input of that call.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import functools
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -40,6 +45,20 @@ class GraphSteps:
         for p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
+
+
+    def outside(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` (a no-grad pass over the model) run with the compiled blocks' original eager code
+        while graphs replay (``torch.compiler.set_stance``, torch >= 2.6); ``fn`` itself otherwise."""
+        if not self.replay or not hasattr(torch.compiler, "set_stance"):
+            return fn
+
+        @functools.wraps(fn)
+        def eager(*args: Any, **kwargs: Any) -> Any:
+            with torch.compiler.set_stance("force_eager"):
+                return fn(*args, **kwargs)
+
+        return eager
 
 
 NO_GRAPHS = GraphSteps((), replay=False)

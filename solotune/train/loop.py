@@ -175,13 +175,15 @@ def _finetune(cfg: TrainConfig, par: Any, ckpt: Any, records: Any, model: nn.Mod
     # compiled runs compile the loss too (the head's fp32 logits then never exist: train/loss.py)
     loss_fn = get_loss(cfg.loss, compiled=cfg.compiles(device.type))
     trainable = [p for p in model.parameters() if p.requires_grad]
+    graphs = GraphSteps(trainable, cfg.replays_graphs(device.type))
     ctx = StepContext(model, optimizer, trainable, policy, loss_fn,
                       par, device, cfg.max_grad_norm, getattr(instrument, "forward_context", None),
                       getattr(instrument, "before_step", None),
                       offload_context("activations" if "activations" in cfg.offload_targets else "none", model, device),
-                      grad_norm_fn(optimizer, par), GraphSteps(trainable, cfg.replays_graphs(device.type)))
-    validate = functools.partial(evaluate, model, val_set, policy, device, cfg.eval_batch_size, pad_id, par,
-                                 loss_name=cfg.loss)
+                      grad_norm_fn(optimizer, par), graphs)
+    validate = graphs.outside(functools.partial(evaluate, model, val_set, policy, device, cfg.eval_batch_size,
+                                                pad_id, par, loss_name=cfg.loss))
+    sample = graphs.outside(sample_generations)
     # Random weights only babble; sharded generation is not supported (generate from final/ instead).
     generate = cfg.generate_samples and not cfg.random_init and par.kind == "none"
     chat = generate and chat_samples(cfg, tokenizer, records)  # samples as the run renders its records
@@ -193,7 +195,7 @@ def _finetune(cfg: TrainConfig, par: Any, ckpt: Any, records: Any, model: nn.Mod
         say(f"resumed from {ckpt.path} at step {state.step}")
     else:
         if generate:
-            state.generations_before = sample_generations(model, tokenizer, say, "before tuning", chat=chat)
+            state.generations_before = sample(model, tokenizer, say, "before tuning", chat=chat)
         state.val_loss_before = validate()
         if state.val_loss_before is not None:
             say(f"val loss before: {state.val_loss_before:.4f} (ppl {math.exp(state.val_loss_before):.2f}) "
@@ -225,7 +227,7 @@ def _finetune(cfg: TrainConfig, par: Any, ckpt: Any, records: Any, model: nn.Mod
         saver.save_final()
         final_dir = save_final_weights(par, out / FINAL, model, cfg, tokenizer)
     val_after = validate()
-    gens_after = sample_generations(model, tokenizer, say, "after tuning", chat=chat) if generate else []
+    gens_after = sample(model, tokenizer, say, "after tuning", chat=chat) if generate else []
     result = _result(cfg, state, log.records, out, peaks, val_after, trainable_params, total_params, final_dir,
                      saver.last, gens_after, ckpt, par.world_size)
     if par.is_main:

@@ -34,3 +34,23 @@ def test_only_cuda_graph_compiles_replay_on_cuda():
     cfg = TrainConfig(model="tiny", compile="blocks-cudagraphs")
     assert cfg.replays_graphs("cuda") and not cfg.replays_graphs("cpu")
     assert not TrainConfig(model="tiny", compile="blocks").replays_graphs("cuda")
+
+
+def test_no_grad_passes_run_the_compiled_code_eagerly_while_graphs_replay():
+    import pytest
+
+    if not hasattr(torch.compiler, "set_stance"):
+        pytest.skip("torch < 2.6: no compiler stance")
+    traced = []
+
+    def backend(gm, example_inputs):
+        traced.append(gm)
+        return gm.forward
+
+    f = torch.compile(lambda x: x * 2 + 1, backend=backend)
+    x = torch.ones(3)
+    run = lambda: f(x)  # noqa: E731
+    assert torch.equal(GraphSteps([], replay=True).outside(run)(), x * 2 + 1) and not traced
+    assert GraphSteps([], replay=False).outside(run) is run
+    run()
+    assert traced  # outside the wrapper the compiled code runs
