@@ -143,10 +143,12 @@ class CellSpec:
         """What the loop runs on ``device_type`` ("auto" resolved): what cells.json records."""
         if self.impl != "solotune":
             return {**LOOP_OFF, "loss_compiled": False}
-        tc = TrainConfig(**{k: getattr(self, k) for k in LOOP_OPTIONS})
-        compiled = self.compile if self.compile != "auto" else "blocks"  # auto compiles the blocks
+        # what TrainConfig.compile_mode's auto looks at, as the cell's training run sets it
+        tc = TrainConfig(**{k: getattr(self, k) for k in LOOP_OPTIONS}, batch_size=self.micro_batch,
+                         max_seq_len=self.seq_len, grad_checkpoint=self.grad_checkpoint, quantize=self.quantize,
+                         offload=self.offload, optimizer_in_backward=self.optimizer_in_backward)
         return {"packing": "on" if tc.packs(device_type) else "off",
-                "compile": compiled if tc.compiles(device_type) else "off",
+                "compile": tc.compile_mode(device_type),
                 "kernels": self.kernels, "loss": self.loss,
                 # the loop compiles the loss with the blocks (train/loss.py COMPILABLE_LOSSES)
                 "loss_compiled": tc.compiles(device_type) and self.loss in COMPILABLE_LOSSES}

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, MissingPathError, RunDirError
-from .config import PRECISIONS, PROFILES, TEMPLATES, TrainConfig
+from .config import GRAPH_MAX_TOKENS, PRECISIONS, PROFILES, TEMPLATES, TrainConfig
 
 
 def _range(text: str) -> tuple[int, int]:
@@ -69,8 +69,10 @@ _FINETUNE_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
                                   help="on: pack each step's records into rows of --max-seq-len tokens (no padding; "
                                        "auto: on CUDA)")),
     "--compile": ("compile", dict(choices=["auto", "off", "blocks", "blocks-cudagraphs"],
-                                  help="blocks: torch.compile each transformer block (auto: on CUDA); "
-                                       "blocks-cudagraphs: and replay them as CUDA graphs (small batches)")),
+                                  help="blocks: torch.compile each transformer block; blocks-cudagraphs: and replay them as "
+                                       "CUDA graphs (launch-bound small micro-batches); auto: on CUDA, with graphs "
+                                       f"at <= {GRAPH_MAX_TOKENS} tokens per micro-batch without checkpointing, quantization, "
+                                       "offload or in-backward optimizer")),
     "--kernels": ("kernels", dict(choices=["off", "triton"], help="triton: fused RMSNorm/RoPE/SwiGLU kernels")),
     "--loss": ("loss", dict(help="how the head's logits come to exist (see solotune.train.loss.LOSSES)")),
     "--full": ("full", dict(action="store_true", help="full fine-tuning (no LoRA)")),

@@ -35,9 +35,15 @@ OFFLOAD_TARGETS = ("activations", "optimizer")  # solotune.train.offload; solotu
 # "none", one target, or several comma-separated (stored in OFFLOAD_TARGETS order: "activations,optimizer")
 OFFLOAD = ("none", "activations", "optimizer", "activations,optimizer")
 PACKING = ("auto", "off", "on")  # solotune.data.packing: several records per row, no padding (auto: on CUDA)
-# torch.compile of each transformer block (auto: blocks on CUDA with Triton); blocks-cudagraphs also
-# replays each block's kernels from a CUDA graph (mode="reduce-overhead": for launch-bound small batches)
+# torch.compile of each transformer block (auto: on CUDA with Triton, TrainConfig.compile_mode);
+# blocks-cudagraphs also replays each block's kernels from a CUDA graph (mode="reduce-overhead": for
+# launch-bound small micro-batches)
 COMPILE = ("auto", "off", "blocks", "blocks-cudagraphs")
+# auto replays CUDA graphs at or below this many tokens per micro-batch (batch_size x max_seq_len), with
+# no checkpointing, quantized base, offload or in-backward optimizer (none measured with graphs yet): a
+# 512-token LoRA micro-batch is launch-bound (53.6 ms of which 25.4 ms GPU work; replayed 28.1 ms), a
+# 4,096-token one matmul-bound (benchmarks/NOTES.md, fourth session)
+GRAPH_MAX_TOKENS = 1024
 KERNELS = ("off", "triton")  # solotune.kernels: fused RMSNorm / RoPE / SwiGLU
 DISTRIBUTED = ("none", "fsdp")  # solotune.parallel: one process, or FSDP2 over torchrun's processes
 
@@ -74,7 +80,7 @@ class TrainConfig:
     # state in pinned host memory) | activations,optimizer
     offload: str = "none"
     packing: str = "auto"  # auto | off | on: records packed into rows of max_seq_len tokens (auto: on CUDA)
-    compile: str = "auto"  # auto | off | blocks: torch.compile each transformer block (auto: on CUDA)
+    compile: str = "auto"  # auto | off | blocks | blocks-cudagraphs (auto: on CUDA; compile_mode)
     kernels: str = "off"  # off | triton: fused RMSNorm / RoPE / SwiGLU kernels
     loss: str = "full-logits"  # a name in solotune.train.loss.LOSSES (how the head's logits come to exist)
     # LoRA (ignored with full=True or lora_rank=0)
@@ -243,21 +249,30 @@ class TrainConfig:
         """Padding-free packing in effect on this device (``auto``: CUDA, one process)."""
         return self.packing == "on" or (self.packing == "auto" and device_type == "cuda" and self.distributed == "none")
 
+    def compile_mode(self, device_type: str) -> str:
+        """The compile setting in effect on this device: ``off`` | ``blocks`` | ``blocks-cudagraphs``.
+        ``auto``: off without CUDA + Triton or under FSDP; CUDA graphs where a step is launch-bound and
+        nothing in it is untried with graphs (:data:`GRAPH_MAX_TOKENS`), else compiled blocks."""
+        if self.compile != "auto":
+            return self.compile
+        if not (device_type == "cuda" and self.distributed == "none" and importlib.util.find_spec("triton")):
+            return "off"
+        small = self.batch_size * self.max_seq_len <= GRAPH_MAX_TOKENS
+        plain = (self.grad_checkpoint in ("off", "none", "") and self.quantize == "none" and self.offload == "none"
+                 and not self.optimizer_in_backward)
+        return "blocks-cudagraphs" if small and plain else "blocks"
+
     def compiles(self, device_type: str) -> bool:
-        """Compiled blocks in effect on this device (``auto``: CUDA with Triton, one process)."""
-        if self.compile.startswith("blocks"):
-            return True
-        return (self.compile == "auto" and device_type == "cuda" and self.distributed == "none"
-                and importlib.util.find_spec("triton") is not None)
+        """Compiled blocks in effect on this device (:meth:`compile_mode`)."""
+        return self.compile_mode(device_type) != "off"
 
     def replays_graphs(self, device_type: str) -> bool:
-        """Compiled blocks replayed as CUDA graphs (``blocks-cudagraphs`` on CUDA: train/graphs.py)."""
-        return self.compile == "blocks-cudagraphs" and device_type == "cuda"
+        """Compiled blocks replayed as CUDA graphs (train/graphs.py): only CUDA has them."""
+        return device_type == "cuda" and self.compile_mode(device_type) == "blocks-cudagraphs"
 
-    @property
-    def compile_options(self) -> dict[str, Any]:
-        """``torch.compile`` keyword arguments of the chosen compile setting."""
-        return {"mode": "reduce-overhead"} if self.compile == "blocks-cudagraphs" else {}
+    def compile_options(self, device_type: str) -> dict[str, Any]:
+        """``torch.compile`` keyword arguments of the compile setting in effect."""
+        return {"mode": "reduce-overhead"} if self.replays_graphs(device_type) else {}
 
     @property
     def offload_targets(self) -> frozenset[str]:

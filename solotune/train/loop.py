@@ -305,11 +305,12 @@ def _attach_adapters(model: nn.Module, cfg: TrainConfig, policy: PrecisionPolicy
     device_type = next(model.parameters()).device.type
     packs, compiles = cfg.packs(device_type), cfg.compiles(device_type)
     if compiles:
-        model.compile_blocks(**cfg.compile_options)
+        model.compile_blocks(**cfg.compile_options(device_type))
     say(trainable_summary(model))
     if packs or compiles:
         say(f"speed: packing {'on' if packs else 'off'} (rows of {cfg.max_seq_len} tokens), "
-            f"compiled blocks {'on' if compiles else 'off'}")
+            f"compiled blocks {'on' if compiles else 'off'}"
+            + (" (replayed as CUDA graphs)" if cfg.replays_graphs(device_type) else ""))
     return count_parameters(model)
 
 

@@ -54,3 +54,24 @@ def test_no_grad_passes_run_the_compiled_code_eagerly_while_graphs_replay():
     assert GraphSteps([], replay=False).outside(run) is run
     run()
     assert traced  # outside the wrapper the compiled code runs
+
+
+def test_auto_replays_graphs_only_for_small_plain_micro_batches_on_cuda(monkeypatch):
+    import importlib.util
+
+    from solotune.train.config import GRAPH_MAX_TOKENS
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "triton" else real_find_spec(n, *a))
+    course = TrainConfig(model="tiny", batch_size=1, max_seq_len=512)
+    assert course.compile_mode("cuda") == "blocks-cudagraphs" and course.replays_graphs("cuda")
+    assert course.compile_options("cuda") == {"mode": "reduce-overhead"}
+    assert course.compile_mode("cpu") == "off" and course.compile_options("cpu") == {}
+    big = course.replace(batch_size=GRAPH_MAX_TOKENS // 512 + 1)
+    assert big.compile_mode("cuda") == "blocks" and big.compile_options("cuda") == {}
+    for untried in (dict(grad_checkpoint="all"), dict(quantize="nf4"), dict(offload="activations"),
+                    dict(optimizer_in_backward=True, grad_accum=1, max_grad_norm=None)):
+        assert course.replace(**untried).compile_mode("cuda") == "blocks", untried
+    assert course.replace(compile="blocks").compile_mode("cuda") == "blocks"
+    assert course.replace(compile="off").compile_mode("cuda") == "off"
+    assert course.replace(distributed="fsdp").compile_mode("cuda") == "off"
