@@ -5,6 +5,7 @@ predicted peak compared with the measured one (CUDA ``max_memory_allocated``).""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -156,3 +157,43 @@ def test_measured_components_equal_the_dry_run(folder, rec):
         assert p.activations == a["max_activations"]
     assert p.weight_copies == a["max_weight_copies"]
     assert p.autocast_cache == a["autocast_cache"]
+
+
+# ============================================================ the longest-row probes (bench --find-max-seq-len)
+def _probes(status: str) -> list[tuple[str, dict]]:
+    return [(str(path.parent.relative_to(RESULTS)), rec) for path in sorted(RESULTS.rglob("probes.json"))
+            for rec in json.loads(path.read_text()) if rec.get("status") == status and rec.get("layers")]
+
+
+PROBES_OK, PROBES_OOM = _probes("ok"), _probes("oom")
+# probes where the planner is known to under-predict (activation offload + fused linear-CE at 46k-94k
+# tokens: >= ~32 KB per token unmodelled; benchmarks/NOTES.md, fourth session)
+LEAN_OFFLOAD_MISS = ("frontier4-h200/run2/bench/maxlen-context24-lean-",)
+
+
+def _probe_setup(rec: dict) -> Setup:
+    return setup_of({**rec, "max_seq_len_seen": rec["seq_len"], "max_rows_seen": 1}, "")
+
+
+@pytest.mark.parametrize("folder,rec", PROBES_OK, ids=[f"{f}/{r['seq_len']}" for f, r in PROBES_OK])
+def test_planner_predicts_the_long_rows_that_trained(folder, rec):
+    """One row of 15k-104k tokens, where the loss's [T x V] tensors and a block's recomputation are
+    most of the activations: the allocated peak within the full-depth bound."""
+    p = predict(_probe_setup(rec))
+    err = (p.peak - rec["peak_alloc_bytes"]) / rec["peak_alloc_bytes"]
+    assert abs(err) <= FULL_DEPTH_BOUND, f"{err:+.2%}"
+
+
+@pytest.mark.parametrize("folder,rec", PROBES_OOM, ids=[f"{f}/{r['seq_len']}" for f, r in PROBES_OOM])
+def test_planner_is_not_below_what_the_failed_long_rows_needed(folder, rec):
+    """A probe that ran out of memory needed at least what PyTorch had allocated when it failed plus
+    the request that failed (both in its message): the prediction must not be below that by more
+    than the bound (it may be far above: a cap on reserved memory fails on fragmentation too)."""
+    if folder.startswith(LEAN_OFFLOAD_MISS):
+        pytest.xfail("activation offload + fused linear-CE: the device keeps >= ~32 KB per token more than the "
+                     "planner's offload model (benchmarks/NOTES.md)")
+    m = re.search(r"([\d.]+) GiB is allocated by PyTorch", rec["error"])
+    assert m and rec.get("oom_request_bytes"), rec["error"][:200]
+    needed = float(m.group(1)) * 2**30 + rec["oom_request_bytes"]
+    p = predict(_probe_setup(rec))
+    assert p.peak >= needed * (1 - FULL_DEPTH_BOUND), f"predicted {p.peak / 2**30:.2f} GiB, needed >= {needed / 2**30:.2f}"
