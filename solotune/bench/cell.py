@@ -411,6 +411,7 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
         "max_seq_len_data": None, "max_seq_len_seen": None, "max_rows_seen": None,
         "sdpa": spec.sdpa if device.type == "cuda" else None,
         "device_memory_bytes": torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None,
+        "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF") if device.type == "cuda" else None,
     }
     meter = make_meter(device)
     result["peak_kind"] = meter.kind

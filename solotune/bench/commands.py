@@ -63,10 +63,11 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--optimizer-in-backward", action="store_true",
                    help="update each parameter in its gradient hook (cells with grad_accum 1)")
     p.add_argument("--memory-limit", default=None,
-                   help="cap each cell's CUDA memory (e.g. 24GiB) to reproduce a smaller GPU")
+                   help="cap each cell's CUDA memory (e.g. 24GiB) to reproduce a smaller GPU; such cells run "
+                        "with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True unless it is set")
     from .cell import LOOP_OPTIONS  # TrainConfig's defaults: a cell runs what finetune would
 
-    for name, choices in (("packing", "auto | off | on"), ("compile", "auto | off | blocks"),
+    for name, choices in (("packing", "auto | off | on"), ("compile", "auto | off | blocks | blocks-cudagraphs"),
                           ("kernels", "off | triton"), ("loss", "train/loss.py LOSSES")):
         p.add_argument(f"--{name}", default=LOOP_OPTIONS[name],
                        help=f"TrainConfig.{name} of the solotune cells ({choices}; default {LOOP_OPTIONS[name]}); "

@@ -179,6 +179,17 @@ def matrix(bc: BenchConfig) -> list[CellSpec]:
 
 
 # ------------------------------------------------------------------------------ running
+def cell_env(spec: CellSpec, environ: Any) -> dict[str, str]:
+    """The cell process's environment. Under ``--memory-limit`` the cap binds the allocator's *reserved*
+    memory, and fragmentation left 1-2 GiB reserved but unusable there (7B long rows,
+    benchmarks/results/frontier3-h200/run4): such cells get expandable segments (reserved ~ allocated,
+    what the planner predicts) unless the user set ``PYTORCH_CUDA_ALLOC_CONF`` themselves."""
+    env = {**environ, "PYTHONUNBUFFERED": "1"}
+    if spec.memory_limit_bytes and "PYTORCH_CUDA_ALLOC_CONF" not in environ:
+        env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    return env
+
+
 def run_cell_subprocess(spec: CellSpec, timeout_s: float, log: TextIO) -> dict[str, Any]:
     """Run one cell in a fresh Python process; a crash or timeout becomes an error result."""
     cmd = [sys.executable, "-m", "solotune.bench.cell", "--json", json.dumps(spec.to_dict())]
@@ -187,7 +198,7 @@ def run_cell_subprocess(spec: CellSpec, timeout_s: float, log: TextIO) -> dict[s
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True, timeout=timeout_s,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                              env=cell_env(spec, os.environ))
     except subprocess.TimeoutExpired:
         return _failed(spec, f"timed out after {timeout_s:.0f} s (see bench.log)", time.perf_counter() - t0)
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]

@@ -204,3 +204,14 @@ def test_bench_refuses_an_unknown_reference():
     with pytest.raises(ConfigError, match="--reference"):
         BenchConfig(reference="hf,torchtune")
     assert BenchConfig(reference="hf, hf-liger,hf").references == ("hf", "hf-liger")
+
+
+def test_capped_cells_get_expandable_segments_unless_the_user_chose():
+    from solotune.bench.cell import CellSpec
+    from solotune.bench.runner import cell_env
+
+    capped = CellSpec(model="tiny", memory_limit_bytes=24 << 30)
+    assert cell_env(capped, {"A": "1"})["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    assert cell_env(capped, {"PYTORCH_CUDA_ALLOC_CONF": "backend:native"})["PYTORCH_CUDA_ALLOC_CONF"] == "backend:native"
+    plain = cell_env(CellSpec(model="tiny"), {"A": "1"})
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in plain and plain["A"] == "1" and plain["PYTHONUNBUFFERED"] == "1"
