@@ -143,15 +143,22 @@ class CellSpec:
         """What the loop runs on ``device_type`` ("auto" resolved): what cells.json records."""
         if self.impl != "solotune":
             return {**LOOP_OFF, "loss_compiled": False}
-        # what TrainConfig.compile_mode's auto looks at, as the cell's training run sets it
-        tc = TrainConfig(**{k: getattr(self, k) for k in LOOP_OPTIONS}, batch_size=self.micro_batch,
-                         max_seq_len=self.seq_len, grad_checkpoint=self.grad_checkpoint, quantize=self.quantize,
-                         offload=self.offload, optimizer_in_backward=self.optimizer_in_backward)
+        tc = TrainConfig(model=self.model, **self.train_fields())  # what auto resolves from, as the cell runs
         return {"packing": "on" if tc.packs(device_type) else "off",
                 "compile": tc.compile_mode(device_type),
                 "kernels": self.kernels, "loss": self.loss,
                 # the loop compiles the loss with the blocks (train/loss.py COMPILABLE_LOSSES)
                 "loss_compiled": tc.compiles(device_type) and self.loss in COMPILABLE_LOSSES}
+
+    def train_fields(self) -> dict[str, Any]:
+        """The TrainConfig fields that shape the cell's training step (the loop's options resolve from them)."""
+        return dict(batch_size=self.micro_batch, grad_accum=self.grad_accum, grad_checkpoint=self.grad_checkpoint,
+                    precision=self.precision, full=self.method == "full",
+                    lora_rank=self.lora_rank if self.method == "lora" else 0, lora_alpha=self.lora_alpha,
+                    lora_dropout=self.lora_dropout, lora_targets=self.lora_targets, max_seq_len=self.seq_len,
+                    quantize=self.quantize, offload=self.offload, **{k: getattr(self, k) for k in LOOP_OPTIONS},
+                    optimizer=self.optimizer, optimizer_in_backward=self.optimizer_in_backward,
+                    **({"max_grad_norm": None} if self.optimizer_in_backward else {}))  # in backward: no global clipping
 
     @property
     def cell_id(self) -> str:
@@ -530,14 +537,8 @@ def _train_solotune(spec: CellSpec, model: Any, tokenizer: Any, device: torch.de
     rows = (0, spec.samples) if spec.data == RANDOM else (0, 200)
     cfg = TrainConfig(
         model=spec.model, data=RANDOM if spec.data == RANDOM else data_path, output_dir=os.path.join(workdir, "run"), epochs=1, lr=spec.lr,
-        batch_size=spec.micro_batch, grad_accum=spec.grad_accum, grad_checkpoint=spec.grad_checkpoint,
-        precision=spec.precision, full=spec.method == "full", lora_rank=spec.lora_rank if spec.method == "lora" else 0,
-        lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout, lora_targets=spec.lora_targets,
-        max_seq_len=spec.seq_len, train_range=rows, max_samples=spec.samples, val_samples=0,
-        generate_samples=False, progress=False, device=str(device), seed=spec.seed, log_every=10**9,
-        quantize=spec.quantize, offload=spec.offload, **{k: getattr(spec, k) for k in LOOP_OPTIONS},
-        optimizer=spec.optimizer, optimizer_in_backward=spec.optimizer_in_backward,
-        **({"max_grad_norm": None} if spec.optimizer_in_backward else {}),  # in backward: no global clipping
+        train_range=rows, max_samples=spec.samples, val_samples=0, generate_samples=False, progress=False,
+        device=str(device), seed=spec.seed, log_every=10**9, **spec.train_fields(),
     )
     try:
         with contextlib.redirect_stdout(sys.stderr):

@@ -258,7 +258,7 @@ class TrainConfig:
         if not (device_type == "cuda" and self.distributed == "none" and importlib.util.find_spec("triton")):
             return "off"
         small = self.batch_size * self.max_seq_len <= GRAPH_MAX_TOKENS
-        plain = (self.grad_checkpoint in ("off", "none", "") and self.quantize == "none" and self.offload == "none"
+        plain = (not checkpoint_policy(self.grad_checkpoint, 1) and self.quantize == "none" and self.offload == "none"
                  and not self.optimizer_in_backward)
         return "blocks-cudagraphs" if small and plain else "blocks"
 

@@ -46,7 +46,6 @@ class GraphSteps:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
 
-
     def outside(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         """``fn`` (a no-grad pass over the model) run with the compiled blocks' original eager code
         while graphs replay (``torch.compiler.set_stance``, torch >= 2.6); ``fn`` itself otherwise."""
