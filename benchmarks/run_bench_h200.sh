@@ -16,6 +16,7 @@
 #   alpaca     (not in "all") real Alpaca records 0-199: the course setting (micro-batch 1, accumulation 8)
 #              and micro-batch 8, solotune (packing + compile) vs HF + PEFT; micro-batch 32 records
 #              (~8 packed rows of 512 tokens), solotune only                                       ~5 min
+#   fp8        (not in "all") the speed rows with --quantize fp8 (base in fp8, fp8 GEMMs), vs HF and HF + Liger  ~4 min
 #   alpaca-graphs (not in "all") the course setting with --compile blocks-cudagraphs, solotune only  ~1.5 min
 #
 #   bash benchmarks/run_bench_h200.sh OUT [PART ...]      (default: speed qlora context24 context80)
@@ -49,6 +50,9 @@ for part in "${PARTS[@]}"; do
   case "$part" in
     speed)
       run lora-random-mb8 "${R[@]}" --micro-batch 8 --axes gc --fix precision=on --reference hf,hf-liger \
+          --time-budget 6 ;;
+    fp8)  # the frozen base in fp8 and multiplied in fp8 (Hopper's fp8 GEMMs), against HF and HF + Liger in bf16
+      run fp8-random-mb8 "${R[@]}" --micro-batch 8 --axes gc --fix precision=on --quantize fp8 --reference hf,hf-liger \
           --time-budget 6 ;;
     qlora)
       run qlora-random-b1 "${R[@]}" --micro-batch 1 --axes none --fix gc=on,precision=on --quantize nf4 \
@@ -84,6 +88,6 @@ for part in "${PARTS[@]}"; do
           run "maxlen-$part-$q" --find-max-seq-len --memory-limit "$limit" --axes none --fix gc=on,precision=on \
             --quantize "$q" "${extra[@]}" --compile off --max-probes "$probes" --probe-step 0.04 --probe-samples "$samples" )
       done ;;
-    *) echo "unknown part $part (speed qlora context24 context80 offload context24-lean context80-lean alpaca alpaca-graphs qlora-lean)"; exit 2 ;;
+    *) echo "unknown part $part (speed qlora context24 context80 offload context24-lean context80-lean alpaca alpaca-graphs qlora-lean fp8)"; exit 2 ;;
   esac
 done

@@ -5,7 +5,8 @@
 #   bash benchmarks/run_final_h200.sh OUT PART...
 #   PART: tests | kernels | speed | speed-flce | qlora | qlora-flce | probe | probe-k | gen1 | gen16 |
 #         gen1-int8 | generate | alpaca | qlora-lean | optim | table2 | context24 | context80 |
-#         context24-lean | context80-lean | profile-b1 | int8-code | alpaca-graphs | guide | tests3 | tests4 | tests5 | tests6
+#         context24-lean | context80-lean | profile-b1 | int8-code | alpaca-graphs | guide | tests3 | tests4 | tests5 | tests6 |
+#         tests7 | probe-fp8 | fp8
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?OUT}; shift
@@ -39,6 +40,16 @@ for part in "$@"; do
         timeout "${f##*:}" python3 -m pytest -v -rs -p no:cacheprovider --durations=8 "${f%%:*}" >> "$R/gpu_tests5.log" 2>&1
         echo "${f%%:*} rc=$?" >> "$R/gpu_tests5.log"
       done ;;
+    tests7)  # the fp8 base (scaled_mm == reference path, Inductor-compiled blocks), then the graph-replay and speed files
+      for f in tests/quant/test_quant_gpu.py:120 tests/train/test_train_gpu.py:120 tests/train/test_speed_gpu.py:90; do
+        timeout "${f##*:}" python3 -m pytest -v -rs -p no:cacheprovider --durations=8 "${f%%:*}" >> "$R/gpu_tests7.log" 2>&1
+        echo "${f%%:*} rc=$?" >> "$R/gpu_tests7.log"
+      done ;;
+    probe-fp8)  # the fp8 base in the speed probe: compiled mb8 with and without checkpointing, and bf16 beside it
+      timeout 300 python3 benchmarks/speed_probe.py --out "$R/probe" --warmup 3 --steps 5 \
+        --variants fp8-compile-cl,compile-cl,fp8-compile-gc-cl,compile-gc-cl --profile fp8-compile-cl > "$R/probe-fp8.log" 2>&1 ;;
+    fp8)
+      timeout 330 bash benchmarks/run_bench_h200.sh "$R/bench" fp8 > "$R/fp8.log" 2>&1 ;;
     tests6)  # the graph-replay training test again (validation now runs the blocks eagerly)
       timeout 120 python3 -m pytest -v -rs -p no:cacheprovider tests/train/test_train_gpu.py -k graph_replayed \
         > "$R/gpu_tests6.log" 2>&1 ;;

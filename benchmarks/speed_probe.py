@@ -51,6 +51,10 @@ VARIANTS = {  # name -> (checkpointing, compile, quantize, micro-batch, loss[, k
     "compile-flce-k": ("off", True, "none", 8, "fused-linear-ce", "triton"),
     "compile-gc-flce-k": ("all", True, "none", 8, "fused-linear-ce", "triton"),
     "qlora-b8-compile-flce-k": ("all", True, "nf4", 8, "fused-linear-ce", "triton"),
+    # the frozen base in fp8, multiplied in fp8 (solotune.quant.fp8: torch._scaled_mm)
+    "fp8-compile-cl": ("off", True, "fp8", 8, "full-logits+compiled"),
+    "fp8-compile-gc-cl": ("all", True, "fp8", 8, "full-logits+compiled"),
+    "fp8-eager": ("off", False, "fp8", 8, "full-logits"),
 }
 
 

@@ -60,6 +60,8 @@ LOOP_OFF = {"packing": "off", "compile": "off", "kernels": "off", "loss": "full-
 # Memory techniques HF has no equivalent of: its reference cell runs the nearest configuration, without
 # them (the comparison the user makes: "what does this technique buy over the reference").
 REFERENCE_NEAREST = {"offload": "none", "optimizer": "adamw", "optimizer_in_backward": False}
+# frozen-base formats HF + PEFT have no trainer for: the reference runs the 16-bit base (nf4 stays: bitsandbytes)
+REFERENCE_QUANTIZE = {"int8": "none", "fp8": "none"}
 
 
 @dataclass
@@ -86,7 +88,7 @@ class CellSpec:
     lora_alpha: float = LoRASpec.alpha
     lora_dropout: float = LoRASpec.dropout
     lora_targets: tuple[str, ...] = LoRASpec.targets
-    quantize: str = "none"  # none | nf4 | int8: the frozen base of LoRA (method lora only)
+    quantize: str = "none"  # none | nf4 | int8 | fp8: the frozen base of LoRA (method lora only)
     offload: str = "none"  # none | activations | optimizer | activations,optimizer
     optimizer: str = "adamw"  # solotune.train.optim.OPTIMIZERS
     optimizer_in_backward: bool = False  # grad_accum 1; no clipping (max_grad_norm None)
@@ -107,9 +109,10 @@ class CellSpec:
             raise ConfigError(f"cell impl {self.impl!r}: expected one of {IMPLS}")
         if self.sdpa not in ("no-cudnn", "auto"):
             raise ConfigError(f"cell sdpa {self.sdpa!r}: expected no-cudnn or auto")
-        if self.quantize not in ("none", "nf4", "int8") or (self.quantize != "none" and self.method != "lora"):
-            raise ConfigError(f"cell quantize {self.quantize!r}: none, or nf4/int8 with LoRA")
-        from ..train.config import OFFLOAD
+        from ..train.config import OFFLOAD, QUANTIZE
+
+        if self.quantize not in QUANTIZE or (self.quantize != "none" and self.method != "lora"):
+            raise ConfigError(f"cell quantize {self.quantize!r}: none, or {'/'.join(QUANTIZE[1:])} with LoRA")
         from ..train.optim import OPTIMIZERS
 
         if self.offload not in OFFLOAD:
@@ -131,8 +134,8 @@ class CellSpec:
 
     @property
     def method_name(self) -> str:
-        """What cells.json records: lora | qlora | int8-lora | full."""
-        return {"nf4": "qlora", "int8": "int8-lora"}.get(self.quantize, self.method)
+        """What cells.json records: lora | qlora | int8-lora | fp8-lora | full."""
+        return {"nf4": "qlora", "int8": "int8-lora", "fp8": "fp8-lora"}.get(self.quantize, self.method)
 
     @property
     def loop_options(self) -> dict[str, str]:
@@ -171,8 +174,11 @@ class CellSpec:
     def as_reference(self, impl: str) -> "CellSpec":
         """This cell run by reference implementation ``impl``: the same model, data, method and
         memory techniques, solotune's own loop options off, and without the techniques HF has no
-        equivalent of (``REFERENCE_NEAREST``: offload, another optimizer)."""
-        return CellSpec.from_dict({**self.to_dict(), **LOOP_OFF, **REFERENCE_NEAREST, "impl": impl})
+        equivalent of (``REFERENCE_NEAREST``: offload, another optimizer; ``REFERENCE_QUANTIZE``: an
+        int8 or fp8 base, for which the reference trains over the 16-bit base)."""
+        quantize = REFERENCE_QUANTIZE.get(self.quantize, self.quantize)
+        return CellSpec.from_dict({**self.to_dict(), **LOOP_OFF, **REFERENCE_NEAREST, "quantize": quantize,
+                                   "impl": impl})
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -203,7 +209,9 @@ def reference_gap(spec: CellSpec) -> str | None:
     turns them off (the reference then runs without them)."""
     if spec.grad_checkpoint not in ("off", "all"):
         return f"HF has no {spec.grad_checkpoint} checkpointing policy (every layer or none)"
-    if spec.quantize not in ("none", "nf4"):
+    # a solotune cell's int8/fp8 base has a nearest reference (the 16-bit base); a reference cell has no such base
+    quantize = REFERENCE_QUANTIZE.get(spec.quantize, spec.quantize) if spec.impl == "solotune" else spec.quantize
+    if quantize not in ("none", "nf4"):
         return f"no HF reference for quantize {spec.quantize!r} (nf4: bitsandbytes)"
     return None
 

@@ -9,7 +9,7 @@ import sys
 
 from .plan import PRECISIONS, parse_bytes
 from ..peft.spec import LoRASpec
-from ..train.config import OFFLOAD as _OFFLOAD
+from ..train.config import OFFLOAD as _OFFLOAD, QUANTIZE as _QUANTIZE
 from ..train.optim import OPTIMIZERS as _OPTIMIZERS
 
 
@@ -53,8 +53,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-alpha", type=float, default=LoRASpec.alpha)
     p.add_argument("--lora-dropout", type=float, default=LoRASpec.dropout)
     p.add_argument("--lora-targets", type=_csv, default=LoRASpec.targets)
-    p.add_argument("--quantize", choices=["none", "nf4", "int8"], default="none",
-                   help="frozen base of the LoRA cells: nf4 (QLoRA) or int8")
+    p.add_argument("--quantize", choices=list(_QUANTIZE), default="none",
+                   help="frozen base of the LoRA cells: nf4 (QLoRA), int8, or fp8 (multiplied in fp8)")
     p.add_argument("--offload", choices=list(_OFFLOAD), default="none",
                    help="activations and/or optimizer (its state in pinned host memory)")
     p.add_argument("--optimizer", choices=[*_OPTIMIZERS, "auto"], default="adamw",
@@ -170,7 +170,7 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-targets", type=_csv, default=LoRASpec.targets)
     p.add_argument("--lora-dropout", type=float, default=LoRASpec.dropout)
     p.add_argument("--quantize", type=_csv, default=("none",),
-                   help="frozen-base quantizations to consider: none,nf4,int8 (with lora only)")
+                   help="frozen-base quantizations to consider: none,nf4,int8,fp8 (with lora only)")
     p.add_argument("--offload", type=lambda t: tuple(o.replace("+", ",") for o in _csv(t)), default=("none",),
                    help="offload options to consider: none,activations,optimizer,activations+optimizer")
     p.add_argument("--optimizer", default=None,

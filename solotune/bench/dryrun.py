@@ -24,13 +24,15 @@ they are swapped in (:class:`_CudaKernels`), everything else is the CPU code pat
   on the fake tensors, so their saved tensors come from PyTorch's own meta kernels. Head dims that
   are not multiples of 8 are padded for flash, as CUDA's SDPA does (its padded copies are saved).
 
-Quantized bases (QLoRA, ``quantize="nf4"|"int8"``): the block linears are swapped for the real
-:class:`~solotune.quant.linear.NF4Linear` / ``Int8Linear`` before LoRA wraps them, as ``api.load``
+Quantized bases (QLoRA, ``quantize="nf4"|"int8"|"fp8"``): the block linears are swapped for the real
+:class:`~solotune.quant.linear.NF4Linear` / ``Int8Linear`` / ``Fp8Linear`` before LoRA wraps them, as ``api.load``
 does, and their buffers are faked like the parameters; their forward and backward (the PyTorch
 dequantization path, CPU tensors) run on fake tensors as they are. The only real tensors they
 touch are NF4's constant tables (levels, dynamic map), which the fake mode is allowed to convert.
 Their custom autograd Function saves nothing of [out, in] size, so the ledger sees what it sees on
-the GPU; the dequantized weight is a transient the planner adds (:func:`quantized`).
+the GPU; the dequantized weight is a transient the planner adds (:func:`quantized`). The fp8 base
+dequantizes nothing (its GEMMs take the codes); its per-row quantized activations are transients
+of one matmul, as a 16-bit linear's output is, and are not modelled.
 
 Compiled blocks (``compiled_blocks``: the loop's ``Transformer.compile_blocks``, Inductor): a block
 that is not checkpointed saves what Inductor's min-cut partitioner keeps, not what eager autograd
@@ -77,6 +79,7 @@ from ..peft import LoRALinear, LoRASpec, apply_lora
 from ..data import IGNORE_INDEX
 from ..train.loss import get_loss, logits_rows, shifted_targets
 from ..quant.load import quantized_modules, swap_in_quantized  # at import: building its tables needs real tensors
+from ..train.config import QUANTIZE
 from ..train.offload import ActivationOffload
 from ..train.precision import PrecisionPolicy
 from .anatomy import SavedTensorLedger, autocast_cached
@@ -89,13 +92,13 @@ _BLOCK_PARTS = {"attention": "attention", "feed_forward": "mlp", "attention_norm
 _OFFLOAD_DEFAULTS = inspect.signature(ActivationOffload.__init__).parameters
 OFFLOAD_MIN_BYTES: int = _OFFLOAD_DEFAULTS["min_bytes"].default
 OFFLOAD_MAX_IN_FLIGHT: int = _OFFLOAD_DEFAULTS["max_in_flight"].default
-QUANTIZE_KINDS = ("none", "nf4", "int8")
+QUANTIZE_KINDS = QUANTIZE  # one source: solotune.train.config
 
 
 # ============================================================================ the model set-up
 def training_model(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec, quantize: str = "none") -> Transformer:
     """``cfg``'s model as the training loop prepares it: every weight in the policy's dtype, the
-    block linears swapped for frozen quantized ones (``quantize`` "nf4" | "int8", LoRA only; compute
+    block linears swapped for frozen quantized ones (``quantize`` "nf4" | "int8" | "fp8", LoRA only; compute
     dtype the policy's ``param_dtype``, as ``api.load``), then either LoRA adapters (in the policy's
     adapter dtype; everything else frozen) or every weight trainable; train mode. Built on whatever
     device/mode is current (meta, fake)."""
@@ -704,12 +707,15 @@ class Quantized:
     weights: int = 0  # elements of the weights they stand for (sum of out * in)
     largest: int = 0  # elements of the largest one, [out, in]
     compute_dtype: torch.dtype | None = None  # what the forward dequantizes into (autocast's dtype when on)
+    dequantizes: bool = True  # False for fp8, which multiplies its stored codes as they are
 
     @property
     def dequantized(self) -> int:
         """Bytes of the largest weight dequantized [out, in]: the transient of one quantized matmul
-        (forward, and again in backward for grad_x)."""
-        return self.largest * self.compute_dtype.itemsize if self.compute_dtype is not None else 0
+        (forward, and again in backward for grad_x); none for a base that multiplies its codes."""
+        if self.compute_dtype is None or not self.dequantizes:
+            return 0
+        return self.largest * self.compute_dtype.itemsize
 
 
 @functools.lru_cache(maxsize=64)
@@ -722,7 +728,7 @@ def quantized(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec, quantiz
     mods = list(quantized_modules(model).values())
     sizes = [m.out_features * m.in_features for m in mods]
     return Quantized(sum(m.weight_bytes() for m in mods), sum(sizes), max(sizes, default=0),
-                     policy.autocast_dtype or policy.param_dtype)
+                     policy.autocast_dtype or policy.param_dtype, dequantizes=quantize != "fp8")
 
 
 def autocast_cache(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec, quantize: str = "none") -> list[tuple[str, int]]:

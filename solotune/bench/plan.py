@@ -40,7 +40,7 @@ saved set. What the dry run could not trace is modelled eager and named in ``Pre
 
 Two options change components rather than add any:
 
-* **quantize** ("nf4" | "int8", LoRA only: QLoRA): the dry run's model has the real quantized
+* **quantize** ("nf4" | "int8" | "fp8", LoRA only: QLoRA): the dry run's model has the real quantized
   linears swapped in before LoRA (``dryrun.training_model``). Their codes and scales are buffers,
   counted in the parameters under the kind's name (``params["nf4"]``), from ``weight_bytes()``;
   one dequantized weight (the largest [out, in] in the compute dtype) is a forward/backward
@@ -139,7 +139,7 @@ class Setup:
     lora: LoRASpec = LoRASpec()
     optimizer: str = "adamw"  # solotune.train.optim
     device: str = "cuda"  # "cuda" | "cpu": dropout masks, attention statistics and the optimizer step differ
-    quantize: str = "none"  # none | nf4 | int8: the frozen base's block linears (LoRA only)
+    quantize: str = "none"  # none | nf4 | int8 | fp8: the frozen base's block linears (LoRA only)
     offload: str = "none"  # none | activations | optimizer | activations,optimizer
     optimizer_in_backward: bool = False  # each parameter updated from its gradient hook (grad_accum 1)
     loss: str = "full-logits"  # solotune.train.loss.LOSSES: how the head's logits come to exist

@@ -132,16 +132,21 @@ def options(r: dict[str, Any]) -> str:
 def ref_key(r: dict[str, Any]) -> tuple:
     """What a solotune cell and its reference cells share: not the loop options (solotune's own), nor
     offload or the optimizer (the reference runs without them: ``cell.REFERENCE_NEAREST``)."""
-    s = state(r)
-    return (tuple(s[k] for k in ("ga", "precision", "lora", "gc")), r.get("quantize", "none"))
+    from .cell import REFERENCE_QUANTIZE
+
+    s, q = state(r), r.get("quantize", "none")
+    return (tuple(s[k] for k in ("ga", "precision", "lora", "gc")), q if r.get("impl") != "solotune" else
+            REFERENCE_QUANTIZE.get(q, q))
 
 
 def reference_differs(r: dict[str, Any]) -> list[str]:
     """What a solotune cell uses that its reference ran without, e.g. ``["offload activations"]``."""
-    from .cell import REFERENCE_NEAREST
+    from .cell import REFERENCE_NEAREST, REFERENCE_QUANTIZE
 
+    q = r.get("quantize", "none")
     return [f"{k.replace('_', ' ')} {r[k]}" if not isinstance(v, bool) else k.replace("_", " ")
-            for k, v in REFERENCE_NEAREST.items() if r.get(k, v) != v]
+            for k, v in REFERENCE_NEAREST.items() if r.get(k, v) != v] + (
+        [f"quantize {q} (its reference: the 16-bit base)"] if q in REFERENCE_QUANTIZE else [])
 
 
 def reference_cells(results: Iterable[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:

@@ -1,5 +1,6 @@
 """Frozen quantized linears that implement :class:`solotune.peft.base.LinearBase`, so a
-``LoRALinear`` can wrap them (QLoRA): :class:`NF4Linear` and :class:`Int8Linear`.
+``LoRALinear`` can wrap them (QLoRA): :class:`NF4Linear`, :class:`Int8Linear` and :class:`Fp8Linear`
+(which computes in float8 instead of dequantizing: :mod:`solotune.quant.fp8`).
 
 x [..., in] -> y [..., out] = x @ W'.T with W' = dequantize() [out, in] in the compute dtype:
 the autocast dtype when autocast is on for x's device, else ``compute_dtype``. No bias.
@@ -21,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .fp8 import FP8, dequantize_fp8, fp8_linear, quantize_fp8
 from .int8 import dequantize_int8, quantize_int8
 from .dequant import dequantize_nf4
 from .ops import quant_linear
@@ -216,6 +218,64 @@ class Int8Linear(QuantizedLinear):
         return (y.float() * self.scale).to(dtype)
 
 
-QUANTIZED_LINEARS: dict[str, type[QuantizedLinear]] = {"nf4": NF4Linear, "int8": Int8Linear}
+class Fp8Linear(QuantizedLinear):
+    """A frozen float8 (e4m3) weight with an fp32 scale per output channel, multiplied in float8:
+    the forward and the backward are fp8 GEMMs over per-row quantized activations / output
+    gradients (:mod:`solotune.quant.fp8`; ``torch._scaled_mm`` on CUDA >= sm89, an fp32 reference
+    path elsewhere). Speed, not memory: the codes are kept in both layouts cuBLAS needs.
 
-__all__ = ["QuantizedLinear", "NF4Linear", "Int8Linear", "QUANTIZED_LINEARS"]
+    Buffers: ``qweight_bits`` uint8 [out, in] and ``qweight_t_bits`` uint8 [in, out] (e4m3 bit
+    patterns: ``model.to(dtype)`` casts floating buffers, fp8 included, and would undo them),
+    ``scale_bits`` int32 [out] (fp32 bit patterns).
+    """
+
+    kind = "fp8"  # the name anatomy and planner file its storage under
+
+    def __init__(self, in_features: int, out_features: int, compute_dtype: torch.dtype = torch.bfloat16, *,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__(in_features, out_features, compute_dtype)
+        self.register_buffer("qweight_bits", torch.empty(self.out_features, self.in_features, dtype=torch.uint8,
+                                                         device=device))
+        self.register_buffer("qweight_t_bits", torch.empty(self.in_features, self.out_features, dtype=torch.uint8,
+                                                           device=device))
+        self.register_buffer("scale_bits", torch.empty(self.out_features, dtype=torch.int32, device=device))
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, compute_dtype: torch.dtype | None = None) -> "Fp8Linear":
+        m = cls(weight.shape[1], weight.shape[0], compute_dtype or weight.dtype, device="meta")
+        m.load_weight(weight)
+        return m
+
+    def load_weight(self, weight: torch.Tensor) -> None:
+        self._check_shape(weight)
+        q, scale = quantize_fp8(weight)
+        self._set(qweight_bits=q.view(torch.uint8), qweight_t_bits=q.t().contiguous().view(torch.uint8),
+                  scale_bits=_bits(scale))
+
+    @property
+    def qweight(self) -> torch.Tensor:
+        """e4m3 [out, in] (a view of the stored bits)."""
+        return self.qweight_bits.view(FP8)
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """fp32 [out] (a view of the stored bits)."""
+        return _fp32(self.scale_bits)
+
+    def dequantize_as(self, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize_fp8(self.qweight, self.scale, dtype)
+
+    def op_inputs(self) -> tuple[list[torch.Tensor], list[int]]:
+        return [self.qweight_bits, self.scale_bits], [self.out_features, self.in_features]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] -> [..., out] in the autocast or compute dtype, through fp8 GEMMs (training and
+        inference alike: the per-row quantization of x is part of the forward)."""
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.compute_dtype
+        return fp8_linear(x.to(dtype), self.qweight, self.qweight_t_bits.view(FP8), self.scale)
+
+
+QUANTIZED_LINEARS: dict[str, type[QuantizedLinear]] = {"nf4": NF4Linear, "int8": Int8Linear, "fp8": Fp8Linear}
+
+__all__ = ["QuantizedLinear", "NF4Linear", "Int8Linear", "Fp8Linear", "QUANTIZED_LINEARS"]

@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from .dequant import dequantize_nf4
+from .fp8 import FP8, dequantize_fp8
 from .int8 import dequantize_int8
 from .nf4 import NF4Weight, tables_on
 
@@ -36,8 +37,13 @@ def _int8(tensors: list[torch.Tensor], meta: list[int], dtype: torch.dtype) -> t
     return dequantize_int8(qweight, scale_bits.view(torch.float32), dtype)
 
 
+def _fp8(tensors: list[torch.Tensor], meta: list[int], dtype: torch.dtype) -> torch.Tensor:
+    qweight_bits, scale_bits = tensors
+    return dequantize_fp8(qweight_bits.view(FP8), scale_bits.view(torch.float32), dtype)
+
+
 DEQUANTIZERS: dict[str, Callable[[list[torch.Tensor], list[int], torch.dtype], torch.Tensor]] = {
-    "nf4": _nf4, "int8": _int8}
+    "nf4": _nf4, "int8": _int8, "fp8": _fp8}
 
 
 @torch.library.custom_op("solotune::dequantize", mutates_args=())

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, MissingPathError, RunDirError
-from .config import GRAPH_MAX_TOKENS, PRECISIONS, PROFILES, TEMPLATES, TrainConfig
+from .config import GRAPH_MAX_TOKENS, PRECISIONS, PROFILES, QUANTIZE, TEMPLATES, TrainConfig
 
 
 def _range(text: str) -> tuple[int, int]:
@@ -56,8 +56,9 @@ _FINETUNE_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--lora-alpha": ("lora_alpha", dict(type=float)),
     "--lora-dropout": ("lora_dropout", dict(type=float)),
     "--lora-targets": ("lora_targets", dict(help="comma list of wq,wk,wv,wo,w1,w2,w3")),
-    "--quantize": ("quantize", dict(choices=["none", "nf4", "int8"],
-                                    help="store the frozen base in 4-bit NF4 (QLoRA) or int8; LoRA only")),
+    "--quantize": ("quantize", dict(choices=list(QUANTIZE),
+                                    help="store the frozen base in 4-bit NF4 (QLoRA) or int8, or in fp8 and multiply "
+                                         "in fp8 (Hopper's fp8 GEMMs: speed, a 16-bit model's memory); LoRA only")),
     "--offload": ("offload", dict(help="none | activations (saved activations in pinned host memory; use with "
                                        "--grad-checkpoint) | optimizer (its state in pinned host memory) | "
                                        "activations,optimizer")),

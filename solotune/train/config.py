@@ -30,7 +30,8 @@ from ..peft.spec import LoRASpec
 PRECISIONS = ("fp32", "fp16-amp", "bf16-amp", "bf16", "fp64")  # fp64: numerical reference for tests
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 LR_SCHEDULES = ("cosine", "constant")
-QUANTIZE = ("none", "nf4", "int8")  # solotune.quant: the frozen base's storage
+# the frozen base's storage (solotune.quant.QUANTIZED_LINEARS): NF4 (QLoRA), int8, or fp8 (computed in fp8)
+QUANTIZE = ("none", "nf4", "int8", "fp8")
 OFFLOAD_TARGETS = ("activations", "optimizer")  # solotune.train.offload; solotune.optim.offload
 # "none", one target, or several comma-separated (stored in OFFLOAD_TARGETS order: "activations,optimizer")
 OFFLOAD = ("none", "activations", "optimizer", "activations,optimizer")
@@ -75,7 +76,7 @@ class TrainConfig:
     # memory / speed techniques
     grad_checkpoint: str = "off"  # off | all | every:K
     precision: str = "fp32"  # fp32 | fp16-amp | bf16-amp | bf16
-    quantize: str = "none"  # none | nf4 | int8: the frozen base of LoRA in 4 or 8 bits (QLoRA: nf4)
+    quantize: str = "none"  # none | nf4 | int8 | fp8: the frozen base of LoRA in 4 or 8 bits (QLoRA: nf4)
     # none | activations (saved activations to pinned host memory, with checkpointing) | optimizer (its
     # state in pinned host memory) | activations,optimizer
     offload: str = "none"

@@ -253,3 +253,17 @@ def test_a_packed_cell_counts_records_not_rows():
     assert r["runtime_s"] == r["runtime_measured_s"]
     assert 1 <= r["max_rows_seen"] < 4  # 4 records (~100-300 tokens) fit in fewer rows of 512
     assert (r["predicted"]["batch"], r["predicted"]["seq_len"]) == (r["max_rows_seen"], r["max_seq_len_seen"])
+
+
+def test_an_fp8_or_int8_base_is_compared_with_the_16bit_reference():
+    """HF + PEFT has no fp8/int8 LoRA trainer: the reference of such a cell trains the 16-bit base
+    (nf4 keeps bitsandbytes), the report says so, and an HF cell asked for int8/fp8 itself is refused."""
+    for q in ("fp8", "int8"):
+        spec = CellSpec(model="tiny", quantize=q)
+        assert cellmod.reference_gap(spec) is None
+        assert spec.as_reference("hf").quantize == "none"
+        assert reference_differs(spec.to_dict()) == [f"quantize {q} (its reference: the 16-bit base)"]
+        with pytest.raises(ConfigError, match=q):
+            CellSpec(impl="hf", quantize=q)
+    assert CellSpec(model="tiny", quantize="nf4").as_reference("hf").quantize == "nf4"
+    assert CellSpec(model="tiny", quantize="fp8").method_name == "fp8-lora"

@@ -13,10 +13,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from solotune.peft import LinearBase, LoRALinear, LoRASpec, apply_lora, lora_parameters
-from solotune.quant import Int8Linear, NF4Linear, int8_weight_bytes, nf4_weight_bytes
+from solotune.quant import Fp8Linear, Int8Linear, NF4Linear, int8_weight_bytes, nf4_weight_bytes
 from solotune.quant.int8 import quantize_int8
 
-KINDS = {"nf4": NF4Linear, "int8": Int8Linear}
+KINDS = {"nf4": NF4Linear, "int8": Int8Linear}  # dequantize, then multiply in the compute dtype
+ALL_KINDS = {**KINDS, "fp8": Fp8Linear}  # + multiplied in fp8 (its own numerics: tests/quant/test_fp8.py)
 
 
 def _weight(out: int = 48, inp: int = 64, seed: int = 0) -> torch.Tensor:
@@ -24,9 +25,9 @@ def _weight(out: int = 48, inp: int = 64, seed: int = 0) -> torch.Tensor:
     return torch.randn(out, inp, generator=g) * 0.05
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_implements_linear_base(kind):
-    m = KINDS[kind].from_weight(_weight(), torch.float32)
+    m = ALL_KINDS[kind].from_weight(_weight(), torch.float32)
     assert isinstance(m, LinearBase)
     assert (m.in_features, m.out_features, m.dtype, m.device, m.writable) == (64, 48, torch.float32,
                                                                                torch.device("cpu"), False)
@@ -148,11 +149,11 @@ def test_autocast_sets_the_compute_dtype(kind):
     assert m.to(torch.float64).dequantize().dtype == torch.float32  # .to(dtype) leaves a quantized base alone
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_to_and_state_dict_round_trip(kind):
     """state_dict holds every buffer; a fresh empty module (cpu, or meta + assign) loads it and
-    dequantizes to the same bits; .to(dtype) does not touch the stored scales."""
-    cls = KINDS[kind]
+    dequantizes to the same bits; .to(dtype) does not touch the stored scales (nor fp8 codes)."""
+    cls = ALL_KINDS[kind]
     m = cls.from_weight(_weight(), torch.bfloat16)
     w = m.dequantize()
     sd = m.state_dict()
@@ -200,7 +201,7 @@ def test_int8_zero_row_and_meta_shapes():
         m.load_weight(torch.zeros(64, 48))
 
 
-@pytest.mark.parametrize("kind,checkpointing", [("nf4", "all"), ("int8", "off")])
+@pytest.mark.parametrize("kind,checkpointing", [("nf4", "all"), ("int8", "off"), ("fp8", "all"), ("fp8", "off")])
 def test_qlora_blocks_compile_into_one_graph_each(kind, checkpointing):
     """The quantized linear is a custom op, so a QLoRA block is captured whole (fullgraph) and the
     compiled block gives the eager block's loss and adapter gradients (aot_eager on CPU: the graph
