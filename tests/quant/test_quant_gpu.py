@@ -188,7 +188,7 @@ def test_fp8_lora_blocks_compile_with_inductor():
 
     cfg = ModelConfig(name="fp8", dim=256, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=512, hidden_dim=512,
                       max_seq_len=256)
-    model = build_model(cfg, seed=0, dtype=torch.bfloat16, device="cuda")
+    model = build_model(cfg, seed=0, dtype=torch.bfloat16)
     swap_in_quantized(model, "fp8", compute_dtype=torch.bfloat16)
     apply_lora(model, ("wq", "wv"), rank=8, alpha=16, dropout=0.0, generator=torch.Generator().manual_seed(0))
     for n, p in model.named_parameters():
