@@ -20,8 +20,9 @@ data the output is off by ~3-4% of its RMS (bf16: ~0.3%; NF4 ~10% per weight).
 
 ``torch._scaled_mm`` (rowwise scales, bf16 output) runs the GEMMs on CUDA GPUs of compute
 capability >= 8.9; elsewhere (CPU, older GPUs, other dtypes, dims not multiples of 16) the same
-quantized values are multiplied in fp32 (the reference path: identical rounding of x, w and dy,
-only the accumulation order differs).
+quantized values are multiplied in fp32 (the reference path: the same formula; a CPU's row
+quantization may round an odd element differently from the GPU's, so the two agree to the
+quantization error, not bit for bit).
 """
 
 from __future__ import annotations

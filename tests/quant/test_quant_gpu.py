@@ -143,22 +143,11 @@ def test_dequantize_matches_bitsandbytes_exactly(shape, dtype):
 
 
 # ------------------------------------------------------------------------------- the fp8 base
-def _fp8_reference(x, q, s, dy):
-    """The fp32 reference path's forward and input gradient (the same quantized values)."""
-    from solotune.quant.fp8 import fp8_linear
-
-    with torch.device("cpu"):
-        xc = x.detach().cpu().requires_grad_(True)
-        y = fp8_linear(xc, q.cpu(), q.t().contiguous().cpu(), s.cpu())
-        y.backward(dy.cpu())
-    return y, xc.grad
-
-
 @pytest.mark.parametrize("shape", [(512, 1024, 768), (4096, 4096, 11008), (8, 11008, 4096)])
 def test_fp8_scaled_mm_equals_the_reference_path(shape):
     """On CUDA the fp8 base multiplies through torch._scaled_mm; its forward and input gradient equal
     the fp32 product of the same quantized values up to accumulation order and the bf16 output rounding."""
-    from solotune.quant.fp8 import fp8_linear, quantize_fp8, scaled_mm_available
+    from solotune.quant.fp8 import fp8_linear, quantize_fp8, quantize_rows, scaled_mm_available
 
     m, k, n = shape
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -169,10 +158,16 @@ def test_fp8_scaled_mm_equals_the_reference_path(shape):
     y = fp8_linear(x, q, q.t().contiguous(), s)
     dy = torch.randn(y.shape, generator=g, device="cuda").bfloat16()
     y.backward(dy)
-    y_ref, dx_ref = _fp8_reference(x, q, s, dy)
+    # the fp64 product of the very codes the GPU made (the CPU's row quantization may round a few
+    # elements differently: benchmarks/results/frontier5-h200/run2/fp8_probe.log)
+    xq, a = quantize_rows(x.detach())
+    y_ref = (xq.double() * a.double()) @ (q.double() * s.double()[:, None]).t()
+    gq, b = quantize_rows(dy * s)
+    dx_ref = (gq.double() * b.double()) @ q.double()
     for got, ref in ((y, y_ref), (x.grad, dx_ref)):
-        got, ref = got.float().cpu(), ref.float()
-        assert ((got - ref).abs() <= 2 ** -7 * ref.abs() + 1e-3 * ref.abs().max()).all(), (got - ref).abs().max()
+        # one bf16 rounding of the output (half an ulp: up to 2^-8 relative) + fp32 accumulation-order noise
+        assert ((got.double() - ref).abs() <= 2 ** -7 * ref.abs() + 1e-5 * ref.abs().max()).all(), \
+            (got.double() - ref).abs().max()
 
 
 def test_fp8_lora_blocks_compile_with_inductor():
