@@ -108,8 +108,43 @@ def inductor_peaks(layers: int = 4) -> None:
             del model
 
 
+def compiled_vs_eager() -> None:
+    """Adapter gradients of a 2-layer bf16 LoRA model: eager / Inductor blocks, bf16 / fp8 / fp8-lean base,
+    relative distances between every pair (is compiled fp8 as far from eager fp8 as fp8 is from bf16?)."""
+    from solotune.config import ModelConfig
+
+    cfg = ModelConfig(name="fp8", dim=256, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=512, hidden_dim=512,
+                      max_seq_len=256)
+    tokens = torch.randint(0, 512, (4, 128), generator=torch.Generator().manual_seed(2)).cuda()
+    grads = {}
+    for q in ("none", "fp8", "fp8-lean"):
+        for compiled in (False, True):
+            model = build_model(cfg, seed=0, dtype=torch.bfloat16)
+            if q != "none":
+                swap_in_quantized(model, q, compute_dtype=torch.bfloat16)
+            apply_lora(model, ("wq", "wv"), rank=8, alpha=16, dropout=0.0, generator=torch.Generator().manual_seed(0))
+            for n, p in model.named_parameters():
+                if "lora_b" in n:
+                    torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(1))
+            model.to("cuda").train()
+            torch._dynamo.reset()
+            if compiled:
+                model.compile_blocks(fullgraph=True)
+            loss = model(tokens, head=functools.partial(full_logits_loss, labels=tokens))
+            loss.backward()
+            grads[(q, compiled)] = (float(loss), torch.cat([p.grad.float().flatten() for p in model.parameters()
+                                                           if p.requires_grad]))
+    keys = list(grads)
+    for i, a in enumerate(keys):
+        for b in keys[i + 1:]:
+            ga, gb = grads[a][1], grads[b][1]
+            print(f"{a} vs {b}: loss {grads[a][0]:.5f} / {grads[b][0]:.5f}, |dg|/|g| {((ga - gb).norm() / gb.norm()).item():.4f}")
+
+
 if __name__ == "__main__":
+    import sys
+
     print(torch.__version__, torch.cuda.get_device_name())
-    products()
-    saved_sets()
-    inductor_peaks()
+    parts = sys.argv[1:] or ["products", "saved_sets", "inductor_peaks", "compiled_vs_eager"]
+    for part in parts:
+        globals()[part]()

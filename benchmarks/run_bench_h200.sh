@@ -54,6 +54,8 @@ for part in "${PARTS[@]}"; do
     fp8)  # the frozen base in fp8 and multiplied in fp8 (Hopper's fp8 GEMMs), against HF and HF + Liger in bf16
       run fp8-random-mb8 "${R[@]}" --micro-batch 8 --axes gc --fix precision=on --quantize fp8 --reference hf,hf-liger \
           --time-budget 6 ;;
+    fp8-lean)  # fp8 at 1 byte per weight (the backward transposes the codes), solotune only
+      run fp8-lean-random-mb8 "${R[@]}" --micro-batch 8 --axes gc --fix precision=on --quantize fp8-lean --time-budget 6 ;;
     qlora)
       run qlora-random-b1 "${R[@]}" --micro-batch 1 --axes none --fix gc=on,precision=on --quantize nf4 \
           --reference hf --time-budget 6
@@ -88,6 +90,6 @@ for part in "${PARTS[@]}"; do
           run "maxlen-$part-$q" --find-max-seq-len --memory-limit "$limit" --axes none --fix gc=on,precision=on \
             --quantize "$q" "${extra[@]}" --compile off --max-probes "$probes" --probe-step 0.04 --probe-samples "$samples" )
       done ;;
-    *) echo "unknown part $part (speed qlora context24 context80 offload context24-lean context80-lean alpaca alpaca-graphs qlora-lean fp8)"; exit 2 ;;
+    *) echo "unknown part $part (speed qlora context24 context80 offload context24-lean context80-lean alpaca alpaca-graphs qlora-lean fp8 fp8-lean)"; exit 2 ;;
   esac
 done

@@ -61,7 +61,7 @@ LOOP_OFF = {"packing": "off", "compile": "off", "kernels": "off", "loss": "full-
 # them (the comparison the user makes: "what does this technique buy over the reference").
 REFERENCE_NEAREST = {"offload": "none", "optimizer": "adamw", "optimizer_in_backward": False}
 # frozen-base formats HF + PEFT have no trainer for: the reference runs the 16-bit base (nf4 stays: bitsandbytes)
-REFERENCE_QUANTIZE = {"int8": "none", "fp8": "none"}
+REFERENCE_QUANTIZE = {"int8": "none", "fp8": "none", "fp8-lean": "none"}
 
 
 @dataclass
@@ -135,7 +135,7 @@ class CellSpec:
     @property
     def method_name(self) -> str:
         """What cells.json records: lora | qlora | int8-lora | fp8-lora | full."""
-        return {"nf4": "qlora", "int8": "int8-lora", "fp8": "fp8-lora"}.get(self.quantize, self.method)
+        return {"nf4": "qlora", "int8": "int8-lora", "fp8": "fp8-lora", "fp8-lean": "fp8-lora"}.get(self.quantize, self.method)
 
     @property
     def loop_options(self) -> dict[str, str]:

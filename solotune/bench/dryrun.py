@@ -707,15 +707,17 @@ class Quantized:
     weights: int = 0  # elements of the weights they stand for (sum of out * in)
     largest: int = 0  # elements of the largest one, [out, in]
     compute_dtype: torch.dtype | None = None  # what the forward dequantizes into (autocast's dtype when on)
-    dequantizes: bool = True  # False for fp8, which multiplies its stored codes as they are
+    transient_per_weight: float | None = None  # the module's transient_bytes_per_weight (None: dequantizes)
 
     @property
     def dequantized(self) -> int:
-        """Bytes of the largest weight dequantized [out, in]: the transient of one quantized matmul
-        (forward, and again in backward for grad_x); none for a base that multiplies its codes."""
-        if self.compute_dtype is None or not self.dequantizes:
+        """Bytes of the largest weight-sized transient of one quantized matmul: the weight dequantized
+        [out, in] (forward, and again in backward for grad_x), or what a base that multiplies its codes
+        makes (fp8: nothing; fp8-lean: the transposed codes in backward)."""
+        if self.compute_dtype is None:
             return 0
-        return self.largest * self.compute_dtype.itemsize
+        per = self.compute_dtype.itemsize if self.transient_per_weight is None else self.transient_per_weight
+        return int(self.largest * per)
 
 
 @functools.lru_cache(maxsize=64)
@@ -728,7 +730,7 @@ def quantized(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec, quantiz
     mods = list(quantized_modules(model).values())
     sizes = [m.out_features * m.in_features for m in mods]
     return Quantized(sum(m.weight_bytes() for m in mods), sum(sizes), max(sizes, default=0),
-                     policy.autocast_dtype or policy.param_dtype, dequantizes=quantize != "fp8")
+                     policy.autocast_dtype or policy.param_dtype, mods[0].transient_bytes_per_weight if mods else None)
 
 
 def autocast_cache(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec, quantize: str = "none") -> list[tuple[str, int]]:

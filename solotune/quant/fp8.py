@@ -10,7 +10,9 @@ Backward dx = ((dy * s.T)q @ q) * b              [M, in]    one fp8 GEMM, K = ou
 The output-channel scale lies along the backward's contraction, so it is folded into dy before
 dy is quantized per row (b). cuBLAS's fp8 GEMM takes K-major operands only ("TN"), so the weight
 is kept twice, as q [out, in] for the forward and q.T contiguous [in, out] for the backward: 2
-bytes per weight, a 16-bit model's memory (the gain is speed, not bytes). Nothing of the
+bytes per weight, a 16-bit model's memory (``fp8``: the gain is speed, not bytes) — or once, with
+the backward transposing q into a transient (``fp8-lean``: 1 byte per weight, one extra read and
+write of each weight per backward). Nothing of the
 activations is saved for backward (the weight is frozen: only dx is needed).
 
 Error: e4m3 rounds to nearest with a relative step of at most 2^-3, so per element
@@ -56,9 +58,9 @@ def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = to
     return (q.float() * scale[:, None]).to(dtype)
 
 
-def fp8_weight_bytes(out_features: int, in_features: int) -> int:
-    """Bytes of an fp8 base: the codes twice (forward and transposed layouts) + an fp32 scale per output channel."""
-    return 2 * out_features * in_features + 4 * out_features
+def fp8_weight_bytes(out_features: int, in_features: int, transposed: bool = True) -> int:
+    """Bytes of an fp8 base: the codes (twice with the transposed layout kept) + an fp32 scale per output channel."""
+    return (2 if transposed else 1) * out_features * in_features + 4 * out_features
 
 
 def scaled_mm_available(a: torch.Tensor, b_t: torch.Tensor, out_dtype: torch.dtype) -> bool:
@@ -88,8 +90,9 @@ class Fp8LinearFn(torch.autograd.Function):
     (tensors only), so Inductor fuses the per-row quantization of x and dy into their neighbours."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, q: torch.Tensor, q_t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(q_t, scale)  # the stored weight only: nothing [M, *] is kept
+    def forward(ctx, x: torch.Tensor, q: torch.Tensor, q_t: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
+        ctx.transpose = q_t is None  # the lean layout: the backward makes q.T itself
+        ctx.save_for_backward(q if q_t is None else q_t, scale)  # the stored weight only: nothing [M, *] is kept
         xq, xs = quantize_rows(x.reshape(-1, x.shape[-1]))
         y = scaled_matmul(xq, xs, q, scale, x.dtype)
         return y.view(*x.shape[:-1], q.shape[0])
@@ -97,6 +100,8 @@ class Fp8LinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
         q_t, scale = ctx.saved_tensors
+        if ctx.transpose:  # one [in, out] fp8 transient (1 byte per weight) for this matmul
+            q_t = q_t.t().contiguous()
         g = grad_y.reshape(-1, grad_y.shape[-1])
         gq, gs = quantize_rows(g * scale)  # the output-channel scale folded in before rounding (fp32 or wider)
         ones = torch.ones(q_t.shape[0], dtype=torch.float32, device=q_t.device)
@@ -104,9 +109,9 @@ class Fp8LinearFn(torch.autograd.Function):
         return dx.view(*grad_y.shape[:-1], q_t.shape[0]), None, None, None
 
 
-def fp8_linear(x: torch.Tensor, q: torch.Tensor, q_t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def fp8_linear(x: torch.Tensor, q: torch.Tensor, q_t: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
     """x [..., in] -> [..., out] = x @ (q * scale[:, None]).T with x (and, in backward, dy) in fp8.
-    q e4m3 [out, in], q_t = q.T contiguous [in, out], scale fp32 [out]."""
+    q e4m3 [out, in], q_t = q.T contiguous [in, out] (None: the backward transposes q), scale fp32 [out]."""
     return Fp8LinearFn.apply(x, q, q_t, scale)
 
 

@@ -42,6 +42,9 @@ class QuantizedLinear(nn.Module):
     """What NF4 and int8 share: shapes, compute dtype, the frozen forward, the LinearBase surface."""
 
     writable = False  # merging into 4/8 bits would lose the delta: merge is the export path's
+    # bytes per weight of the transient its matmul makes, in the compute dtype's units: a dequantizing
+    # base makes the whole [out, in] weight (None = the compute dtype's itemsize); see the planner
+    transient_bytes_per_weight: float | None = None
 
     def __init__(self, in_features: int, out_features: int, compute_dtype: torch.dtype) -> None:
         super().__init__()
@@ -230,14 +233,17 @@ class Fp8Linear(QuantizedLinear):
     """
 
     kind = "fp8"  # the name anatomy and planner file its storage under
+    transposed = True  # keep q.T for the backward's GEMM (Fp8LeanLinear: make it there)
+    transient_bytes_per_weight = 0.0  # multiplies its codes as stored: nothing weight-sized is made
 
     def __init__(self, in_features: int, out_features: int, compute_dtype: torch.dtype = torch.bfloat16, *,
                  device: torch.device | str | None = None) -> None:
         super().__init__(in_features, out_features, compute_dtype)
         self.register_buffer("qweight_bits", torch.empty(self.out_features, self.in_features, dtype=torch.uint8,
                                                          device=device))
-        self.register_buffer("qweight_t_bits", torch.empty(self.in_features, self.out_features, dtype=torch.uint8,
-                                                           device=device))
+        if self.transposed:
+            self.register_buffer("qweight_t_bits", torch.empty(self.in_features, self.out_features,
+                                                               dtype=torch.uint8, device=device))
         self.register_buffer("scale_bits", torch.empty(self.out_features, dtype=torch.int32, device=device))
 
     @classmethod
@@ -249,8 +255,8 @@ class Fp8Linear(QuantizedLinear):
     def load_weight(self, weight: torch.Tensor) -> None:
         self._check_shape(weight)
         q, scale = quantize_fp8(weight)
-        self._set(qweight_bits=q.view(torch.uint8), qweight_t_bits=q.t().contiguous().view(torch.uint8),
-                  scale_bits=_bits(scale))
+        layouts = {"qweight_t_bits": q.t().contiguous().view(torch.uint8)} if self.transposed else {}
+        self._set(qweight_bits=q.view(torch.uint8), scale_bits=_bits(scale), **layouts)
 
     @property
     def qweight(self) -> torch.Tensor:
@@ -273,9 +279,20 @@ class Fp8Linear(QuantizedLinear):
         inference alike: the per-row quantization of x is part of the forward)."""
         dev = x.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.compute_dtype
-        return fp8_linear(x.to(dtype), self.qweight, self.qweight_t_bits.view(FP8), self.scale)
+        q_t = self.qweight_t_bits.view(FP8) if self.transposed else None
+        return fp8_linear(x.to(dtype), self.qweight, q_t, self.scale)
 
 
-QUANTIZED_LINEARS: dict[str, type[QuantizedLinear]] = {"nf4": NF4Linear, "int8": Int8Linear, "fp8": Fp8Linear}
+class Fp8LeanLinear(Fp8Linear):
+    """:class:`Fp8Linear` at 1 byte per weight: only q [out, in] is stored; each backward transposes it
+    into a transient [in, out] for its GEMM (the 16-bit model's weights in half the bytes)."""
 
-__all__ = ["QuantizedLinear", "NF4Linear", "Int8Linear", "Fp8Linear", "QUANTIZED_LINEARS"]
+    kind = "fp8-lean"
+    transposed = False
+    transient_bytes_per_weight = 1.0  # the transposed codes, in backward
+
+
+QUANTIZED_LINEARS: dict[str, type[QuantizedLinear]] = {"nf4": NF4Linear, "int8": Int8Linear, "fp8": Fp8Linear,
+                                                       "fp8-lean": Fp8LeanLinear}
+
+__all__ = ["QuantizedLinear", "NF4Linear", "Int8Linear", "Fp8Linear", "Fp8LeanLinear", "QUANTIZED_LINEARS"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from solotune.peft import LoRALinear
-from solotune.quant import Fp8Linear, fp8_weight_bytes
+from solotune.quant import Fp8LeanLinear, Fp8Linear, fp8_weight_bytes
 from solotune.quant.fp8 import FP8, FP8_MAX, dequantize_fp8, fp8_linear, quantize_fp8, quantize_rows
 
 REL = 2.0 ** -4  # e4m3: half of the 2^-3 relative step of its 3 mantissa bits
@@ -79,8 +79,9 @@ def test_backward_folds_the_channel_scale_into_the_gradient():
     assert ((x.grad - dy @ w).abs() <= g_bound + (dy.abs() @ (REL * w.abs() + SUB * s.double()[:, None]))).all()
 
 
-def test_nothing_activation_sized_is_saved_for_backward():
-    m = Fp8Linear.from_weight(torch.randn(256, 512) * 0.02, torch.float32)
+@pytest.mark.parametrize("lean", [False, True])
+def test_nothing_activation_sized_is_saved_for_backward(lean):
+    m = (Fp8LeanLinear if lean else Fp8Linear).from_weight(torch.randn(256, 512) * 0.02, torch.float32)
     saved: list[tuple[torch.dtype, tuple[int, ...]]] = []
 
     def pack(t):
@@ -90,9 +91,25 @@ def test_nothing_activation_sized_is_saved_for_backward():
     x = torch.randn(64, 512, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         y = m(x)
-    assert sorted(saved, key=str) == sorted([(FP8, (512, 256)), (torch.float32, (256,))], key=str)
+    weight = (256, 512) if lean else (512, 256)  # the stored codes (lean: q, transposed in backward; else q.T)
+    assert sorted(saved, key=str) == sorted([(FP8, weight), (torch.float32, (256,))], key=str)
     y.sum().backward()
-    assert x.grad.shape == x.shape and m.weight_bytes() == fp8_weight_bytes(256, 512) == 2 * 256 * 512 + 4 * 256
+    assert x.grad.shape == x.shape
+    assert m.weight_bytes() == fp8_weight_bytes(256, 512, transposed=not lean) == (1 if lean else 2) * 256 * 512 + 4 * 256
+
+
+def test_the_lean_layout_computes_the_same_bits():
+    """fp8-lean stores q once and transposes it in backward: the same forward and input gradient, bit for bit."""
+    w = torch.randn(96, 128, generator=torch.Generator().manual_seed(0)) * 0.02
+    outs = []
+    for cls in (Fp8Linear, Fp8LeanLinear):
+        m = cls.from_weight(w, torch.float32)
+        x = torch.randn(8, 128, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        y = m(x)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(2)))
+        outs.append((y.detach(), x.grad))
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+    assert "qweight_t_bits" not in dict(Fp8LeanLinear.from_weight(w).named_buffers())
 
 
 def test_lora_over_fp8_trains_like_lora_over_the_16bit_base():

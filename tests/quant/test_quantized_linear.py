@@ -13,11 +13,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from solotune.peft import LinearBase, LoRALinear, LoRASpec, apply_lora, lora_parameters
-from solotune.quant import Fp8Linear, Int8Linear, NF4Linear, int8_weight_bytes, nf4_weight_bytes
+from solotune.quant import Fp8LeanLinear, Fp8Linear, Int8Linear, NF4Linear, int8_weight_bytes, nf4_weight_bytes
 from solotune.quant.int8 import quantize_int8
 
 KINDS = {"nf4": NF4Linear, "int8": Int8Linear}  # dequantize, then multiply in the compute dtype
-ALL_KINDS = {**KINDS, "fp8": Fp8Linear}  # + multiplied in fp8 (its own numerics: tests/quant/test_fp8.py)
+ALL_KINDS = {**KINDS, "fp8": Fp8Linear, "fp8-lean": Fp8LeanLinear}  # + multiplied in fp8 (its own numerics: tests/quant/test_fp8.py)
 
 
 def _weight(out: int = 48, inp: int = 64, seed: int = 0) -> torch.Tensor:
