@@ -164,10 +164,14 @@ def test_fp8_scaled_mm_equals_the_reference_path(shape):
     y_ref = (xq.double() * a.double()) @ (q.double() * s.double()[:, None]).t()
     gq, b = quantize_rows(dy * s)
     dx_ref = (gq.double() * b.double()) @ q.double()
-    for got, ref in ((y, y_ref), (x.grad, dx_ref)):
-        # one bf16 rounding of the output (half an ulp: up to 2^-8 relative) + fp32 accumulation-order noise
-        assert ((got.double() - ref).abs() <= 2 ** -7 * ref.abs() + 1e-5 * ref.abs().max()).all(), \
-            (got.double() - ref).abs().max()
+    y_abs = (xq.double().abs() * a.double()) @ (q.double().abs() * s.double()[:, None]).t()
+    dx_abs = (gq.double().abs() * b.double()) @ q.double().abs()
+    for got, ref, scale in ((y, y_ref, y_abs), (x.grad, dx_ref, dx_abs)):
+        # the bf16 output rounding (up to 2^-8 relative) + the fp8 tensor cores' accumulation, whose error
+        # scales with sum_j |x_j w_j| (not with |y|: random data cancels); a wrong scale would be off by O(|y|)
+        err = (got.double() - ref).abs()
+        assert (err <= 2 ** -7 * ref.abs() + 2 ** -10 * scale).all(), err.max()
+        assert err.max() < 0.05 * ref.abs().max()
 
 
 def test_fp8_lora_blocks_compile_with_inductor():
