@@ -55,6 +55,7 @@ VARIANTS = {  # name -> (checkpointing, compile, quantize, micro-batch, loss[, k
     "fp8-compile-cl": ("off", True, "fp8", 8, "full-logits+compiled"),
     "fp8-compile-gc-cl": ("all", True, "fp8", 8, "full-logits+compiled"),
     "fp8-eager": ("off", False, "fp8", 8, "full-logits"),
+    "qlora-fp8-b8-compile-cl": ("all", True, "nf4-fp8", 8, "full-logits+compiled"),
 }
 
 

@@ -60,8 +60,9 @@ LOOP_OFF = {"packing": "off", "compile": "off", "kernels": "off", "loss": "full-
 # Memory techniques HF has no equivalent of: its reference cell runs the nearest configuration, without
 # them (the comparison the user makes: "what does this technique buy over the reference").
 REFERENCE_NEAREST = {"offload": "none", "optimizer": "adamw", "optimizer_in_backward": False}
-# frozen-base formats HF + PEFT have no trainer for: the reference runs the 16-bit base (nf4 stays: bitsandbytes)
-REFERENCE_QUANTIZE = {"int8": "none", "fp8": "none", "fp8-lean": "none"}
+# frozen-base formats HF + PEFT have no trainer for: the reference runs the nearest it has (the 16-bit
+# base; nf4-fp8: bitsandbytes' NF4 in bf16; nf4 itself is bitsandbytes)
+REFERENCE_QUANTIZE = {"int8": "none", "fp8": "none", "fp8-lean": "none", "nf4-fp8": "nf4"}
 
 
 @dataclass
@@ -135,7 +136,7 @@ class CellSpec:
     @property
     def method_name(self) -> str:
         """What cells.json records: lora | qlora | int8-lora | fp8-lora | full."""
-        return {"nf4": "qlora", "int8": "int8-lora", "fp8": "fp8-lora", "fp8-lean": "fp8-lora"}.get(self.quantize, self.method)
+        return {"nf4": "qlora", "nf4-fp8": "qlora", "int8": "int8-lora", "fp8": "fp8-lora", "fp8-lean": "fp8-lora"}.get(self.quantize, self.method)
 
     @property
     def loop_options(self) -> dict[str, str]:
@@ -175,7 +176,7 @@ class CellSpec:
         """This cell run by reference implementation ``impl``: the same model, data, method and
         memory techniques, solotune's own loop options off, and without the techniques HF has no
         equivalent of (``REFERENCE_NEAREST``: offload, another optimizer; ``REFERENCE_QUANTIZE``: an
-        int8 or fp8 base, for which the reference trains over the 16-bit base)."""
+        int8 or fp8 base, for which the reference trains over the 16-bit base; nf4-fp8: over NF4)."""
         quantize = REFERENCE_QUANTIZE.get(self.quantize, self.quantize)
         return CellSpec.from_dict({**self.to_dict(), **LOOP_OFF, **REFERENCE_NEAREST, "quantize": quantize,
                                    "impl": impl})
@@ -209,7 +210,7 @@ def reference_gap(spec: CellSpec) -> str | None:
     turns them off (the reference then runs without them)."""
     if spec.grad_checkpoint not in ("off", "all"):
         return f"HF has no {spec.grad_checkpoint} checkpointing policy (every layer or none)"
-    # a solotune cell's int8/fp8 base has a nearest reference (the 16-bit base); a reference cell has no such base
+    # a solotune cell's int8/fp8 base has a nearest reference (REFERENCE_QUANTIZE); a reference cell has no such base
     quantize = REFERENCE_QUANTIZE.get(spec.quantize, spec.quantize) if spec.impl == "solotune" else spec.quantize
     if quantize not in ("none", "nf4"):
         return f"no HF reference for quantize {spec.quantize!r} (nf4: bitsandbytes)"

@@ -146,7 +146,8 @@ def reference_differs(r: dict[str, Any]) -> list[str]:
     q = r.get("quantize", "none")
     return [f"{k.replace('_', ' ')} {r[k]}" if not isinstance(v, bool) else k.replace("_", " ")
             for k, v in REFERENCE_NEAREST.items() if r.get(k, v) != v] + (
-        [f"quantize {q} (its reference: the 16-bit base)"] if q in REFERENCE_QUANTIZE else [])
+        [f"quantize {q} (its reference: {'the 16-bit base' if REFERENCE_QUANTIZE[q] == 'none' else REFERENCE_QUANTIZE[q]})"]
+        if q in REFERENCE_QUANTIZE else [])
 
 
 def reference_cells(results: Iterable[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:

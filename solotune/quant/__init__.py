@@ -12,7 +12,8 @@
 from .dequant import dequantize_nf4
 from .fp8 import dequantize_fp8, fp8_weight_bytes, quantize_fp8
 from .int8 import dequantize_int8, int8_weight_bytes, quantize_int8
-from .linear import QUANTIZED_LINEARS, Fp8LeanLinear, Fp8Linear, Int8Linear, NF4Linear, QuantizedLinear
+from .linear import (QUANTIZED_LINEARS, Fp8LeanLinear, Fp8Linear, Int8Linear, NF4Fp8Linear, NF4Linear,
+                     QuantizedLinear)
 from .load import dense_names, dense_state_dict, load_quantized, quantized_modules, random_source, swap_in_quantized
 from .nf4 import (DYNAMIC_MAP, NF4_LEVELS, NF4Weight, dequantize_nf4_torch, nf4_levels_from_quantiles, nf4_weight_bytes,
                   quantize_nf4)
@@ -21,6 +22,6 @@ __all__ = [
     "NF4_LEVELS", "DYNAMIC_MAP", "NF4Weight", "quantize_nf4", "dequantize_nf4", "dequantize_nf4_torch",
     "nf4_levels_from_quantiles", "nf4_weight_bytes", "quantize_int8", "dequantize_int8", "int8_weight_bytes",
     "quantize_fp8", "dequantize_fp8", "fp8_weight_bytes",
-    "QuantizedLinear", "NF4Linear", "Int8Linear", "Fp8Linear", "Fp8LeanLinear", "QUANTIZED_LINEARS",
+    "QuantizedLinear", "NF4Linear", "NF4Fp8Linear", "Int8Linear", "Fp8Linear", "Fp8LeanLinear", "QUANTIZED_LINEARS",
     "swap_in_quantized", "load_quantized", "random_source", "dense_names", "dense_state_dict", "quantized_modules",
 ]

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from .fp8 import FP8, dequantize_fp8, fp8_linear, quantize_fp8
 from .int8 import dequantize_int8, quantize_int8
 from .dequant import dequantize_nf4
-from .ops import quant_linear
+from .ops import quant_linear, quant_linear_fp8
 from .nf4 import BLOCKSIZE, SCALE_BLOCKSIZE, NF4Weight, nf4_storage_shapes, quantize_nf4, tables_on
 
 
@@ -177,6 +177,20 @@ class NF4Linear(QuantizedLinear):
                 [self.out_features, self.in_features, self.blocksize, self.scale_blocksize])
 
 
+class NF4Fp8Linear(NF4Linear):
+    """:class:`NF4Linear` storage (QLoRA's bytes) multiplied in fp8: each call dequantizes the codes,
+    re-quantizes them per output row to e4m3 and runs the fp8 GEMM (``solotune::quant_linear_fp8``);
+    its activations and output gradients are quantized per row, as :class:`Fp8Linear`'s. Two roundings
+    of the weight (NF4, then e4m3), for Hopper's fp8 rate on the matmuls. bf16 compute only."""
+
+    kind = "nf4-fp8"
+    transient_bytes_per_weight = 4.0  # bf16 dequantized + e4m3 codes + their transpose (backward)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tensors, meta = self.op_inputs()
+        return quant_linear_fp8(x.to(torch.bfloat16), "nf4", tensors, meta)
+
+
 class Int8Linear(QuantizedLinear):
     """A frozen int8 weight with an fp32 absmax scale per output channel (:mod:`solotune.quant.int8`).
 
@@ -292,7 +306,7 @@ class Fp8LeanLinear(Fp8Linear):
     transient_bytes_per_weight = 1.0  # the transposed codes, in backward
 
 
-QUANTIZED_LINEARS: dict[str, type[QuantizedLinear]] = {"nf4": NF4Linear, "int8": Int8Linear, "fp8": Fp8Linear,
-                                                       "fp8-lean": Fp8LeanLinear}
+QUANTIZED_LINEARS: dict[str, type[QuantizedLinear]] = {"nf4": NF4Linear, "nf4-fp8": NF4Fp8Linear, "int8": Int8Linear,
+                                                       "fp8": Fp8Linear, "fp8-lean": Fp8LeanLinear}
 
-__all__ = ["QuantizedLinear", "NF4Linear", "Int8Linear", "Fp8Linear", "Fp8LeanLinear", "QUANTIZED_LINEARS"]
+__all__ = ["QuantizedLinear", "NF4Linear", "NF4Fp8Linear", "Int8Linear", "Fp8Linear", "Fp8LeanLinear", "QUANTIZED_LINEARS"]

@@ -6,6 +6,8 @@ eager path pays one dispatch per call instead of a Python autograd node.
 * ``solotune::quant_linear(x, kind, tensors, meta, dtype) -> x @ W'.T``, whose backward
   dequantizes again (``grad_x = grad_y @ W'``) instead of saving W': nothing of size [out, in]
   outlives the forward, else the 16-bit model would be back between forward and backward.
+* ``solotune::quant_linear_fp8(x, kind, tensors, meta)``: the same in fp8 GEMMs (W' re-quantized
+  per output row to e4m3, x and grad_y per row): QLoRA's storage at the fp8 tensor cores' rate.
 
 ``tensors``/``meta`` are what a ``QuantizedLinear`` stores (its ``op_inputs()``); ``kind`` picks
 the dequantizer (``nf4``: Triton on CUDA, PyTorch elsewhere; ``int8``). No gradient flows to the
@@ -19,7 +21,7 @@ from typing import Callable
 import torch
 
 from .dequant import dequantize_nf4
-from .fp8 import FP8, dequantize_fp8
+from .fp8 import FP8, dequantize_fp8, quantize_fp8, quantize_rows, scaled_matmul
 from .int8 import dequantize_int8
 from .nf4 import NF4Weight, tables_on
 
@@ -82,4 +84,42 @@ def _backward(ctx, grad_y: torch.Tensor):
 
 quant_linear.register_autograd(_backward, setup_context=_setup_context)
 
-__all__ = ["dequantize", "quant_linear", "DEQUANTIZERS"]
+
+# ------------------------------------------------------------- multiplied in fp8 (nf4-fp8)
+def _fp8_weight(kind: str, tensors: list[torch.Tensor], meta: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stored weight dequantized (bf16 transient) and re-quantized per output row to e4m3 -> (q, scale)."""
+    return quantize_fp8(DEQUANTIZERS[kind](tensors, meta, torch.bfloat16))
+
+
+@torch.library.custom_op("solotune::quant_linear_fp8", mutates_args=())
+def quant_linear_fp8(x: torch.Tensor, kind: str, tensors: list[torch.Tensor], meta: list[int]) -> torch.Tensor:
+    """x [..., in] (bf16) -> [..., out] bf16: the stored weight dequantized, re-quantized to fp8 per output
+    row, multiplied in fp8 with x quantized per row (:mod:`solotune.quant.fp8`). The backward does the same
+    for grad_x; nothing [out, in] outlives either."""
+    q, scale = _fp8_weight(kind, tensors, meta)
+    xq, a = quantize_rows(x.reshape(-1, x.shape[-1]))
+    return scaled_matmul(xq, a, q, scale, x.dtype).view(*x.shape[:-1], meta[0])
+
+
+@quant_linear_fp8.register_fake
+def _(x: torch.Tensor, kind: str, tensors: list[torch.Tensor], meta: list[int]) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], meta[0]))
+
+
+def _setup_context_fp8(ctx, inputs, output) -> None:
+    _, ctx.kind, tensors, ctx.meta = inputs
+    ctx.save_for_backward(*tensors)
+
+
+def _backward_fp8(ctx, grad_y: torch.Tensor):
+    q, scale = _fp8_weight(ctx.kind, list(ctx.saved_tensors), ctx.meta)
+    g = grad_y.reshape(-1, grad_y.shape[-1])
+    gq, b = quantize_rows(g * scale)  # the output-channel scale folded in before rounding
+    ones = torch.ones(q.shape[1], dtype=torch.float32, device=q.device)
+    dx = scaled_matmul(gq, b, q.t().contiguous(), ones, grad_y.dtype)
+    return dx.view(*grad_y.shape[:-1], q.shape[1]), None, [None] * len(ctx.saved_tensors), None
+
+
+quant_linear_fp8.register_autograd(_backward_fp8, setup_context=_setup_context_fp8)
+
+__all__ = ["dequantize", "quant_linear", "quant_linear_fp8", "DEQUANTIZERS"]

@@ -31,7 +31,8 @@ PRECISIONS = ("fp32", "fp16-amp", "bf16-amp", "bf16", "fp64")  # fp64: numerical
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 LR_SCHEDULES = ("cosine", "constant")
 # the frozen base's storage (solotune.quant.QUANTIZED_LINEARS): NF4 (QLoRA), int8, or fp8 (computed in fp8)
-QUANTIZE = ("none", "nf4", "int8", "fp8", "fp8-lean")  # fp8-lean: 1 byte per weight (fp8: 2, the faster)
+# fp8-lean: 1 byte per weight (fp8: 2, the faster); nf4-fp8: QLoRA's NF4 storage multiplied in fp8
+QUANTIZE = ("none", "nf4", "nf4-fp8", "int8", "fp8", "fp8-lean")
 OFFLOAD_TARGETS = ("activations", "optimizer")  # solotune.train.offload; solotune.optim.offload
 # "none", one target, or several comma-separated (stored in OFFLOAD_TARGETS order: "activations,optimizer")
 OFFLOAD = ("none", "activations", "optimizer", "activations,optimizer")

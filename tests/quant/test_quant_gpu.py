@@ -215,3 +215,21 @@ def test_fp8_lora_blocks_compile_with_inductor():
     eager_err, compiled_err = (eager - ref).norm() / ref.norm(), (got - ref).norm() / ref.norm()
     assert compiled_err <= 1.25 * eager_err, (compiled_err, eager_err)
     assert eager_err < 0.2  # and the fp8 error itself stays bounded
+
+
+def test_nf4_fp8_on_cuda_matches_the_fp8_base_of_its_dequantized_weight():
+    """nf4-fp8 on CUDA (Triton dequantization, then _scaled_mm) == an Fp8Linear over the NF4 base's
+    bf16 weight (same codes, same GEMM), forward and input gradient."""
+    from solotune.quant import Fp8Linear, NF4Fp8Linear
+
+    w = _weight((1024, 512), torch.bfloat16)
+    m = NF4Fp8Linear.from_weight(w, torch.bfloat16)
+    twin = Fp8Linear.from_weight(m.dequantize_as(torch.bfloat16), torch.bfloat16)
+    outs = []
+    for mod in (m, twin):
+        x = torch.randn(256, 512, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
+        x = x.bfloat16().requires_grad_(True)
+        y = mod(x)
+        y.backward(torch.ones_like(y))
+        outs.append((y.detach(), x.grad))
+    assert all(torch.equal(a, b) for a, b in zip(*outs))

@@ -13,11 +13,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from solotune.peft import LinearBase, LoRALinear, LoRASpec, apply_lora, lora_parameters
-from solotune.quant import Fp8LeanLinear, Fp8Linear, Int8Linear, NF4Linear, int8_weight_bytes, nf4_weight_bytes
+from solotune.quant import Fp8LeanLinear, Fp8Linear, Int8Linear, NF4Fp8Linear, NF4Linear, int8_weight_bytes, nf4_weight_bytes
 from solotune.quant.int8 import quantize_int8
 
 KINDS = {"nf4": NF4Linear, "int8": Int8Linear}  # dequantize, then multiply in the compute dtype
-ALL_KINDS = {**KINDS, "fp8": Fp8Linear, "fp8-lean": Fp8LeanLinear}  # + multiplied in fp8 (its own numerics: tests/quant/test_fp8.py)
+ALL_KINDS = {**KINDS, "fp8": Fp8Linear, "fp8-lean": Fp8LeanLinear, "nf4-fp8": NF4Fp8Linear}  # + multiplied in fp8 (its own numerics: tests/quant/test_fp8.py)
 
 
 def _weight(out: int = 48, inp: int = 64, seed: int = 0) -> torch.Tensor:
@@ -201,7 +201,8 @@ def test_int8_zero_row_and_meta_shapes():
         m.load_weight(torch.zeros(64, 48))
 
 
-@pytest.mark.parametrize("kind,checkpointing", [("nf4", "all"), ("int8", "off"), ("fp8", "all"), ("fp8", "off")])
+@pytest.mark.parametrize("kind,checkpointing", [("nf4", "all"), ("int8", "off"), ("fp8", "all"), ("fp8", "off"),
+                                                 ("nf4-fp8", "all")])
 def test_qlora_blocks_compile_into_one_graph_each(kind, checkpointing):
     """The quantized linear is a custom op, so a QLoRA block is captured whole (fullgraph) and the
     compiled block gives the eager block's loss and adapter gradients (aot_eager on CPU: the graph
