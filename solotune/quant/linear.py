@@ -181,14 +181,18 @@ class NF4Fp8Linear(NF4Linear):
     """:class:`NF4Linear` storage (QLoRA's bytes) multiplied in fp8: each call dequantizes the codes,
     re-quantizes them per output row to e4m3 and runs the fp8 GEMM (``solotune::quant_linear_fp8``);
     its activations and output gradients are quantized per row, as :class:`Fp8Linear`'s. Two roundings
-    of the weight (NF4, then e4m3), for Hopper's fp8 rate on the matmuls. bf16 compute only."""
+    of the weight (NF4, then e4m3), for Hopper's fp8 rate on the matmuls."""
 
     kind = "nf4-fp8"
     transient_bytes_per_weight = 4.0  # bf16 dequantized + e4m3 codes + their transpose (backward)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] -> [..., out] in the autocast or compute dtype; the GEMM itself runs in fp8 with a
+        bf16 output (the only output _scaled_mm's rowwise scaling gives)."""
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.compute_dtype
         tensors, meta = self.op_inputs()
-        return quant_linear_fp8(x.to(torch.bfloat16), "nf4", tensors, meta)
+        return quant_linear_fp8(x.to(torch.bfloat16), "nf4", tensors, meta).to(dtype)
 
 
 class Int8Linear(QuantizedLinear):
