@@ -112,12 +112,13 @@ def _setup_context_fp8(ctx, inputs, output) -> None:
 
 
 def _backward_fp8(ctx, grad_y: torch.Tensor):
-    q, scale = _fp8_weight(ctx.kind, list(ctx.saved_tensors), ctx.meta)
+    tensors = list(ctx.saved_tensors)  # unpacked once (checkpointing allows one unpack per tensor)
+    q, scale = _fp8_weight(ctx.kind, tensors, ctx.meta)
     g = grad_y.reshape(-1, grad_y.shape[-1])
     gq, b = quantize_rows(g * scale)  # the output-channel scale folded in before rounding
     ones = torch.ones(q.shape[1], dtype=torch.float32, device=q.device)
     dx = scaled_matmul(gq, b, q.t().contiguous(), ones, grad_y.dtype)
-    return dx.view(*grad_y.shape[:-1], q.shape[1]), None, [None] * len(ctx.saved_tensors), None
+    return dx.view(*grad_y.shape[:-1], q.shape[1]), None, [None] * len(tensors), None
 
 
 quant_linear_fp8.register_autograd(_backward_fp8, setup_context=_setup_context_fp8)
