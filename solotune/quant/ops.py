@@ -87,8 +87,9 @@ quant_linear.register_autograd(_backward, setup_context=_setup_context)
 
 # ------------------------------------------------------------- multiplied in fp8 (nf4-fp8)
 def _fp8_weight(kind: str, tensors: list[torch.Tensor], meta: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The stored weight dequantized (bf16 transient) and re-quantized per output row to e4m3 -> (q, scale)."""
-    return quantize_fp8(DEQUANTIZERS[kind](tensors, meta, torch.bfloat16))
+    """The stored weight dequantized (bf16 transient; the custom op, so a traced backward sees one
+    opaque call) and re-quantized per output row to e4m3 -> (q, scale)."""
+    return quantize_fp8(dequantize(kind, tensors, meta, torch.bfloat16))
 
 
 @torch.library.custom_op("solotune::quant_linear_fp8", mutates_args=())
