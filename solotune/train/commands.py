@@ -323,7 +323,7 @@ def model_and_adapter(args: argparse.Namespace, dtype: Any):
 
 
 def quantized_base_of(adapter: Any) -> str:
-    """``nf4``/``int8`` when the adapter was trained over a quantized base (QLoRA), else ``none``."""
+    """The quantized base the adapter was trained over (``nf4``, ``fp8``, ...: ``TrainConfig.quantize``), else ``none``."""
     return str((adapter.train_config or {}).get("quantize", "none"))
 
 
