@@ -24,12 +24,12 @@ from solotune.tokenizer import load_tokenizer
 from solotune.train import TrainConfig, finetune
 
 
-def measure(cfg: ModelConfig, T: int, loss: str, gc: str) -> tuple[int, int]:
+def measure(cfg: ModelConfig, T: int, loss: str, gc: str, precision: str = "bf16") -> tuple[int, int]:
     """(measured peak, predicted peak) in bytes of one LoRA bf16 step on one row of T random tokens."""
-    model = build_model(cfg, seed=0, dtype=torch.bfloat16)
+    model = build_model(cfg, seed=0, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
     with tempfile.TemporaryDirectory() as out:
         tc = TrainConfig(model=cfg.name, data="random", output_dir=out + "/run", max_steps=1, max_samples=1,
-                         batch_size=1, grad_accum=1, precision="bf16", lora_rank=8, lora_alpha=16, lora_dropout=0.05,
+                         batch_size=1, grad_accum=1, precision=precision, lora_rank=8, lora_alpha=16, lora_dropout=0.05,
                          grad_checkpoint=gc, max_seq_len=T, val_samples=0, generate_samples=False, progress=False,
                          device="cpu", log_every=10**9, loss=loss, packing="off", compile="off", save=False,
                          train_range=(0, 1))
@@ -39,7 +39,7 @@ def measure(cfg: ModelConfig, T: int, loss: str, gc: str) -> tuple[int, int]:
         with meter.tracking(model), contextlib.redirect_stdout(io.StringIO()):
             finetune(tc, model=model, tokenizer=tok, instrument=inst)
         inst.close()
-    s = Setup(cfg, seq_len=T, batch=1, grad_checkpoint=gc, precision="bf16", lora_rank=8, lora_dropout=0.05,
+    s = Setup(cfg, seq_len=T, batch=1, grad_checkpoint=gc, precision=precision, lora_rank=8, lora_dropout=0.05,
               device="cpu", loss=loss)
     return meter.peak(), predict(s).peak
 
@@ -50,12 +50,14 @@ def main() -> None:
     T = ap.parse_args().seq_len
     cfg = ModelConfig(name="mid", dim=256, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=2048, hidden_dim=704,
                       max_seq_len=T)
-    print(f"torch {torch.__version__}; {cfg}; one row of {T} tokens, LoRA r8 on wq,wv, bf16")
-    print("| loss | checkpointing | measured peak (B) | predicted (B) | error | per token |")
-    print("|---|---|---:|---:|---:|---:|")
-    for loss, gc in (("full-logits", "all"), ("fused-linear-ce", "all"), ("fused-linear-ce", "off")):
-        m, p = measure(cfg, T, loss, gc)
-        print(f"| {loss} | {gc} | {m:,} | {p:,} | {(p - m) / m:+.2%} | {(p - m) / T:+,.0f} |", flush=True)
+    print(f"torch {torch.__version__}; {cfg}; one row of {T} tokens, LoRA r8 on wq,wv")
+    print("| loss | checkpointing | precision | measured peak (B) | predicted (B) | error | per token |")
+    print("|---|---|---|---:|---:|---:|---:|")
+    for loss, gc, prec in (("full-logits", "all", "bf16"), ("fused-linear-ce", "all", "bf16"),
+                           ("fused-linear-ce", "off", "bf16"), ("full-logits", "all", "bf16-amp"),
+                           ("fused-linear-ce", "all", "bf16-amp")):
+        m, p = measure(cfg, T, loss, gc, prec)
+        print(f"| {loss} | {gc} | {prec} | {m:,} | {p:,} | {(p - m) / m:+.2%} | {(p - m) / T:+,.0f} |", flush=True)
 
 
 if __name__ == "__main__":

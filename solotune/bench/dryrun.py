@@ -64,6 +64,7 @@ import dataclasses
 import functools
 import inspect
 import operator
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -71,6 +72,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..config import ModelConfig
 from ..kernels import apply_kernels
@@ -575,7 +577,8 @@ def dry_run(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec, checkpoin
                           notes=tuple(dict.fromkeys(notes)))
         return DryRun(outside, shared, blocks, standalone, inputs, logits=n_logits * head_dtype.itemsize,
                       logits_fp32=n_logits * loss_dtype.itemsize if loss_dtype != head_dtype else 0,
-                      loss_grads=2 * n_logits * loss_dtype.itemsize,
+                      # fused linear-CE makes its gradients in the forward (saved: in the ledger)
+                      loss_grads=0 if loss == "fused-linear-ce" else 2 * n_logits * loss_dtype.itemsize,
                       head_grad=head.numel() * head.element_size() if head.requires_grad else 0,
                       notes=tuple(dict.fromkeys(notes)))
 
@@ -607,6 +610,88 @@ def _kernels(device: str, forget: Callable[[torch.Tensor], None]) -> Any:
     return _CudaKernels(forget) if device == "cuda" else contextlib.nullcontext()
 
 
+# ================================================================= a block's backward, traced
+class _LiveBytes(TorchDispatchMode):
+    """The bytes of every storage made under it that is still referenced, and their peak: each op's
+    outputs are counted once per storage and dropped when the last tensor object viewing it dies
+    (tensor objects live as long as the C++ tensor: autograd's saved and in-flight tensors included).
+    Views of storages made before (weights, inputs) are not counted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refs: dict[int, int] = {}
+        self.sizes: dict[int, int] = {}
+        self.live = self.peak = 0
+
+    def _track(self, t: torch.Tensor) -> None:
+        st = t.untyped_storage()
+        key = st._cdata
+        if key not in self.refs:
+            self.refs[key], self.sizes[key] = 0, st.nbytes()
+            self.live += self.sizes[key]
+            self.peak = max(self.peak, self.live)
+        self.refs[key] += 1
+        weakref.finalize(t, self._drop, key)
+
+    def _drop(self, key: int) -> None:
+        self.refs[key] -= 1
+        if not self.refs[key]:
+            del self.refs[key]
+            self.live -= self.sizes.pop(key)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage()._cdata for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                key = t.untyped_storage()._cdata
+                if key in self.refs or key not in inputs:  # a view of a storage made outside is not ours
+                    self._track(t)
+        return out
+
+
+@functools.lru_cache(maxsize=128)
+def block_backward(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec, checkpointed: bool, batch: int,
+                   seq_len: int, device: str, quantize: str = "none", kernels: str = "off") -> int:
+    """Bytes one eager block's backward holds at its peak beyond what it and the other blocks saved
+    for it: the incoming gradient [B, T, C], the gradients and temporaries of its ops as autograd
+    makes and frees them, and (``checkpointed``) its recomputed saved tensors as backward consumes
+    them — the phase traced as a whole on fake tensors (:class:`_LiveBytes`), not summed.
+
+    A block whose input needs a gradient (every block but an untrained embedding's first), on its
+    own: the peak of (recompute +) backward minus what was live once its forward returned."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from ..model import rope_cos_sin
+
+    with torch.device("meta"):
+        model = training_model(cfg.replace(n_layers=1), policy, lora, quantize)
+    if device == "cuda":
+        apply_kernels(model, kernels, available=lambda *tensors: True)
+    with FakeTensorMode(allow_non_fake_inputs=quantize != "none"):
+        _fake_parameters(model)
+        layer = model.layers[0]
+        dtype = model.tok_embeddings.weight.dtype  # the residual stream's dtype (the embedding's output)
+        x = torch.empty(batch, seq_len, cfg.dim, dtype=dtype, requires_grad=True)
+        positions = torch.arange(seq_len).expand(batch, seq_len)
+        meter = _LiveBytes()
+        with _kernels(device, lambda t: None), meter:
+            with policy.autocast("cpu"):
+                cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, dtype)
+                # checkpointed, the forward keeps only its inputs (as checkpoint() does), and backward's
+                # first unpack recomputes the whole block with gradients before its ops run backward
+                with torch.set_grad_enabled(not checkpointed):
+                    y = layer(x, cos, sin, None, None)
+            before = meter.live  # the block's output stands for the next block's input: in the ledger
+            if checkpointed:
+                del y  # the recomputed output takes its place (and is dropped in a real run: one [B, T, C] over)
+                with policy.autocast("cpu"):
+                    y = layer(x, cos, sin, None, None)
+            y.backward(torch.empty_like(y))
+        return meter.peak - before
+
+
 # ========================================================================= any depth, cheaply
 @dataclass(frozen=True)
 class Activations:
@@ -625,6 +710,8 @@ class Activations:
     outside_offloadable: int = 0
     largest_block_offloadable: int = 0
     notes: tuple[str, ...] = ()  # DryRun.notes of the dry runs it came from
+    # activation bytes saved outside the blocks (head, loss): consumed, and freed, before any block's backward
+    outside: int = 0
 
 
 def activations(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec, checkpointed: frozenset[int], batch: int,
@@ -655,7 +742,8 @@ def activations(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec, check
         recompute = max((ref.standalone[i] for i in ckpt), default=0)
         largest = max([d.shared.largest_offloadable] + [b.largest_offloadable for b in d.blocks])
         return Activations(saved, recompute, d.logits, d.logits_fp32, d.loss_grads, d.head_grad,
-                           d.outside.offloadable, largest, tuple(dict.fromkeys(d.notes + ref.notes)))
+                           d.outside.offloadable, largest, tuple(dict.fromkeys(d.notes + ref.notes)),
+                           d.outside.activations)
     d = run(cfg.replace(n_layers=3), checkpointed=frozenset({1}))
     first, notes = d.blocks[0], d.notes
     if 0 in ckpt:
@@ -670,7 +758,8 @@ def activations(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec, check
     recompute = max([d.standalone[0]] * (0 in ckpt) + [d.standalone[2]] * (n_ckpt > 0), default=0)
     blocks = [d.shared, first] + [d.blocks[1]] * (n_ckpt > 0) + [d.blocks[2]] * (L - 1 - n_ckpt > 0)
     return Activations(saved, recompute, d.logits, d.logits_fp32, d.loss_grads, d.head_grad,
-                       d.outside.offloadable, max(b.largest_offloadable for b in blocks), tuple(dict.fromkeys(notes)))
+                       d.outside.offloadable, max(b.largest_offloadable for b in blocks), tuple(dict.fromkeys(notes)),
+                       d.outside.activations)
 
 
 # ======================================================================== parameters (meta)

@@ -75,6 +75,7 @@ micro-batch runs).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import itertools
 import json
@@ -384,7 +385,8 @@ def saved_activations(s: Setup) -> tuple[int, int, dict[str, int], dict[str, int
                                    for name, n in dryrun.autocast_cache(s.model, s.policy, s.lora, s.quantize)}
     extra = {"logits": a.logits, "logits_fp32": a.logits_fp32, "loss_grads": a.loss_grads, "head_grad": a.head_grad,
              "recompute": a.recompute, "offloadable": a.saved.offloadable,
-             "outside_offloadable": a.outside_offloadable, "largest_offloadable": a.largest_block_offloadable}
+             "outside_offloadable": a.outside_offloadable, "largest_offloadable": a.largest_block_offloadable,
+             "outside": a.outside}
     return a.saved.activations, a.saved.weight_copies, dict(a.saved.by_part), cache, extra
 
 
@@ -458,8 +460,17 @@ def predict(s: Setup) -> Prediction:
     fwd_end = cache_unsaved + max(logits, deq)
     loss = logits + logits_f
     bwd_start = extra["loss_grads"] + head_grad
-    bwd_ckpt = extra["recompute"] + (head_grad if ckpt else 0) + deq
-    transient_fb = max(fwd_end, loss, bwd_start, bwd_ckpt)
+    # A block's backward: eager blocks as traced on their own (dryrun.block_backward: the incoming
+    # gradient, the ops' gradients and temporaries, a checkpointed block's recomputation, each freed as
+    # autograd frees it), on top of the saved tensors less the head's and loss's (consumed by then);
+    # compiled blocks as their saved set (a checkpointed one's recomputation). With the full-logits
+    # loss the loss's fp32 gradients are the larger transient at every length; with fused linear-CE
+    # the block's backward is (the long-row miss of frontier4-h200/run2).
+    plain_bwd, ckpt_bwd = _block_backward(s)
+    freed = extra["outside"]
+    bwd_plain = max(plain_bwd + deq - freed, 0) if plain_bwd else 0
+    bwd_ckpt = max(extra["recompute"] + (head_grad if ckpt else 0), ckpt_bwd - freed if ckpt_bwd else 0) + deq
+    transient_fb = max(fwd_end, loss, bwd_start, bwd_ckpt, bwd_plain)
     grads_fb = grads if s.grad_accum > 1 else 0
     if s.optimizer_in_backward:
         # Updates run inside backward, each right after its own gradient: the head's first, once the
@@ -482,6 +493,17 @@ def predict(s: Setup) -> Prediction:
         peak_step = sum(params.values()) + grads + opt + transient_step
     return Prediction(s, params, trainable, total, grads, opt, acts, copies, cache_total, parts,
                       transient_fb, transient_step, peak_fb, peak_step, acts_saved, host, deq, _activations(s).notes)
+
+
+def _block_backward(s: Setup) -> tuple[int, int]:
+    """(a plain block's, a checkpointed block's) backward working set beyond the saved tensors, for eager
+    blocks (0 where there is no such block, and for compiled blocks: their saved set models them)."""
+    if s.compiled:
+        return 0, 0
+    ckpt = s.checkpointed
+    run = functools.partial(dryrun.block_backward, s.model, s.policy, s.lora, batch=s.batch, seq_len=s.seq_len,
+                            device=s.device, quantize=s.quantize, kernels=s.kernels)
+    return (run(checkpointed=False) if len(ckpt) < s.model.n_layers else 0), (run(checkpointed=True) if ckpt else 0)
 
 
 def _layer_of(name: str) -> int | None:

@@ -22,7 +22,10 @@ RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 FULL_DEPTH_BOUND = 0.02
 # Quantized bases and activation offload (issue 10's target for every new configuration): 5%.
 NEW_TECHNIQUE_BOUND = 0.05
-SHALLOW_BOUNDS = {"bench-7b-1layer": 0.08}
+# 1-layer 7B, fp32 weights: the checkpointed fp16-AMP cells are dominated by one block's 16-bit weight
+# casts; the traced block backward (dryrun.block_backward) puts them +9.4% over (was +6.7% with the
+# recomputation alone), while the full-depth cells of the same matrix stay within FULL_DEPTH_BOUND
+SHALLOW_BOUNDS = {"bench-7b-1layer": 0.10}
 # Compiled blocks are held to the same bounds: the dry run traces what Inductor's partitioner saves
 # of a block that is not checkpointed (dryrun._AsCompiledBlock); a checkpointed one keeps its inputs.
 COMPILED_SAVED_SLACK = 4096  # bytes: a compiled checkpointed block saves a few scalars more
@@ -56,7 +59,8 @@ def setup_of(rec: dict, folder: str = "") -> Setup:
                  grad_accum=rec["grad_accum"], grad_checkpoint=rec["grad_checkpoint"], precision=rec["precision"],
                  lora=spec, optimizer=rec.get("optimizer", "adamw"), quantize=rec.get("quantize", "none"),
                  offload=rec.get("offload", "none"), optimizer_in_backward=rec.get("optimizer_in_backward", False),
-                 compiled=_compiled(rec), loss_compiled=_loss_compiled(rec, folder),
+                 compiled=_compiled(rec), loss_compiled=_loss_compiled(rec, folder), loss=rec.get("loss", "full-logits"),
+                 kernels=rec.get("kernels", "off"),
                  device="cuda" if str(rec.get("peak_kind", "")).startswith("cuda") else "cpu")
 
 
@@ -174,7 +178,6 @@ PROBES_OK, PROBES_OOM = _probes("ok"), _probes("oom")
 # probes where the planner is known to under-predict (fused linear-CE, with activation offload, at
 # 46k-94k tokens: >= ~32 KB per token unmodelled: a block's backward working set, which the full-logits
 # loss's transients hide; reproduced on CPU without offload, benchmarks/results/planner-cpu/)
-LEAN_OFFLOAD_MISS = ("frontier4-h200/run2/bench/maxlen-context24-lean-",)
 
 
 def _probe_setup(rec: dict) -> Setup:
@@ -195,9 +198,6 @@ def test_planner_is_not_below_what_the_failed_long_rows_needed(folder, rec):
     """A probe that ran out of memory needed at least what PyTorch had allocated when it failed plus
     the request that failed (both in its message): the prediction must not be below that by more
     than the bound (it may be far above: a cap on reserved memory fails on fragmentation too)."""
-    if folder.startswith(LEAN_OFFLOAD_MISS):
-        pytest.xfail("fused linear-CE (+ offload): a block's backward holds >= ~32 KB per token the planner does "
-                     "not model (benchmarks/NOTES.md, fourth session)")
     m = re.search(r"([\d.]+) GiB is allocated by PyTorch", rec["error"])
     assert m and rec.get("oom_request_bytes"), rec["error"][:200]
     needed = float(m.group(1)) * 2**30 + rec["oom_request_bytes"]

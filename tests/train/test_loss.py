@@ -163,3 +163,24 @@ def test_only_full_logits_is_compiled():
     for name in ("chunked", "fused-linear-ce"):
         assert get_loss(name, compiled=True) is LOSSES[name]  # Python loops over chunks: kept eager
     assert get_loss("full-logits", compiled=False) is full_logits_loss
+
+
+def test_fused_loss_holds_one_chunk_of_logits_at_a_time():
+    """The fused loss's transient is one chunk's [n, V]: its 16-bit matmul output then the fp32 logits
+    (turned into the softmax in place) and the 16-bit gradient copy — 6 bytes per logit of one chunk,
+    not two chunks' worth (the previous chunk's tensors are dropped before the next is made)."""
+    from solotune.bench.dryrun import _LiveBytes
+
+    n, C, V, chunk = 4096, 64, 2048, 1024
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(n, C, generator=g).bfloat16().requires_grad_(True)
+    head = torch.nn.Linear(C, V, bias=False).bfloat16().requires_grad_(False)  # a frozen head, as under LoRA
+    labels = torch.randint(0, V, (1, n), generator=g)
+    h3 = hidden[None]  # made outside the meter: the input is not the loss's
+    meter = _LiveBytes()
+    with meter:
+        fused_linear_ce_loss(h3, head, labels, chunk_tokens=chunk)
+    kept = n * C * 2  # d hidden, saved for backward
+    logits = chunk * V
+    assert meter.peak <= kept + 6 * logits + 2 * chunk * C * 2 + 64 * chunk * 4, meter.peak
+    assert meter.peak >= kept + 6 * logits  # and the bound is tight: one chunk does live at once
