@@ -2,7 +2,7 @@
 one micro-batch of one long row on a small 2-layer model: the losses and checkpointing policies the
 long-row probes use, at a size the CPU trains in seconds. Reports; asserts nothing.
 
-    python benchmarks/planner_peak_cpu.py [--seq-len 2048] > benchmarks/results/planner-cpu.txt
+    python benchmarks/planner_peak_cpu.py [--seq-len 2048] > benchmarks/results/planner-cpu/peak_vs_planner.md
 """
 
 from __future__ import annotations
