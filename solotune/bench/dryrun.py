@@ -797,6 +797,7 @@ class Quantized:
     largest: int = 0  # elements of the largest one, [out, in]
     compute_dtype: torch.dtype | None = None  # what the forward dequantizes into (autocast's dtype when on)
     transient_per_weight: float | None = None  # the module's transient_bytes_per_weight (None: dequantizes)
+    gemm_speedup: float = 1.0  # the module's gemm_speedup (fp8 GEMMs: 2)
 
     @property
     def dequantized(self) -> int:
@@ -819,7 +820,8 @@ def quantized(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec, quantiz
     mods = list(quantized_modules(model).values())
     sizes = [m.out_features * m.in_features for m in mods]
     return Quantized(sum(m.weight_bytes() for m in mods), sum(sizes), max(sizes, default=0),
-                     policy.autocast_dtype or policy.param_dtype, mods[0].transient_bytes_per_weight if mods else None)
+                     policy.autocast_dtype or policy.param_dtype, mods[0].transient_bytes_per_weight if mods else None,
+                     mods[0].gemm_speedup if mods else 1.0)
 
 
 def autocast_cache(cfg: ModelConfig, policy: PrecisionPolicy, lora: LoRASpec, quantize: str = "none") -> list[tuple[str, int]]:

@@ -561,7 +561,10 @@ def relative_cost(s: Setup) -> float:
     if "optimizer" in s.offload_targets:  # every state crosses twice per optimizer step
         pcie = 2 * optimizer_state_bytes(s.optimizer, _trainable_shapes(s))
         pcie *= PCIE_FLOPS_PER_BYTE * PRECISION_SPEED[s.precision] / s.grad_accum  # per micro-batch
-    return (base + recompute + pcie) / PRECISION_SPEED[s.precision] / (s.batch * T)
+    # a base whose GEMMs run faster (fp8): its share of the matmul FLOPs at that rate (attention ignored)
+    quant = _quantized(s)
+    fast = quant.weights / n_mm * (1.0 - 1.0 / quant.gemm_speedup) if quant.weights and n_mm else 0.0
+    return ((base + recompute) * (1.0 - fast) + pcie) / PRECISION_SPEED[s.precision] / (s.batch * T)
 
 
 # ============================================================================= plan listing
@@ -824,5 +827,6 @@ def format_plan(rows: list[tuple[Prediction, float, bool]], gpu_mem: int, show_a
                      "too, and it is 0 there); host (pinned): the copies in host memory.")
     lines.extend(_notes_lines([p for p, _, _ in rows]))
     lines.append("\nrel. time: model FLOPs + recomputation over a per-precision speed factor "
-                 f"({', '.join(f'{k} {v:g}x' for k, v in PRECISION_SPEED.items())}); a ranking, not a measurement.")
+                 f"({', '.join(f'{k} {v:g}x' for k, v in PRECISION_SPEED.items())}; an fp8 base's GEMMs 2x more); "
+                 "a ranking, not a measurement.")
     return "\n".join(lines)

@@ -45,6 +45,8 @@ class QuantizedLinear(nn.Module):
     # bytes per weight of the transient its matmul makes, in the compute dtype's units: a dequantizing
     # base makes the whole [out, in] weight (None = the compute dtype's itemsize); see the planner
     transient_bytes_per_weight: float | None = None
+    # its GEMMs' rate against the compute dtype's (ranking in `plan` only): fp8 tensor cores run at twice bf16's
+    gemm_speedup: float = 1.0
 
     def __init__(self, in_features: int, out_features: int, compute_dtype: torch.dtype) -> None:
         super().__init__()
@@ -185,6 +187,7 @@ class NF4Fp8Linear(NF4Linear):
 
     kind = "nf4-fp8"
     transient_bytes_per_weight = 4.0  # bf16 dequantized + e4m3 codes + their transpose (backward)
+    gemm_speedup = 2.0  # as Fp8Linear's (the per-call re-quantization not counted)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out] in the autocast or compute dtype; the GEMM itself runs in fp8 with a
@@ -253,6 +256,7 @@ class Fp8Linear(QuantizedLinear):
     kind = "fp8"  # the name anatomy and planner file its storage under
     transposed = True  # keep q.T for the backward's GEMM (Fp8LeanLinear: make it there)
     transient_bytes_per_weight = 0.0  # multiplies its codes as stored: nothing weight-sized is made
+    gemm_speedup = 2.0  # Hopper / Ada fp8 tensor cores: twice the dense bf16 rate
 
     def __init__(self, in_features: int, out_features: int, compute_dtype: torch.dtype = torch.bfloat16, *,
                  device: torch.device | str | None = None) -> None:

@@ -93,3 +93,19 @@ def test_plan_iterates_the_options_and_quantizes_lora_only():
     seen = {(p.setup.method, p.setup.quantize, p.setup.grad_checkpoint, p.setup.offload) for p, _, _ in rows}
     assert len(rows) == len(seen) == 2 * 2 * (3 + 1)  # (lora x 3 quantize + full) x checkpointing x offload
     assert all(p.setup.method == "lora" for p, _, _ in rows if p.setup.quantize != "none")
+
+
+def test_an_fp8_base_ranks_faster_and_costs_its_bytes():
+    """fp8: 2 bytes per weight (both layouts), fp8-lean 1, nothing weight-sized made per matmul (lean: the
+    transposed codes in backward); both rank faster than the 16-bit base (their GEMMs at twice the rate)."""
+    from solotune.bench.plan import relative_cost
+
+    s = Setup(SEVEN_B, seq_len=512, batch=8, precision="bf16", lora=LORA)
+    plain, fp8, lean = (predict(s.replace(quantize=q)) for q in ("none", "fp8", "fp8-lean"))
+    c, h, L = SEVEN_B.dim, SEVEN_B.hidden_dim, SEVEN_B.n_layers
+    n_linear = L * (4 * c * c + 3 * h * c)
+    rows = L * (4 * c + 2 * h + c)  # one fp32 scale per output channel
+    assert fp8.params["fp8"] == 2 * n_linear + 4 * rows and lean.params["fp8-lean"] == n_linear + 4 * rows
+    assert fp8.dequantized == 0 and lean.dequantized == h * c
+    costs = [relative_cost(s.replace(quantize=q)) for q in ("none", "fp8", "fp8-lean")]
+    assert costs[1] == costs[2] < 0.6 * costs[0]
