@@ -65,7 +65,7 @@ class BenchConfig:
     lora_alpha: float = LoRASpec.alpha
     lora_dropout: float = LoRASpec.dropout
     lora_targets: tuple[str, ...] = LoRASpec.targets
-    quantize: str = "none"  # none | nf4 | int8 (LoRA cells; full fine-tuning cells keep a 16-bit base)
+    quantize: str = "none"  # train.config.QUANTIZE (LoRA cells; full fine-tuning cells keep a 16-bit base)
     offload: str = "none"
     # adamw | adamw-8bit | auto (full fine-tuning cells: plan's cheapest technique under memory_limit_bytes)
     optimizer: str = "adamw"
@@ -313,7 +313,7 @@ def reference_cell(spec: CellSpec, impl: str, ours: dict[str, Any], shared: dict
     with the reason, or None when the same reference cell already ran for an earlier solotune cell."""
     from .hf_cell import missing_package
 
-    why = reference_gap(spec) or missing_package(impl, spec.quantize) or (
+    why = reference_gap(spec) or missing_package(impl, spec.as_reference(impl).quantize) or (
         None if ours["status"] == "ok" else
         "the solotune cell did not fit" if ours["status"] == "oom" else f"the solotune cell ended with {ours['status']}")
     if why is not None:

@@ -126,17 +126,19 @@ def test_a_technique_hf_lacks_is_compared_with_its_nearest_reference(tmp_path, m
     monkeypatch.setattr(runner, "run_cell_subprocess", fake)
     monkeypatch.setattr(runner, "measure_matmul", lambda *a: {"device": None, "matmul_tflops": None})
     monkeypatch.setattr("solotune.bench.hf_cell.missing_package", lambda impl, q: None)
-    for i, extra in enumerate(({"offload": "activations"}, {"optimizer": "adamw-8bit", "offload": "activations"})):
+    for i, extra in enumerate(({"offload": "activations"}, {"optimizer": "adamw-8bit", "offload": "activations"},
+                               {"quantize": "fp8", "offload": "activations"})):
         bc = runner.BenchConfig(model="tiny", axes=(), reference="hf", out=str(tmp_path / str(i)), data="random",
                                 fixed={"gc": True}, **extra)
         results = runner.run_bench(bc, say=lambda *_: None)
         hf = [r for r in results if r["impl"] == "hf"]
         assert len(hf) == 1 and hf[0]["status"] == "ok"
-        assert (ran[-1].impl, ran[-1].offload, ran[-1].optimizer) == ("hf", "none", "adamw")
+        assert (ran[-1].impl, ran[-1].offload, ran[-1].optimizer, ran[-1].quantize) == ("hf", "none", "adamw", "none")
         md = (tmp_path / str(i) / "report.md").read_text()
         assert "ran without offload activations" in md and "0.50" in md  # the memory ratio is shown
         assert ("optimizer adamw-8bit" in md) == ("optimizer" in extra)
-    assert [s.impl for s in ran] == ["solotune", "hf", "solotune", "hf"]
+        assert ("quantize fp8 (its reference: the 16-bit base)" in md) == ("quantize" in extra)
+    assert [s.impl for s in ran] == ["solotune", "hf"] * 3
     assert reference_differs(CellSpec(model="tiny", offload="activations").to_dict()) == ["offload activations"]
     assert reference_differs(CellSpec(model="tiny").to_dict()) == []
 
