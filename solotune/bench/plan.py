@@ -458,7 +458,10 @@ def predict(s: Setup) -> Prediction:
     # (all but the head's activations saved), and in each block's backward (with its recomputation).
     deq = quant.dequantized
     fwd_end = cache_unsaved + max(logits, deq)
-    loss = logits + logits_f
+    # the head's input (the final norm's output, [B, T, C]) lives through the loss; eager losses that hold
+    # one chunk at a time (fused linear-CE, chunked) peak there with every activation saved
+    head_input = s.batch * s.seq_len * s.model.dim * s.policy.param_dtype.itemsize
+    loss = logits + logits_f + head_input
     bwd_start = extra["loss_grads"] + head_grad
     # A block's backward: eager blocks as traced on their own (dryrun.block_backward: the incoming
     # gradient, the ops' gradients and temporaries, a checkpointed block's recomputation, each freed as
