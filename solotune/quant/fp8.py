@@ -85,6 +85,20 @@ def scaled_matmul(a: torch.Tensor, a_scale: torch.Tensor, b_t: torch.Tensor, b_s
         return ((a.to(acc) @ b_t.to(acc).t()) * a_scale.to(acc) * b_scale.to(acc)).to(out_dtype)
 
 
+def fp8_product(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The forward: x [..., in] quantized per row, times (q * scale[:, None]).T -> [..., out] in x's dtype."""
+    xq, xs = quantize_rows(x.reshape(-1, x.shape[-1]))
+    return scaled_matmul(xq, xs, q, scale, x.dtype).view(*x.shape[:-1], q.shape[0])
+
+
+def fp8_input_grad(grad_y: torch.Tensor, q_t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The backward's grad_x [..., in] from grad_y [..., out]: the output-channel scale folded into grad_y
+    before it is quantized per row (fp32 or wider), times q (q_t = q.T contiguous [in, out])."""
+    gq, gs = quantize_rows(grad_y.reshape(-1, grad_y.shape[-1]) * scale)
+    ones = torch.ones(q_t.shape[0], dtype=torch.float32, device=q_t.device)
+    return scaled_matmul(gq, gs, q_t, ones, grad_y.dtype).view(*grad_y.shape[:-1], q_t.shape[0])
+
+
 class Fp8LinearFn(torch.autograd.Function):
     """y = x @ w'.T through fp8 GEMMs; x [..., in] -> [..., out] in x's dtype. Traceable by dynamo
     (tensors only), so Inductor fuses the per-row quantization of x and dy into their neighbours."""
@@ -93,20 +107,14 @@ class Fp8LinearFn(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, q: torch.Tensor, q_t: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
         ctx.transpose = q_t is None  # the lean layout: the backward makes q.T itself
         ctx.save_for_backward(q if q_t is None else q_t, scale)  # the stored weight only: nothing [M, *] is kept
-        xq, xs = quantize_rows(x.reshape(-1, x.shape[-1]))
-        y = scaled_matmul(xq, xs, q, scale, x.dtype)
-        return y.view(*x.shape[:-1], q.shape[0])
+        return fp8_product(x, q, scale)
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
         q_t, scale = ctx.saved_tensors
         if ctx.transpose:  # one [in, out] fp8 transient (1 byte per weight) for this matmul
             q_t = q_t.t().contiguous()
-        g = grad_y.reshape(-1, grad_y.shape[-1])
-        gq, gs = quantize_rows(g * scale)  # the output-channel scale folded in before rounding (fp32 or wider)
-        ones = torch.ones(q_t.shape[0], dtype=torch.float32, device=q_t.device)
-        dx = scaled_matmul(gq, gs, q_t, ones, grad_y.dtype)
-        return dx.view(*grad_y.shape[:-1], q_t.shape[0]), None, None, None
+        return fp8_input_grad(grad_y, q_t, scale), None, None, None
 
 
 def fp8_linear(x: torch.Tensor, q: torch.Tensor, q_t: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
@@ -116,4 +124,4 @@ def fp8_linear(x: torch.Tensor, q: torch.Tensor, q_t: torch.Tensor | None, scale
 
 
 __all__ = ["FP8", "FP8_MAX", "quantize_rows", "quantize_fp8", "dequantize_fp8", "fp8_weight_bytes",
-           "scaled_mm_available", "scaled_matmul", "fp8_linear"]
+           "scaled_mm_available", "scaled_matmul", "fp8_product", "fp8_input_grad", "fp8_linear"]

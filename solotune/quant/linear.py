@@ -86,12 +86,16 @@ class QuantizedLinear(nn.Module):
         (:meth:`traced_linear`), which Inductor may fuse into one pass over the quantized bytes;
         everywhere else (training, compiled or not; eager inference) the custom op, which keeps
         nothing [out, in] for backward."""
-        dev = x.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.compute_dtype
+        dtype = self.output_dtype(x)
         if torch.compiler.is_compiling() and not torch.is_grad_enabled():
             return self.traced_linear(x.to(dtype), dtype)
         tensors, meta = self.op_inputs()
         return quant_linear(x.to(dtype), self.kind, tensors, meta, dtype)
+
+    def output_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The autocast dtype when autocast is on for x's device, else the compute dtype."""
+        dev = x.device.type
+        return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.compute_dtype
 
     def traced_linear(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """x [..., in] (in ``dtype``) -> [..., out]: the dequantization in traceable PyTorch ops, then the matmul."""
@@ -192,10 +196,8 @@ class NF4Fp8Linear(NF4Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out] in the autocast or compute dtype; the GEMM itself runs in fp8 with a
         bf16 output (the only output _scaled_mm's rowwise scaling gives)."""
-        dev = x.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.compute_dtype
         tensors, meta = self.op_inputs()
-        return quant_linear_fp8(x.to(torch.bfloat16), "nf4", tensors, meta).to(dtype)
+        return quant_linear_fp8(x.to(torch.bfloat16), "nf4", tensors, meta).to(self.output_dtype(x))
 
 
 class Int8Linear(QuantizedLinear):
@@ -299,10 +301,8 @@ class Fp8Linear(QuantizedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out] in the autocast or compute dtype, through fp8 GEMMs (training and
         inference alike: the per-row quantization of x is part of the forward)."""
-        dev = x.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.compute_dtype
         q_t = self.qweight_t_bits.view(FP8) if self.transposed else None
-        return fp8_linear(x.to(dtype), self.qweight, q_t, self.scale)
+        return fp8_linear(x.to(self.output_dtype(x)), self.qweight, q_t, self.scale)
 
 
 class Fp8LeanLinear(Fp8Linear):

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from .dequant import dequantize_nf4
-from .fp8 import FP8, dequantize_fp8, quantize_fp8, quantize_rows, scaled_matmul
+from .fp8 import FP8, dequantize_fp8, fp8_input_grad, fp8_product, quantize_fp8
 from .int8 import dequantize_int8
 from .nf4 import NF4Weight, tables_on
 
@@ -98,8 +98,7 @@ def quant_linear_fp8(x: torch.Tensor, kind: str, tensors: list[torch.Tensor], me
     row, multiplied in fp8 with x quantized per row (:mod:`solotune.quant.fp8`). The backward does the same
     for grad_x; nothing [out, in] outlives either."""
     q, scale = _fp8_weight(kind, tensors, meta)
-    xq, a = quantize_rows(x.reshape(-1, x.shape[-1]))
-    return scaled_matmul(xq, a, q, scale, x.dtype).view(*x.shape[:-1], meta[0])
+    return fp8_product(x, q, scale)
 
 
 @quant_linear_fp8.register_fake
@@ -115,11 +114,7 @@ def _setup_context_fp8(ctx, inputs, output) -> None:
 def _backward_fp8(ctx, grad_y: torch.Tensor):
     tensors = list(ctx.saved_tensors)  # unpacked once (checkpointing allows one unpack per tensor)
     q, scale = _fp8_weight(ctx.kind, tensors, ctx.meta)
-    g = grad_y.reshape(-1, grad_y.shape[-1])
-    gq, b = quantize_rows(g * scale)  # the output-channel scale folded in before rounding
-    ones = torch.ones(q.shape[1], dtype=torch.float32, device=q.device)
-    dx = scaled_matmul(gq, b, q.t().contiguous(), ones, grad_y.dtype)
-    return dx.view(*grad_y.shape[:-1], q.shape[1]), None, [None] * len(tensors), None
+    return fp8_input_grad(grad_y, q.t().contiguous(), scale), None, [None] * len(tensors), None
 
 
 quant_linear_fp8.register_autograd(_backward_fp8, setup_context=_setup_context_fp8)
