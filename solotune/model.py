@@ -208,16 +208,18 @@ def _matmul_ops() -> frozenset:
 
 def recompute_scaled_matmuls() -> Any:
     """``context_fn`` of full checkpointing inside a compiled block: every op is recomputed as plain
-    checkpointing asks, and the fp8 GEMMs (``aten._scaled_mm``, the fp8 base) *must* be: the min-cut
-    partitioner of torch 2.11 otherwise saves their outputs instead of recomputing them (measured:
-    a checkpointed 7B fp8 step at 23.3 GiB instead of ~14.4, benchmarks/results/frontier5-h200)."""
+    checkpointing asks, and the fp8 GEMMs (``aten._scaled_mm``, the fp8 bases) and nf4-fp8's conversion
+    (``solotune::nf4_to_fp8``) *must* be: the min-cut partitioner of torch 2.11 otherwise saves their
+    outputs instead of recomputing them (measured: a checkpointed 7B fp8 step at 23.3 GiB instead of
+    ~14.4, benchmarks/results/frontier5-h200)."""
     from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-    scaled = getattr(torch.ops.aten, "_scaled_mm", None)
-    must = {scaled.default} if scaled is not None else set()
+    # the fp8 GEMM, and nf4-fp8's conversion of its NF4 codes (a weight-sized e4m3 output)
+    must = {"aten::_scaled_mm", "solotune::nf4_to_fp8"}
 
     def policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
-        return CheckpointPolicy.MUST_RECOMPUTE if op in must else CheckpointPolicy.PREFER_RECOMPUTE
+        name = op.name() if callable(getattr(op, "name", None)) else ""
+        return CheckpointPolicy.MUST_RECOMPUTE if name in must else CheckpointPolicy.PREFER_RECOMPUTE
 
     return create_selective_checkpoint_contexts(policy)
 

@@ -33,14 +33,14 @@ import torch
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # torch.finfo(float8_e4m3fn).max
-_TINY = 1e-12  # an all-zero row gets this scale (its codes are all zero either way)
+MIN_ABSMAX = 1e-12  # an all-zero row's absmax becomes this (its codes are all zero either way)
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., K] float -> (codes e4m3 [..., K], scale fp32 [..., 1]) with x ~= codes * scale,
     one absmax scale per row (the last dim)."""
     xf = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 (fp64 stays fp64: the reference tests)
-    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=_TINY) / FP8_MAX
+    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=MIN_ABSMAX) / FP8_MAX
     return (xf / scale).to(FP8), scale.float()
 
 
@@ -123,5 +123,5 @@ def fp8_linear(x: torch.Tensor, q: torch.Tensor, q_t: torch.Tensor | None, scale
     return Fp8LinearFn.apply(x, q, q_t, scale)
 
 
-__all__ = ["FP8", "FP8_MAX", "quantize_rows", "quantize_fp8", "dequantize_fp8", "fp8_weight_bytes",
+__all__ = ["FP8", "FP8_MAX", "MIN_ABSMAX", "quantize_rows", "quantize_fp8", "dequantize_fp8", "fp8_weight_bytes",
            "scaled_mm_available", "scaled_matmul", "fp8_product", "fp8_input_grad", "fp8_linear"]

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from .fp8 import FP8, dequantize_fp8, fp8_linear, quantize_fp8
 from .int8 import dequantize_int8, quantize_int8
 from .dequant import dequantize_nf4
-from .ops import quant_linear, quant_linear_fp8
+from .nf4_fp8 import nf4_fp8_linear, nf4_row_scales
+from .ops import quant_linear
 from .nf4 import BLOCKSIZE, SCALE_BLOCKSIZE, NF4Weight, nf4_storage_shapes, quantize_nf4, tables_on
 
 
@@ -184,20 +185,33 @@ class NF4Linear(QuantizedLinear):
 
 
 class NF4Fp8Linear(NF4Linear):
-    """:class:`NF4Linear` storage (QLoRA's bytes) multiplied in fp8: each call dequantizes the codes,
-    re-quantizes them per output row to e4m3 and runs the fp8 GEMM (``solotune::quant_linear_fp8``);
-    its activations and output gradients are quantized per row, as :class:`Fp8Linear`'s. Two roundings
-    of the weight (NF4, then e4m3), for Hopper's fp8 rate on the matmuls."""
+    """:class:`NF4Linear` storage (QLoRA's bytes) multiplied in fp8: each call turns the NF4 codes straight
+    into e4m3 codes over a stored fp32 scale per output row (one Triton pass on CUDA) and runs the fp8 GEMM
+    (:mod:`solotune.quant.nf4_fp8`); its activations and output gradients are quantized per row, as
+    :class:`Fp8Linear`'s. Two roundings of the weight (NF4, then e4m3), for Hopper's fp8 rate on the matmuls.
+
+    Buffers: :class:`NF4Linear`'s + ``fp8_scale_bits`` int32 [out] (fp32 bit patterns: the dequantized
+    weight's row absmax / 448, 4 bytes per row)."""
 
     kind = "nf4-fp8"
-    transient_bytes_per_weight = 4.0  # bf16 dequantized + e4m3 codes + their transpose (backward)
-    gemm_speedup = 2.0  # as Fp8Linear's (the per-call re-quantization not counted)
+    transient_bytes_per_weight = 1.0  # the e4m3 codes of the linear being multiplied (either layout)
+    gemm_speedup = 2.0  # as Fp8Linear's (the per-call conversion not counted)
+
+    def __init__(self, in_features: int, out_features: int, compute_dtype: torch.dtype = torch.bfloat16, **kw) -> None:
+        super().__init__(in_features, out_features, compute_dtype, **kw)
+        self.register_buffer("fp8_scale_bits", torch.empty(self.out_features, dtype=torch.int32,
+                                                           device=self.codes.device))
+
+    def load_weight(self, weight: torch.Tensor) -> None:
+        super().load_weight(weight)
+        self._set(fp8_scale_bits=_bits(nf4_row_scales(self.nf4)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out] in the autocast or compute dtype; the GEMM itself runs in fp8 with a
         bf16 output (the only output _scaled_mm's rowwise scaling gives)."""
         tensors, meta = self.op_inputs()
-        return quant_linear_fp8(x.to(torch.bfloat16), "nf4", tensors, meta).to(self.output_dtype(x))
+        y = nf4_fp8_linear(x.to(torch.bfloat16), [*tensors, self.fp8_scale_bits], meta)
+        return y.to(self.output_dtype(x))
 
 
 class Int8Linear(QuantizedLinear):

@@ -6,8 +6,7 @@ eager path pays one dispatch per call instead of a Python autograd node.
 * ``solotune::quant_linear(x, kind, tensors, meta, dtype) -> x @ W'.T``, whose backward
   dequantizes again (``grad_x = grad_y @ W'``) instead of saving W': nothing of size [out, in]
   outlives the forward, else the 16-bit model would be back between forward and backward.
-* ``solotune::quant_linear_fp8(x, kind, tensors, meta)``: the same in fp8 GEMMs (W' re-quantized
-  per output row to e4m3, x and grad_y per row): QLoRA's storage at the fp8 tensor cores' rate.
+(QLoRA's storage multiplied in fp8 has its own op: :mod:`solotune.quant.nf4_fp8`.)
 
 ``tensors``/``meta`` are what a ``QuantizedLinear`` stores (its ``op_inputs()``); ``kind`` picks
 the dequantizer (``nf4``: Triton on CUDA, PyTorch elsewhere; ``int8``). No gradient flows to the
@@ -21,17 +20,22 @@ from typing import Callable
 import torch
 
 from .dequant import dequantize_nf4
-from .fp8 import FP8, dequantize_fp8, fp8_input_grad, fp8_product, quantize_fp8
+from .fp8 import FP8, dequantize_fp8
 from .int8 import dequantize_int8
 from .nf4 import NF4Weight, tables_on
 
 
-def _nf4(tensors: list[torch.Tensor], meta: list[int], dtype: torch.dtype) -> torch.Tensor:
-    codes, qabsmax, absmax2_bits, offset_bits = tensors
+def nf4_weight(tensors: list[torch.Tensor], meta: list[int]) -> NF4Weight:
+    """An ``NF4Linear``'s op inputs (codes, qabsmax, absmax2 bits, offset bits; out, in, blocksize, scale
+    blocksize) as an :class:`NF4Weight` (views)."""
+    codes, qabsmax, absmax2_bits, offset_bits = tensors[:4]
     out_f, in_f, blocksize, scale_blocksize = meta
-    q = NF4Weight(codes, qabsmax, absmax2_bits.view(torch.float32), offset_bits.view(torch.float32),
-                  torch.Size((out_f, in_f)), blocksize, scale_blocksize, tables_on(codes.device))
-    return dequantize_nf4(q, dtype)
+    return NF4Weight(codes, qabsmax, absmax2_bits.view(torch.float32), offset_bits.view(torch.float32),
+                     torch.Size((out_f, in_f)), blocksize, scale_blocksize, tables_on(codes.device))
+
+
+def _nf4(tensors: list[torch.Tensor], meta: list[int], dtype: torch.dtype) -> torch.Tensor:
+    return dequantize_nf4(nf4_weight(tensors, meta), dtype)
 
 
 def _int8(tensors: list[torch.Tensor], meta: list[int], dtype: torch.dtype) -> torch.Tensor:
@@ -85,38 +89,4 @@ def _backward(ctx, grad_y: torch.Tensor):
 quant_linear.register_autograd(_backward, setup_context=_setup_context)
 
 
-# ------------------------------------------------------------- multiplied in fp8 (nf4-fp8)
-def _fp8_weight(kind: str, tensors: list[torch.Tensor], meta: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The stored weight dequantized (bf16 transient; the custom op, so a traced backward sees one
-    opaque call) and re-quantized per output row to e4m3 -> (q, scale)."""
-    return quantize_fp8(dequantize(kind, tensors, meta, torch.bfloat16))
-
-
-@torch.library.custom_op("solotune::quant_linear_fp8", mutates_args=())
-def quant_linear_fp8(x: torch.Tensor, kind: str, tensors: list[torch.Tensor], meta: list[int]) -> torch.Tensor:
-    """x [..., in] (bf16) -> [..., out] bf16: the stored weight dequantized, re-quantized to fp8 per output
-    row, multiplied in fp8 with x quantized per row (:mod:`solotune.quant.fp8`). The backward does the same
-    for grad_x; nothing [out, in] outlives either."""
-    q, scale = _fp8_weight(kind, tensors, meta)
-    return fp8_product(x, q, scale)
-
-
-@quant_linear_fp8.register_fake
-def _(x: torch.Tensor, kind: str, tensors: list[torch.Tensor], meta: list[int]) -> torch.Tensor:
-    return x.new_empty((*x.shape[:-1], meta[0]))
-
-
-def _setup_context_fp8(ctx, inputs, output) -> None:
-    _, ctx.kind, tensors, ctx.meta = inputs
-    ctx.save_for_backward(*tensors)
-
-
-def _backward_fp8(ctx, grad_y: torch.Tensor):
-    tensors = list(ctx.saved_tensors)  # unpacked once (checkpointing allows one unpack per tensor)
-    q, scale = _fp8_weight(ctx.kind, tensors, ctx.meta)
-    return fp8_input_grad(grad_y, q.t().contiguous(), scale), None, [None] * len(tensors), None
-
-
-quant_linear_fp8.register_autograd(_backward_fp8, setup_context=_setup_context_fp8)
-
-__all__ = ["dequantize", "quant_linear", "quant_linear_fp8", "DEQUANTIZERS"]
+__all__ = ["dequantize", "quant_linear", "nf4_weight", "DEQUANTIZERS"]

@@ -173,15 +173,17 @@ def test_finetune_with_an_fp8_base_end_to_end(tmp_path):
 
 
 def test_nf4_multiplied_in_fp8_is_the_fp8_product_of_the_dequantized_weight():
-    """nf4-fp8: QLoRA's storage, each call re-quantizing the dequantized weight to e4m3 per row: forward
-    and input gradient equal an Fp8Linear built from the NF4 base's bf16 weight, bit for bit, and it stays
-    within a few percent of the NF4 base computed in bf16."""
+    """nf4-fp8: QLoRA's storage (+ one fp32 scale per row), each call turning the NF4 codes into e4m3 codes:
+    forward and input gradient equal an Fp8Linear built from the NF4 base's fp32 dequantized weight, bit for
+    bit, and stay within a few percent of the NF4 base computed in bf16."""
     from solotune.quant import NF4Fp8Linear, NF4Linear
 
     w = (torch.randn(96, 128, generator=torch.Generator().manual_seed(0)) * 0.02).bfloat16()
+    w[5, :64] = 0  # a block of zeros: its row's scale is still the row's own absmax
     m = NF4Fp8Linear.from_weight(w, torch.bfloat16)
-    assert m.weight_bytes() == NF4Linear.from_weight(w, torch.bfloat16).weight_bytes()
-    twin = Fp8Linear.from_weight(m.dequantize_as(torch.bfloat16), torch.bfloat16)
+    assert m.weight_bytes() == NF4Linear.from_weight(w, torch.bfloat16).weight_bytes() + 4 * 96
+    twin = Fp8Linear.from_weight(m.dequantize_as(torch.float32), torch.bfloat16)
+    assert torch.equal(m.fp8_scale_bits, twin.scale_bits)
     outs = []
     for mod in (m, twin, NF4Linear.from_weight(w, torch.bfloat16)):
         x = torch.randn(8, 128, generator=torch.Generator().manual_seed(1)).bfloat16().requires_grad_(True)
@@ -191,3 +193,18 @@ def test_nf4_multiplied_in_fp8_is_the_fp8_product_of_the_dequantized_weight():
     assert all(torch.equal(a, b) for a, b in zip(outs[0], outs[1]))
     for a, b in zip(outs[0], outs[2]):
         assert (a - b).norm() / b.norm() < 0.08
+
+
+def test_nf4_to_fp8_codes_are_quantize_fp8_of_the_dequantized_weight():
+    """The conversion (PyTorch path) gives quantize_fp8's codes of the fp32 dequantized weight, in both
+    layouts; an odd in_features (a code byte spanning two rows) too."""
+    from solotune.quant.nf4 import dequantize_nf4_torch, quantize_nf4
+    from solotune.quant.nf4_fp8 import nf4_row_scales, nf4_to_fp8
+
+    for shape in [(48, 192), (7, 13)]:
+        q = quantize_nf4(torch.randn(shape, generator=torch.Generator().manual_seed(3)))
+        ref_q, ref_scale = quantize_fp8(dequantize_nf4_torch(q, torch.float32))
+        scale = nf4_row_scales(q)
+        assert torch.equal(scale, ref_scale)
+        assert torch.equal(nf4_to_fp8(q, scale).view(torch.uint8), ref_q.view(torch.uint8))
+        assert torch.equal(nf4_to_fp8(q, scale, transpose=True).view(torch.uint8), ref_q.t().contiguous().view(torch.uint8))

@@ -174,11 +174,14 @@ def test_fp8_scaled_mm_equals_the_reference_path(shape):
         assert err.max() < 0.05 * ref.abs().max()
 
 
-def test_fp8_lora_blocks_compile_with_inductor():
-    """A bf16 LoRA model over fp8 bases with Inductor-compiled blocks (which lower _scaled_mm and fuse the
-    per-row quantization) is as close to the 16-bit model as the eager fp8 blocks are. Not bit for bit:
-    the fused quantization rounds some elements differently (measured: adapter gradients 5.4% apart, each
-    ~7.7% from bf16's; benchmarks/results/frontier5-h200/run4/fp8_compiled.log)."""
+@pytest.mark.parametrize("reference,quantize,checkpointing", [("none", "fp8", "off"), ("nf4", "nf4-fp8", "off"),
+                                                             ("nf4", "nf4-fp8", "all")])
+def test_fp8_lora_blocks_compile_with_inductor(reference, quantize, checkpointing):
+    """A bf16 LoRA model over fp8 bases (fp8; nf4-fp8: NF4 storage converted per call) with Inductor-compiled
+    blocks (which lower _scaled_mm and fuse the per-row quantization; checkpointed: recompute the fp8 GEMMs
+    and conversions) is as close to the 16-bit-computed model (over the 16-bit / NF4 base) as the eager fp8
+    blocks are. Not bit for bit: the fused quantization rounds some elements differently (measured: adapter
+    gradients 5.4% apart, each ~7.7% from bf16's; benchmarks/results/frontier5-h200/run4/fp8_compiled.log)."""
     import functools
 
     from solotune.config import ModelConfig
@@ -200,6 +203,7 @@ def test_fp8_lora_blocks_compile_with_inductor():
             if "lora_b" in n:
                 torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(1))
         model.to("cuda").train()
+        model.set_grad_checkpointing(checkpointing)
         torch._dynamo.reset()
         if compiled:
             model.compile_blocks(fullgraph=True)
@@ -208,9 +212,9 @@ def test_fp8_lora_blocks_compile_with_inductor():
         torch._dynamo.reset()
         return float(loss), torch.cat([p.grad.float().flatten() for p in model.parameters() if p.requires_grad])
 
-    ref_loss, ref = run("none", False)
-    eager_loss, eager = run("fp8", False)
-    loss, got = run("fp8", True)
+    ref_loss, ref = run(reference, False)
+    eager_loss, eager = run(quantize, False)
+    loss, got = run(quantize, True)
     assert loss == pytest.approx(ref_loss, rel=1e-3) and eager_loss == pytest.approx(ref_loss, rel=1e-3)
     eager_err, compiled_err = (eager - ref).norm() / ref.norm(), (got - ref).norm() / ref.norm()
     assert compiled_err <= 1.25 * eager_err, (compiled_err, eager_err)
@@ -218,13 +222,14 @@ def test_fp8_lora_blocks_compile_with_inductor():
 
 
 def test_nf4_fp8_on_cuda_matches_the_fp8_base_of_its_dequantized_weight():
-    """nf4-fp8 on CUDA (Triton dequantization, then _scaled_mm) == an Fp8Linear over the NF4 base's
-    bf16 weight (same codes, same GEMM), forward and input gradient."""
+    """nf4-fp8 on CUDA (the Triton NF4 -> e4m3 conversion, then _scaled_mm) == an Fp8Linear over the NF4
+    base's fp32 dequantized weight (same codes, same GEMM), forward and input gradient."""
     from solotune.quant import Fp8Linear, NF4Fp8Linear
 
     w = _weight((1024, 512), torch.bfloat16)
     m = NF4Fp8Linear.from_weight(w, torch.bfloat16)
-    twin = Fp8Linear.from_weight(m.dequantize_as(torch.bfloat16), torch.bfloat16)
+    twin = Fp8Linear.from_weight(m.dequantize_as(torch.float32), torch.bfloat16)
+    assert torch.equal(m.fp8_scale_bits, twin.scale_bits)
     outs = []
     for mod in (m, twin):
         x = torch.randn(256, 512, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
@@ -233,3 +238,20 @@ def test_nf4_fp8_on_cuda_matches_the_fp8_base_of_its_dequantized_weight():
         y.backward(torch.ones_like(y))
         outs.append((y.detach(), x.grad))
     assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_triton_nf4_to_fp8_equals_pytorch_on_cuda(shape):
+    """The fused NF4 -> e4m3 kernel == dequantize (fp32) / row scale -> e4m3 in PyTorch, bit for bit, both
+    layouts (the GPU's fp8 rounding; the values before it are checked on CPU under the interpreter)."""
+    from solotune.quant.nf4_fp8 import nf4_row_scales, nf4_to_fp8_torch
+    from solotune.quant.triton_nf4 import nf4_to_fp8_triton
+
+    if shape[1] % 2:
+        pytest.skip("the kernel takes an even in_features (the PyTorch path serves odd ones)")
+    q = quantize_nf4(_weight(shape, torch.bfloat16))
+    scale = nf4_row_scales(q)
+    for transpose in (False, True):
+        got = nf4_to_fp8_triton(q, scale, transpose)
+        assert got.dtype == torch.float8_e4m3fn
+        assert torch.equal(got.view(torch.uint8), nf4_to_fp8_torch(q, scale, transpose).view(torch.uint8))
