@@ -17,6 +17,9 @@
 #              and micro-batch 8, solotune (packing + compile) vs HF + PEFT; micro-batch 32 records
 #              (~8 packed rows of 512 tokens), solotune only                                       ~5 min
 #   fp8        (not in "all") the speed rows with --quantize fp8 (base in fp8, fp8 GEMMs), vs HF and HF + Liger  ~4 min
+#   fp8-lean, fp8-lean-gc (not in "all") fp8 at 1 byte per weight; -gc: checkpointing only, with HF and HF + Liger
+#   nf4-fp8    (not in "all") QLoRA mb8 + checkpointing with NF4 storage multiplied in fp8, vs HF + bitsandbytes  ~3 min
+#   (context parts: QS="nf4" probes QLoRA only)
 #   alpaca-graphs (not in "all") the course setting with --compile blocks-cudagraphs, solotune only  ~1.5 min
 #
 #   bash benchmarks/run_bench_h200.sh OUT [PART ...]      (default: speed qlora context24 context80)
@@ -56,6 +59,12 @@ for part in "${PARTS[@]}"; do
           --time-budget 6 ;;
     fp8-lean)  # fp8 at 1 byte per weight (the backward transposes the codes), solotune only
       run fp8-lean-random-mb8 "${R[@]}" --micro-batch 8 --axes gc --fix precision=on --quantize fp8-lean --time-budget 6 ;;
+    fp8-lean-gc)  # the checkpointing row of fp8-lean with HF + PEFT and HF + Liger (bf16) in the same run
+      run fp8-lean-random-mb8-gc "${R[@]}" --micro-batch 8 --axes none --fix gc=on,precision=on --quantize fp8-lean \
+          --reference hf,hf-liger --time-budget 6 ;;
+    nf4-fp8)  # QLoRA's NF4 storage multiplied in fp8, mb8 + checkpointing, vs HF + PEFT + bitsandbytes NF4 (bf16)
+      run nf4-fp8-random-b8 "${R[@]}" --micro-batch 8 --axes none --fix gc=on,precision=on --quantize nf4-fp8 \
+          --reference hf --time-budget 6 ;;
     qlora)
       run qlora-random-b1 "${R[@]}" --micro-batch 1 --axes none --fix gc=on,precision=on --quantize nf4 \
           --reference hf --time-budget 6
@@ -85,11 +94,11 @@ for part in "${PARTS[@]}"; do
       # -lean: no [tokens x vocab] fp32 logits (fused linear-CE) and no fragmentation under the cap
       # (context24 at 16,000 tokens failed with 2 GiB reserved but unallocated: frontier3-h200/run4)
       case "$part" in *-lean) extra=(--loss fused-linear-ce --offload activations) ;; esac
-      for q in none nf4; do
+      for q in ${QS:-none nf4}; do
         ( case "$part" in *-lean|context80) export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True ;; esac
           run "maxlen-$part-$q" --find-max-seq-len --memory-limit "$limit" --axes none --fix gc=on,precision=on \
             --quantize "$q" "${extra[@]}" --compile off --max-probes "$probes" --probe-step 0.04 --probe-samples "$samples" )
       done ;;
-    *) echo "unknown part $part (speed qlora context24 context80 offload context24-lean context80-lean alpaca alpaca-graphs qlora-lean fp8 fp8-lean)"; exit 2 ;;
+    *) echo "unknown part $part (speed qlora context24 context80 offload context24-lean context80-lean alpaca alpaca-graphs qlora-lean fp8 fp8-lean fp8-lean-gc nf4-fp8)"; exit 2 ;;
   esac
 done
