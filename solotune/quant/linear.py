@@ -186,12 +186,12 @@ class NF4Linear(QuantizedLinear):
 
 class NF4Fp8Linear(NF4Linear):
     """:class:`NF4Linear` storage (QLoRA's bytes) multiplied in fp8: each call turns the NF4 codes straight
-    into e4m3 codes over a stored fp32 scale per output row (one Triton pass on CUDA) and runs the fp8 GEMM
+    into e4m3 codes of a stored fp32 scale per output row (one Triton pass on CUDA) and runs the fp8 GEMM
     (:mod:`solotune.quant.nf4_fp8`); its activations and output gradients are quantized per row, as
     :class:`Fp8Linear`'s. Two roundings of the weight (NF4, then e4m3), for Hopper's fp8 rate on the matmuls.
 
-    Buffers: :class:`NF4Linear`'s + ``fp8_scale_bits`` int32 [out] (fp32 bit patterns: the dequantized
-    weight's row absmax / 448, 4 bytes per row)."""
+    Buffers: :class:`NF4Linear`'s + ``fp8_scale_bits`` and ``fp8_inv_scale_bits`` int32 [out] (fp32 bit
+    patterns: the dequantized weight's row absmax / 448 and its reciprocal, 8 bytes per row)."""
 
     kind = "nf4-fp8"
     transient_bytes_per_weight = 1.0  # the e4m3 codes of the linear being multiplied (either layout)
@@ -199,18 +199,19 @@ class NF4Fp8Linear(NF4Linear):
 
     def __init__(self, in_features: int, out_features: int, compute_dtype: torch.dtype = torch.bfloat16, **kw) -> None:
         super().__init__(in_features, out_features, compute_dtype, **kw)
-        self.register_buffer("fp8_scale_bits", torch.empty(self.out_features, dtype=torch.int32,
-                                                           device=self.codes.device))
+        for name in ("fp8_scale_bits", "fp8_inv_scale_bits"):
+            self.register_buffer(name, torch.empty(self.out_features, dtype=torch.int32, device=self.codes.device))
 
     def load_weight(self, weight: torch.Tensor) -> None:
         super().load_weight(weight)
-        self._set(fp8_scale_bits=_bits(nf4_row_scales(self.nf4)))
+        scale, inv_scale = nf4_row_scales(self.nf4)
+        self._set(fp8_scale_bits=_bits(scale), fp8_inv_scale_bits=_bits(inv_scale))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out] in the autocast or compute dtype; the GEMM itself runs in fp8 with a
         bf16 output (the only output _scaled_mm's rowwise scaling gives)."""
         tensors, meta = self.op_inputs()
-        y = nf4_fp8_linear(x.to(torch.bfloat16), [*tensors, self.fp8_scale_bits], meta)
+        y = nf4_fp8_linear(x.to(torch.bfloat16), [*tensors, self.fp8_scale_bits, self.fp8_inv_scale_bits], meta)
         return y.to(self.output_dtype(x))
 
 

@@ -4,11 +4,13 @@ GEMM of :mod:`solotune.quant.fp8`; the activations and output gradients are quan
 there, by traced PyTorch ops (so Inductor fuses them into their neighbours).
 
 Format: w' = the NF4 dequantization (fp32, :func:`solotune.quant.nf4.dequantize_nf4_torch`);
-s fp32 [out] = max_j |w'_ij| / 448, computed once when the weight is stored (:func:`nf4_row_scales`);
-q = w' / s in e4m3, made per call ([out, in] for the forward, [in, out] for the backward). The
-codes are exactly ``quantize_fp8(w')``'s, so an ``nf4-fp8`` base computes what an ``fp8`` base
-holding the dequantized fp32 weight computes (tests/quant/test_fp8.py); nothing weight-sized
-outlives a call (the e4m3 transient: 1 byte per weight of the one linear being multiplied).
+s fp32 [out] = max_j |w'_ij| / 448 and its reciprocal, computed once when the weight is stored
+(:func:`nf4_row_scales`); q = w' * (1/s) in e4m3, made per call ([out, in] for the forward, [in, out]
+for the backward). These are ``quantize_fp8(w')``'s codes but for the multiply by 1/s instead of a
+division by s (one fp32 rounding apart: a code differs where w'/s lies within an ulp of an e4m3
+rounding boundary, a few per million; tests/quant/test_fp8.py); the multiply runs the kernel at twice
+the speed (benchmarks/results/frontier6-h200/run2/nf4_fp8_time.log). Nothing weight-sized outlives a
+call (the e4m3 transient: 1 byte per weight of the one linear being multiplied).
 """
 
 from __future__ import annotations
@@ -23,32 +25,33 @@ from .triton_nf4 import nf4_to_fp8_triton, triton_available
 
 
 @torch.no_grad()
-def nf4_row_scales(q: NF4Weight) -> torch.Tensor:
-    """fp32 [out]: each row's absmax of the dequantized weight / 448 (``quantize_rows``' rule). One fp32
-    transient of the whole weight, once, when the weight is stored."""
+def nf4_row_scales(q: NF4Weight) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, 1 / scale) fp32 [out]: each row's absmax of the dequantized weight / 448 (``quantize_rows``'
+    rule). One fp32 transient of the whole weight, once, when the weight is stored."""
     w = dequantize_nf4(q, torch.float32)
-    return w.abs_().amax(dim=1).clamp(min=MIN_ABSMAX) / FP8_MAX
+    scale = w.abs_().amax(dim=1).clamp(min=MIN_ABSMAX) / FP8_MAX
+    return scale, 1.0 / scale
 
 
-def nf4_to_fp8_torch(q: NF4Weight, scale: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-    """The PyTorch path (CPU; the Triton kernel's reference): w' / scale[:, None] -> e4m3 [out, in] (or [in, out])."""
-    codes = dequantize_nf4_torch(q, torch.float32) / scale[:, None]
+def nf4_to_fp8_torch(q: NF4Weight, inv_scale: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """The PyTorch path (CPU; the Triton kernel's reference): w' * inv_scale[:, None] -> e4m3 [out, in] (or [in, out])."""
+    codes = dequantize_nf4_torch(q, torch.float32) * inv_scale[:, None]
     return (codes.t().contiguous() if transpose else codes).to(FP8)
 
 
-def nf4_to_fp8(q: NF4Weight, scale: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-    """e4m3 codes of the NF4 weight over the row scales: the Triton kernel on CUDA (even ``in``), else PyTorch;
+def nf4_to_fp8(q: NF4Weight, inv_scale: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """e4m3 codes of the NF4 weight times the rows' 1 / scale: the Triton kernel on CUDA (even ``in``), else PyTorch;
     the two give the same bits (tests/quant/test_quant_gpu.py)."""
     if q.codes.is_cuda and triton_available() and q.shape[1] % 2 == 0:
-        return nf4_to_fp8_triton(q, scale, transpose)
-    return nf4_to_fp8_torch(q, scale, transpose)
+        return nf4_to_fp8_triton(q, inv_scale, transpose)
+    return nf4_to_fp8_torch(q, inv_scale, transpose)
 
 
 @torch.library.custom_op("solotune::nf4_to_fp8", mutates_args=())
 def nf4_to_fp8_codes(stored: list[torch.Tensor], meta: list[int], transpose: bool) -> torch.Tensor:
-    """stored = (codes, qabsmax, absmax2 bits, offset bits, row-scale bits), meta = (out, in, blocksize,
-    scale blocksize) -> e4m3 [out, in] (``transpose``: [in, out])."""
-    return nf4_to_fp8(nf4_weight(stored, meta), stored[4].view(torch.float32), transpose)
+    """stored = (codes, qabsmax, absmax2 bits, offset bits, row-scale bits, inverse row-scale bits), meta =
+    (out, in, blocksize, scale blocksize) -> e4m3 [out, in] (``transpose``: [in, out])."""
+    return nf4_to_fp8(nf4_weight(stored, meta), stored[5].view(torch.float32), transpose)
 
 
 @nf4_to_fp8_codes.register_fake
@@ -64,8 +67,9 @@ class NF4Fp8LinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, codes: torch.Tensor, qabsmax: torch.Tensor, absmax2_bits: torch.Tensor,
-                offset_bits: torch.Tensor, scale_bits: torch.Tensor, meta: tuple[int, ...]) -> torch.Tensor:
-        stored = [codes, qabsmax, absmax2_bits, offset_bits, scale_bits]
+                offset_bits: torch.Tensor, scale_bits: torch.Tensor, inv_scale_bits: torch.Tensor,
+                meta: tuple[int, ...]) -> torch.Tensor:
+        stored = [codes, qabsmax, absmax2_bits, offset_bits, scale_bits, inv_scale_bits]
         ctx.meta = meta
         ctx.save_for_backward(*stored)
         return fp8_product(x, nf4_to_fp8_codes(stored, list(meta), False), scale_bits.view(torch.float32))
@@ -74,7 +78,7 @@ class NF4Fp8LinearFn(torch.autograd.Function):
     def backward(ctx, grad_y: torch.Tensor):
         stored = list(ctx.saved_tensors)
         q_t = nf4_to_fp8_codes(stored, list(ctx.meta), True)
-        return fp8_input_grad(grad_y, q_t, stored[4].view(torch.float32)), None, None, None, None, None, None
+        return (fp8_input_grad(grad_y, q_t, stored[4].view(torch.float32)),) + (None,) * 7
 
 
 def nf4_fp8_linear(x: torch.Tensor, stored: list[torch.Tensor], meta: list[int]) -> torch.Tensor:

@@ -221,15 +221,18 @@ def test_fp8_lora_blocks_compile_with_inductor(reference, quantize, checkpointin
     assert eager_err < 0.2  # and the fp8 error itself stays bounded
 
 
-def test_nf4_fp8_on_cuda_matches_the_fp8_base_of_its_dequantized_weight():
-    """nf4-fp8 on CUDA (the Triton NF4 -> e4m3 conversion, then _scaled_mm) == an Fp8Linear over the NF4
-    base's fp32 dequantized weight (same codes, same GEMM), forward and input gradient."""
+def test_nf4_fp8_on_cuda_matches_the_fp8_base_of_its_codes():
+    """nf4-fp8 on CUDA (the Triton NF4 -> e4m3 conversion, then _scaled_mm) == an Fp8Linear holding the
+    same codes and row scales (same GEMM), forward and input gradient."""
     from solotune.quant import Fp8Linear, NF4Fp8Linear
+    from solotune.quant.nf4_fp8 import nf4_to_fp8
 
     w = _weight((1024, 512), torch.bfloat16)
     m = NF4Fp8Linear.from_weight(w, torch.bfloat16)
-    twin = Fp8Linear.from_weight(m.dequantize_as(torch.float32), torch.bfloat16)
-    assert torch.equal(m.fp8_scale_bits, twin.scale_bits)
+    inv = m.fp8_inv_scale_bits.view(torch.float32)
+    twin = Fp8Linear(512, 1024, torch.bfloat16, device="meta")
+    twin._set(qweight_bits=nf4_to_fp8(m.nf4, inv).view(torch.uint8), scale_bits=m.fp8_scale_bits,
+              qweight_t_bits=nf4_to_fp8(m.nf4, inv, transpose=True).view(torch.uint8))
     outs = []
     for mod in (m, twin):
         x = torch.randn(256, 512, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
@@ -242,7 +245,7 @@ def test_nf4_fp8_on_cuda_matches_the_fp8_base_of_its_dequantized_weight():
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_triton_nf4_to_fp8_equals_pytorch_on_cuda(shape):
-    """The fused NF4 -> e4m3 kernel == dequantize (fp32) / row scale -> e4m3 in PyTorch, bit for bit, both
+    """The fused NF4 -> e4m3 kernel == dequantize (fp32) * (1 / row scale) -> e4m3 in PyTorch, bit for bit, both
     layouts (the GPU's fp8 rounding; the values before it are checked on CPU under the interpreter)."""
     from solotune.quant.nf4_fp8 import nf4_row_scales, nf4_to_fp8_torch
     from solotune.quant.triton_nf4 import nf4_to_fp8_triton
@@ -250,8 +253,8 @@ def test_triton_nf4_to_fp8_equals_pytorch_on_cuda(shape):
     if shape[1] % 2:
         pytest.skip("the kernel takes an even in_features (the PyTorch path serves odd ones)")
     q = quantize_nf4(_weight(shape, torch.bfloat16))
-    scale = nf4_row_scales(q)
+    _, inv = nf4_row_scales(q)
     for transpose in (False, True):
-        got = nf4_to_fp8_triton(q, scale, transpose)
+        got = nf4_to_fp8_triton(q, inv, transpose)
         assert got.dtype == torch.float8_e4m3fn
-        assert torch.equal(got.view(torch.uint8), nf4_to_fp8_torch(q, scale, transpose).view(torch.uint8))
+        assert torch.equal(got.view(torch.uint8), nf4_to_fp8_torch(q, inv, transpose).view(torch.uint8))

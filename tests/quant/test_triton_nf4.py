@@ -72,10 +72,10 @@ out = []
 g = torch.Generator().manual_seed(0)
 for shape in [(96, 200), (70, 130), (64, 1024)]:   # blocks spanning rows; tiles past both edges; whole groups
     q = quantize_nf4(torch.randn(shape, generator=g) * 0.03)
-    scale = nf4_row_scales(q)
-    ref = dequantize_nf4_torch(q, torch.float32) / scale[:, None]
+    scale, inv = nf4_row_scales(q)
+    ref = dequantize_nf4_torch(q, torch.float32) * inv[:, None]
     for transpose in (False, True):
-        got = nf4_to_fp8_triton(q, scale, transpose, dtype=torch.float32, block=(32, 64))
+        got = nf4_to_fp8_triton(q, inv, transpose, dtype=torch.float32, block=(32, 64))
         want = ref.t().contiguous() if transpose else ref
         out.append({"shape": list(shape), "transpose": transpose, "equal": bool(torch.equal(got, want))})
 print(json.dumps(out))
@@ -85,7 +85,7 @@ print(json.dumps(out))
 def test_triton_nf4_to_fp8_values_equal_pytorch_under_the_interpreter():
     """The fused NF4 -> e4m3 kernel's values before their fp8 rounding (an fp32 output; the interpreter's fp8
     cast is not the GPU's: the rounding itself is compared on the GPU, test_quant_gpu.py) equal PyTorch's
-    dequantized weight over the row scales, bit for bit, in both layouts."""
+    dequantized weight times the rows' 1 / scale, bit for bit, in both layouts."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
     r = subprocess.run([sys.executable, "-c", CHILD_FP8], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
