@@ -38,10 +38,6 @@ LOSS_COMPILED_UNRECORDED = ("frontier2-h200/run3/",)
 # nf4-fp8 cells recorded before the base stored its rows' reciprocal scale too (one fp32 per output row of
 # every quantized linear fewer than the module the planner builds now): frontier6-h200/run1 (tree 03b5e4f)
 NF4_FP8_ONE_SCALE_PER_ROW = ("frontier6-h200/run1/",)
-# Probes with activation offload + fused linear-CE: the planner is conservative there, by 15-17 KB per
-# token (~two [T, C] bf16 tensors; frontier6-h200/run5: LoRA +2.7%, QLoRA +5.4%), not yet explained; it is
-# held to that side (never below the measured peak) and this bound (issue 10's 5%, + the measured 0.4)
-OFFLOAD_OVERSHOOT_BOUND = 0.055
 
 
 def _cells() -> list[tuple[str, dict]]:
@@ -202,10 +198,7 @@ def test_planner_predicts_the_long_rows_that_trained(folder, rec):
     most of the activations: the allocated peak within the full-depth bound."""
     p = predict(_probe_setup(rec))
     err = (p.peak - rec["peak_alloc_bytes"]) / rec["peak_alloc_bytes"]
-    if rec.get("offload", "none") != "none" and rec.get("loss") == "fused-linear-ce":
-        assert 0 <= err <= OFFLOAD_OVERSHOOT_BOUND, f"{err:+.2%}"
-    else:
-        assert abs(err) <= FULL_DEPTH_BOUND, f"{err:+.2%}"
+    assert abs(err) <= FULL_DEPTH_BOUND, f"{err:+.2%}"
 
 
 @pytest.mark.parametrize("folder,rec", PROBES_OOM, ids=[f"{f}/{r['seq_len']}" for f, r in PROBES_OOM])
