@@ -18,6 +18,7 @@
 #              (~8 packed rows of 512 tokens), solotune only                                       ~5 min
 #   fp8        (not in "all") the speed rows with --quantize fp8 (base in fp8, fp8 GEMMs), vs HF and HF + Liger  ~4 min
 #   fp8-lean, fp8-lean-gc (not in "all") fp8 at 1 byte per weight; -gc: checkpointing only, with HF and HF + Liger
+#   qlora-b1-fp8 (not in "all") QLoRA batch 1 with nf4-fp8 + fused linear-CE, ± activation offload, vs HF + bitsandbytes  ~3 min
 #   nf4-fp8    (not in "all") QLoRA mb8 + checkpointing with NF4 storage multiplied in fp8, vs HF + bitsandbytes  ~3 min
 #   (context parts: QS="nf4" probes QLoRA only)
 #   alpaca-graphs (not in "all") the course setting with --compile blocks-cudagraphs, solotune only  ~1.5 min
@@ -76,6 +77,12 @@ for part in "${PARTS[@]}"; do
           --offload activations --reference hf --time-budget 6
       run qlora-random-b1-offload-8bit "${R[@]}" --micro-batch 1 --axes none --fix gc=on,precision=on --quantize nf4 \
           --offload activations --optimizer adamw-8bit --time-budget 6 ;;
+    qlora-b1-fp8)  # batch 1 under 4 GiB with NF4 multiplied in fp8 and the fused linear-CE (no [T x V] fp32 logits),
+      # with and without offloading the checkpointed inputs; HF + bitsandbytes (nearest: no offload) in the same run
+      run qlora-fp8-b1-flce "${R[@]}" --micro-batch 1 --axes none --fix gc=on,precision=on --quantize nf4-fp8 \
+          --loss fused-linear-ce --reference hf --time-budget 8
+      run qlora-fp8-b1-flce-offload "${R[@]}" --micro-batch 1 --axes none --fix gc=on,precision=on --quantize nf4-fp8 \
+          --loss fused-linear-ce --offload activations --time-budget 8 ;;
     alpaca-graphs)  # the course setting with the compiled blocks replayed as CUDA graphs (batch 1 is launch-bound)
       run alpaca-course-graphs --data alpaca-sample --samples 200 --axes none --warmup-steps 3 --micro-batch 1 \
           --fix ga=on,precision=on --ga-on 8 --compile blocks-cudagraphs ;;

@@ -6,7 +6,7 @@
 #   PART: tests | kernels | speed | speed-flce | qlora | qlora-flce | probe | probe-k | gen1 | gen16 |
 #         gen1-int8 | generate | alpaca | qlora-lean | optim | table2 | context24 | context80 |
 #         context24-lean | context80-lean | profile-b1 | int8-code | alpaca-graphs | guide | tests3 | tests4 | tests5 | tests6 |
-#         tests7 | probe-fp8 | fp8 | tests8 | probe-nf4fp8 | nf4-fp8 | fp8-lean-gc
+#         tests7 | probe-fp8 | fp8 | tests8 | probe-nf4fp8 | nf4-fp8 | fp8-lean-gc | qlora-b1-fp8
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?OUT}; shift
@@ -54,7 +54,7 @@ for part in "$@"; do
     probe-nf4fp8)  # QLoRA mb8 + checkpointing, compiled: NF4 multiplied in fp8 vs in bf16, one process
       timeout 200 python3 benchmarks/speed_probe.py --out "$R/probe" --warmup 3 --steps 5 \
         --variants qlora-fp8-b8-compile-cl,qlora-b8-compile-cl --profile qlora-fp8-b8-compile-cl > "$R/probe-nf4fp8.log" 2>&1 ;;
-    nf4-fp8|fp8-lean-gc)
+    nf4-fp8|fp8-lean-gc|qlora-b1-fp8)
       timeout 240 bash benchmarks/run_bench_h200.sh "$R/bench" "$part" > "$R/$part.log" 2>&1 ;;
     fp8)
       timeout 330 bash benchmarks/run_bench_h200.sh "$R/bench" fp8 > "$R/fp8.log" 2>&1 ;;
