@@ -792,7 +792,10 @@ def format_longest(rows: list[LongestFit], gpu_mem: int, step: int = 128) -> str
         lines.append(f"| {i} | {s.label} | {s.precision} | {s.grad_checkpoint} | {longest} | {fmt_gib(p.peak)} | "
                      f"{fmt_gib(p.params_total)} | {fmt_gib(p.activations)} | {fmt_gib(p.transient_fb)} | {over} |")
     lines.append(f"\nDoubling, then bisection over seq_len in steps of {step} tokens (the peak grows with it); "
-                 "`first over`: the shortest length probed that does not fit (– : the cap fits).")
+                 "`first over`: the shortest length probed that does not fit (– : the cap fits). "
+                 "The peak is PyTorch's allocated bytes: the CUDA context and the caching allocator's slack come "
+                 "on top, so leave a margin at the edge (run with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True: "
+                 "without it, rows this long fragment the allocator's memory).")
     lines.extend(_notes_lines([r.prediction for r in rows]))
     return "\n".join(lines)
 
