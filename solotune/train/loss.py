@@ -123,13 +123,19 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             valid = t != IGNORE_INDEX
             tgt = torch.where(valid, t, 0)[:, None]
             logits = (h @ w.T).to(loss_dtype)  # [n, V]: the matmul's rounding, then fp32 statistics
-            lse = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(1, tgt)[:, 0]
+            # logsumexp's own steps (max, exp(x - max), sum, log + max), but in place: torch.logsumexp
+            # makes an [n, V] temporary for exp(x - max) (8 bytes per logit at its peak instead of 6)
+            m = logits.amax(dim=-1, keepdim=True)
+            m.masked_fill_(m.abs() == float("inf"), 0)  # as logsumexp: a row of infinities stays inf/nan
+            e = logits.sub_(m).exp_()  # exp(logits - max), in place of the logits
+            total = e.sum(dim=-1, keepdim=True)
+            lse = (total.log() + m)[:, 0]
             loss += torch.where(valid, lse - picked, 0).sum()
             if not (need_h or need_w):
-                del logits
+                del logits, e
                 continue
-            g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            g = e.div_(total)  # the softmax, still in place of the logits
             g.scatter_add_(1, tgt, -valid[:, None].to(loss_dtype))
             g.mul_(valid[:, None])
             g = g.to(dtype)
@@ -140,7 +146,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             # drop this chunk's [n, V] tensors before the next chunk's are made: kept until rebound,
             # the previous chunk's fp32 softmax and 16-bit copy doubled the loss's transient (12 B per
             # logit instead of 6: measured on the CPU, benchmarks/NOTES.md, fifth session)
-            del logits, g
+            del logits, e, g
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         return loss

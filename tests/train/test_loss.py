@@ -184,3 +184,58 @@ def test_fused_loss_holds_one_chunk_of_logits_at_a_time():
     logits = chunk * V
     assert meter.peak <= kept + 6 * logits + 2 * chunk * C * 2 + 64 * chunk * 4, meter.peak
     assert meter.peak >= kept + 6 * logits  # and the bound is tight: one chunk does live at once
+
+
+def _fused_case(device: str, n: int = 4096, C: int = 64, V: int = 2048):
+    g = torch.Generator(device=device).manual_seed(0)
+    hidden = torch.randn(1, n, C, generator=g, device=device).bfloat16().requires_grad_(True)
+    head = torch.nn.Linear(C, V, bias=False, device=device).bfloat16().requires_grad_(False)  # frozen, as under LoRA
+    labels = torch.randint(0, V, (1, n), generator=g, device=device)
+    return hidden, head, labels
+
+
+def test_fused_loss_runs_no_op_with_a_hidden_logits_temporary():
+    """The meter above sees each op's outputs only: an op that makes an [n, V] temporary inside its kernel
+    (``torch.logsumexp``: exp(x - max) before the sum) would be 2 more bytes per logit on the GPU, unseen. The
+    fused loss runs logsumexp's steps itself, in place, so the meter's 6 bytes per logit are the real peak
+    (checked on CUDA by test_cuda_fused_loss_peak_is_six_bytes_per_logit)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    hidden, head, labels = _fused_case("cpu", n=64, C=16, V=128)
+    ops = Ops()
+    with ops:
+        loss = fused_linear_ce_loss(hidden, head, labels, chunk_tokens=32)
+    assert {"mm", "amax", "exp_", "sum"} <= ops.seen  # the mode sees the loss's ops
+    assert "logsumexp" not in ops.seen
+    with torch.no_grad():
+        ref = full_logits_loss(hidden.float(), head.float(), labels)
+    torch.testing.assert_close(loss, ref, rtol=1e-2, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_fused_loss_peak_is_six_bytes_per_logit():
+    """On the GPU's allocator, the fused loss's forward (which makes its gradients) peaks at one chunk's
+    16-bit matmul output + fp32 logits (6 bytes per logit) above d hidden, as the planner counts it — not
+    8 (a logsumexp temporary)."""
+    n, C, V, chunk = 4096, 64, 32000, 1024
+    hidden, head, labels = _fused_case("cuda", n, C, V)
+    fused_linear_ce_loss(hidden, head, labels, chunk_tokens=chunk)  # cuBLAS workspaces made outside the peak
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    loss = fused_linear_ce_loss(hidden, head, labels, chunk_tokens=chunk)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    kept, logits = n * C * 2, chunk * V
+    assert 6 * logits <= peak <= kept + 6 * logits + (1 << 20), (peak, logits)
+    del loss
