@@ -37,4 +37,9 @@ class FetchError(SolotuneError, RuntimeError):
 
 
 class OutOfMemory(SolotuneError, MemoryError):
-    """The device ran out of memory during training; the message says where, what was kept, and what fits."""
+    """The device ran out of memory during training; the message says where, what was kept, and what fits.
+    ``allocator_message``: the allocator's own message, whole (what it tried to allocate, what was free)."""
+
+    def __init__(self, message: str, allocator_message: str = "") -> None:
+        super().__init__(message)
+        self.allocator_message = allocator_message

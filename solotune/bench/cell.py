@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, OutOfMemory
 from ..peft.spec import LoRASpec
 from ..data.synthetic import RANDOM, RandomTokens
 from ..train.config import TrainConfig
@@ -485,8 +485,8 @@ def run_cell(spec: CellSpec) -> dict[str, Any]:
         _fill_success(result, spec, steps, inst, lengths, device, setup, train_flops, counter.graphs)
     except _reference_unavailable() as e:  # a missing package or device: not a failure of the cell
         result.update(status="skipped", error=str(e)[:1000])
-    except torch.OutOfMemoryError as e:
-        msg = str(e).strip()
+    except (torch.OutOfMemoryError, OutOfMemory) as e:  # the allocator's error, or the loop's line around it
+        msg = (getattr(e, "allocator_message", "") or str(e)).strip()
         result.update(status="oom", error=msg.splitlines()[0][:500] if msg else "out of memory",
                       oom_request_bytes=parse_oom_bytes(msg))
         print(f"[cell {spec.cell_id}] out of memory: {msg[:300]}", file=sys.stderr)

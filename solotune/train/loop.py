@@ -252,7 +252,7 @@ def _out_of_memory(oom: BaseException, cfg: TrainConfig, step: int, device: torc
         f"out of memory in optimizer step {step} ({what}; peak so far {peak_memory_bytes(device) / 2**30:.2f} GiB); "
         f"nothing was saved after it, {kept}. What fits: `solotune plan --model {cfg.model} --gpu-mem <GiB> "
         f"--seq-len {cfg.max_seq_len} --batch {cfg.batch_size}`; or a smaller --batch-size or --max-seq-len, "
-        f"--grad-checkpoint all, --loss fused-linear-ce, --quantize nf4, --offload activations")
+        f"--grad-checkpoint all, --loss fused-linear-ce, --quantize nf4, --offload activations", str(oom))
 
 
 def _train(ctx: StepContext, state: TrainState, cfg: TrainConfig, total_steps: int,
