@@ -245,14 +245,15 @@ def _out_of_memory(oom: BaseException, cfg: TrainConfig, step: int, device: torc
     """The one line a run that ran out of memory ends with. Nothing is saved after it: a step cut short
     (in the optimizer's update, say) may have changed part of the model, so the last checkpoint is
     what resumes."""
-    what = str(oom).strip().splitlines()[0] if str(oom).strip() else type(oom).__name__
+    full = str(oom).strip()
+    what = full.splitlines()[0] if full else type(oom).__name__
     kept = (f"the last checkpoint, {last}, resumes with `solotune finetune --resume {out}`" if last is not None
             else "no checkpoint was written before it")
     return OutOfMemory(
         f"out of memory in optimizer step {step} ({what}; peak so far {peak_memory_bytes(device) / 2**30:.2f} GiB); "
         f"nothing was saved after it, {kept}. What fits: `solotune plan --model {cfg.model} --gpu-mem <GiB> "
         f"--seq-len {cfg.max_seq_len} --batch {cfg.batch_size}`; or a smaller --batch-size or --max-seq-len, "
-        f"--grad-checkpoint all, --loss fused-linear-ce, --quantize nf4, --offload activations", str(oom))
+        f"--grad-checkpoint all, --loss fused-linear-ce, --quantize nf4, --offload activations", full)
 
 
 def _train(ctx: StepContext, state: TrainState, cfg: TrainConfig, total_steps: int,

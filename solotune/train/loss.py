@@ -127,7 +127,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             # logsumexp's own steps (max, exp(x - max), sum, log + max), but in place: torch.logsumexp
             # makes an [n, V] temporary for exp(x - max) (8 bytes per logit at its peak instead of 6)
             m = logits.amax(dim=-1, keepdim=True)
-            m.masked_fill_(m.abs() == float("inf"), 0)  # as logsumexp: a row of infinities stays inf/nan
+            m.masked_fill_(m.isinf(), 0)  # as logsumexp: a row of infinities stays inf/nan
             e = logits.sub_(m).exp_()  # exp(logits - max), in place of the logits
             total = e.sum(dim=-1, keepdim=True)
             lse = (total.log() + m)[:, 0]

@@ -269,12 +269,12 @@ def test_out_of_memory_ends_the_run_keeping_the_last_checkpoint(tmp_path, data, 
 
 
 def test_cli_out_of_memory_is_one_line(tmp_path, data, capsys, monkeypatch):
-    from solotune.train import loop
-
-    monkeypatch.setattr(loop, "train_step", OomAt(loop.train_step, 1))
     from cli_fixtures import common_flags, write_tiny_base
 
+    from solotune.train import loop
+
     base = write_tiny_base(tmp_path / "hf")
+    monkeypatch.setattr(loop, "train_step", OomAt(loop.train_step, 1))
     argv = ["finetune", *common_flags(base, data, tmp_path / "run"), "--max-steps", "2"]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
