@@ -20,7 +20,8 @@
 #   fp8-lean, fp8-lean-gc (not in "all") fp8 at 1 byte per weight; -gc: checkpointing only, with HF and HF + Liger
 #   qlora-b1-fp8 (not in "all") QLoRA batch 1 with nf4-fp8 + fused linear-CE, ± activation offload, vs HF + bitsandbytes  ~3 min
 #   nf4-fp8    (not in "all") QLoRA mb8 + checkpointing with NF4 storage multiplied in fp8, vs HF + bitsandbytes  ~3 min
-#   (context parts: QS="nf4" probes QLoRA only)
+#   (context parts: QS="nf4" probes QLoRA only; PROBES=N caps the probes of each search,
+#    PROBE_START=f puts the first at f times the planner's longest)
 #   alpaca-graphs (not in "all") the course setting with --compile blocks-cudagraphs, solotune only  ~1.5 min
 #
 #   bash benchmarks/run_bench_h200.sh OUT [PART ...]      (default: speed qlora context24 context80)
@@ -98,6 +99,7 @@ for part in "${PARTS[@]}"; do
       limit=24GiB; extra=(); samples=2
       probes=3
       case "$part" in context80*) limit=80GiB; samples=1; probes=2 ;; *-lean) samples=1 ;; esac
+      probes=${PROBES:-$probes}  # one ~300k-token probe is minutes: PROBES=1 fits a device call
       [ "$part" = offload ] && extra=(--offload activations)
       # -lean: no [tokens x vocab] fp32 logits (fused linear-CE) and no fragmentation under the cap
       # (context24 at 16,000 tokens failed with 2 GiB reserved but unallocated: frontier3-h200/run4)
@@ -105,7 +107,7 @@ for part in "${PARTS[@]}"; do
       for q in ${QS:-none nf4}; do
         ( case "$part" in *-lean|context80) export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True ;; esac
           run "maxlen-$part-$q" --find-max-seq-len --memory-limit "$limit" --axes none --fix gc=on,precision=on \
-            --quantize "$q" "${extra[@]}" --compile off --max-probes "$probes" --probe-step 0.04 --probe-samples "$samples" )
+            --quantize "$q" "${extra[@]}" --compile off --max-probes "$probes" --probe-step 0.04 --probe-samples "$samples" --probe-start "${PROBE_START:-1}" )
       done ;;
     *) echo "unknown part $part (speed qlora context24 context80 offload context24-lean context80-lean alpaca alpaca-graphs qlora-lean fp8 fp8-lean fp8-lean-gc nf4-fp8)"; exit 2 ;;
   esac

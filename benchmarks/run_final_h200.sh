@@ -6,7 +6,7 @@
 #   PART: tests | kernels | speed | speed-flce | qlora | qlora-flce | probe | probe-k | gen1 | gen16 |
 #         gen1-int8 | generate | alpaca | qlora-lean | optim | table2 | context24 | context80 |
 #         context24-lean | context80-lean | profile-b1 | int8-code | alpaca-graphs | guide | tests3 | tests4 | tests5 | tests6 |
-#         tests7 | probe-fp8 | fp8 | tests8 | probe-nf4fp8 | nf4-fp8 | fp8-lean-gc | qlora-b1-fp8
+#         tests7 | probe-fp8 | fp8 | tests8 | probe-nf4fp8 | nf4-fp8 | fp8-lean-gc | qlora-b1-fp8 | tests9
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?OUT}; shift
@@ -51,6 +51,11 @@ for part in "$@"; do
     tests8)  # the quantized bases on the GPU (nf4-fp8's Triton conversion, compiled and checkpointed fp8 blocks)
       timeout 200 python3 -m pytest -v -rs -p no:cacheprovider --durations=8 tests/quant/test_quant_gpu.py \
         > "$R/gpu_tests8.log" 2>&1 ;;
+    tests9)  # host copies in pinned pieces (offload), the in-place logsumexp loss's CUDA peak, the quantized bases
+      for f in tests/train/test_offload.py:90 tests/train/test_loss.py:90 tests/quant/test_quant_gpu.py:120; do
+        timeout "${f##*:}" python3 -m pytest -v -rs -p no:cacheprovider --durations=8 "${f%%:*}" >> "$R/gpu_tests9.log" 2>&1
+        echo "${f%%:*} rc=$?" >> "$R/gpu_tests9.log"
+      done ;;
     probe-nf4fp8)  # QLoRA mb8 + checkpointing, compiled: NF4 multiplied in fp8 vs in bf16, one process
       timeout 200 python3 benchmarks/speed_probe.py --out "$R/probe" --warmup 3 --steps 5 \
         --variants qlora-fp8-b8-compile-cl,qlora-b8-compile-cl --profile qlora-fp8-b8-compile-cl > "$R/probe-nf4fp8.log" 2>&1 ;;
@@ -115,7 +120,7 @@ for part in "$@"; do
     context24-lean)
       timeout 330 bash benchmarks/run_bench_h200.sh "$R/bench" context24-lean > "$R/context24-lean.log" 2>&1 ;;
     context80-lean)
-      timeout 480 bash benchmarks/run_bench_h200.sh "$R/bench" context80-lean > "$R/context80-lean.log" 2>&1 ;;
+      timeout "${PART_TIMEOUT:-480}" bash benchmarks/run_bench_h200.sh "$R/bench" context80-lean > "$R/context80-lean.log" 2>&1 ;;
     int8-code)  # what Inductor makes of the int8 decode step (is the int8 -> bf16 cast fused into the GEMV?), 2 layers
       TORCH_LOGS=output_code timeout 200 python3 benchmarks/bench_generate.py --out "$R/int8-code" --layers 2 --batches 1 \
         --methods compiled-int8 --repeats 1 --new-tokens 16 > "$R/int8-code.log" 2>&1 ;;

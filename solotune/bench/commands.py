@@ -83,6 +83,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                         "small optimizer state)")
     p.add_argument("--probe-step", type=float, default=0.04,
                    help="--find-max-seq-len: relative distance of the first probes from the planner's longest")
+    p.add_argument("--probe-start", type=float, default=1.0,
+                   help="--find-max-seq-len: the first probe at this fraction of the planner's longest (e.g. 0.985 "
+                        "leaves the allocator's slack a margin when one probe costs minutes)")
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--seed", type=int, default=0)
 
@@ -112,7 +115,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .runner import find_max_seq_len
 
         found = find_max_seq_len(bc, max_probes=args.max_probes, rel_step=args.probe_step,
-                                 probe_samples=args.probe_samples)
+                                 probe_samples=args.probe_samples, probe_start=args.probe_start)
         return 0 if found.get("longest_fit") else 1
     results = run_bench(bc)
     return 0 if any(r["status"] == "ok" for r in results) else 1

@@ -781,16 +781,18 @@ def format_longest(rows: list[LongestFit], gpu_mem: int, step: int = 128) -> str
     if not rows:
         return "(no configuration)"
     s0 = rows[0].setup
+    host = any(r.prediction.host_bytes for r in rows)  # pinned host RAM can be the limit of offloaded rows
     lines = [f"{s0.model.name}: {s0.model.n_layers} layers, micro-batch {s0.batch}; GPU memory {fmt_gib(gpu_mem)} GiB. "
              "Longest sequence that trains (planner), sizes in GiB.\n",
              "| # | method | precision | checkpointing | longest seq_len | peak there | params | activations | "
-             "transients | first over |", "|---:|---|---|---|---:|---:|---:|---:|---:|---:|"]
+             "transients | " + "host (pinned) | " * host + "first over |", "|---:|---|---|---|" + "---:|" * (6 + host)]
     for i, r in enumerate(rows, 1):
         p, s = r.prediction, r.setup
         longest = "does not fit" if r.seq_len is None else f"{r.seq_len:,}"
         over = "–" if r.first_over is None else f"{r.first_over:,}"
         lines.append(f"| {i} | {s.label} | {s.precision} | {s.grad_checkpoint} | {longest} | {fmt_gib(p.peak)} | "
-                     f"{fmt_gib(p.params_total)} | {fmt_gib(p.activations)} | {fmt_gib(p.transient_fb)} | {over} |")
+                     f"{fmt_gib(p.params_total)} | {fmt_gib(p.activations)} | {fmt_gib(p.transient_fb)} | "
+                     + (f"{fmt_gib(p.host_bytes)} | " if host else "") + f"{over} |")
     lines.append(f"\nDoubling, then bisection over seq_len in steps of {step} tokens (the peak grows with it); "
                  "`first over`: the shortest length probed that does not fit (– : the cap fits). "
                  "The peak is PyTorch's allocated bytes: the CUDA context and the caching allocator's slack come "

@@ -348,11 +348,13 @@ def probe_lengths(predicted: int, results: dict[int, str], rel_step: float, step
 
 
 def find_max_seq_len(bc: BenchConfig, max_probes: int = 3, rel_step: float = 0.04, step: int = 128,
-                     probe_samples: int = 2, say: Callable[[str], None] = print) -> dict[str, Any]:
+                     probe_samples: int = 2, probe_start: float = 1.0,
+                     say: Callable[[str], None] = print) -> dict[str, Any]:
     """The longest row that trains at micro-batch 1 within ``bc.memory_limit_bytes``, measured by
     real cells (random rows of exactly T tokens, ``probe_samples`` optimizer steps each: with 2 the
     optimizer state exists, as the planner assumes; 1 saves a long step and misses only LoRA's
-    small AdamW state) around the planner's longest; writes ``probes.json`` (the cells) and
+    small AdamW state) around the planner's longest, the first at ``probe_start`` times it (below 1:
+    a margin for the allocator's slack when each probe of a long row costs minutes); writes ``probes.json`` (the cells) and
     ``max_seq_len.json`` (predicted and measured) under ``bc.out``; returns the latter."""
     import torch
 
@@ -362,6 +364,8 @@ def find_max_seq_len(bc: BenchConfig, max_probes: int = 3, rel_step: float = 0.0
 
     if not bc.memory_limit_bytes:
         raise ConfigError("--find-max-seq-len needs --memory-limit (the memory to fit in, e.g. 24GiB)")
+    if not 0 < probe_start <= 1:
+        raise ConfigError(f"--probe-start {probe_start}: a fraction of the planner's longest, in (0, 1]")
     cells = matrix(BenchConfig(**{**_fields(bc), "data": "random", "micro_batch": 1,
                                        "samples": probe_samples}))
     if len(cells) != 1:
@@ -379,15 +383,16 @@ def find_max_seq_len(bc: BenchConfig, max_probes: int = 3, rel_step: float = 0.0
         "loss": base.loss, "micro_batch": 1, "data": "random", "memory_limit_bytes": bc.memory_limit_bytes,
         "predicted_longest": planned.seq_len, "predicted_first_over": planned.first_over,
         "predicted_peak_at_longest": planned.prediction.peak, "longest_fit": None, "shortest_oom": None,
-        "probes": [], "command": bc.command, "step": step, "probe_samples": probe_samples}
+        "probes": [], "command": bc.command, "step": step, "probe_samples": probe_samples, "probe_start": probe_start}
     say(f"planner: longest {planned.seq_len} tokens within {bc.memory_limit_bytes / 2**30:.2f} GiB "
         f"(peak {planned.prediction.peak / 2**30:.2f} GiB; {planned.first_over} does not fit)")
     results: list[dict[str, Any]] = []
     statuses: dict[int, str] = {}
     with open(out / "bench.log", "a") as log:
         log.write(f"\n##### {time.strftime('%Y-%m-%d %H:%M:%S')} {bc.command}\n")
-        while len(statuses) < max_probes and planned.seq_len:
-            T = probe_lengths(planned.seq_len, statuses, rel_step, step)
+        first = max(step, int(planned.seq_len * probe_start) // step * step) if planned.seq_len else None
+        while len(statuses) < max_probes and first:
+            T = probe_lengths(first, statuses, rel_step, step)
             if T is None or T in statuses:
                 break
             r = run_cell_subprocess(CellSpec.from_dict({**base.to_dict(), "seq_len": T}), bc.cell_timeout_s, log)

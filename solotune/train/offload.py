@@ -24,6 +24,12 @@ entered around one micro-batch's forward + backward.
   dropped, so the allocator hands that memory to later compute only after the copy has read it (no
   ``record_stream``: memory is returned at a known point, not whenever the allocator next polls).
   At most ``max_in_flight`` copies are pending; the oldest is retired as a new one starts.
+* **Host memory.** PyTorch's caching host allocator rounds every pinned allocation up to a power
+  of two, so one buffer per storage would lock up to twice its bytes of RAM (a 310k-token row's
+  2.5 GB block input takes 4 GiB: 128 GiB for 32 blocks). Each host copy is therefore a list of
+  pinned pieces whose sizes are powers of two summing to the storage's bytes
+  (:func:`host_piece_sizes`): exact, and the same sizes every step, which the allocator's cache
+  reuses. The allocator also keeps each piece alive until the copies that use it have finished.
 * **Backward (unpack).** The first unpack gives the still-pending storages (the last ones saved:
   the loss and the last blocks, needed first) to their entries as they are: no round trip. Every
   other entry comes back once, either prefetched (the side stream copies it; the compute stream
@@ -53,8 +59,8 @@ Not with FSDP2 (``parallel/``): its unsharded weights are plain tensors over all
 it frees by resizing their storage after each block, so they would be copied as activations while
 being freed. Activation offload is a one-GPU technique; the config should refuse the pair.
 
-On CPU the "host" copy is a clone into a separate CPU tensor (and a clone back), so the whole
-mechanism (selection, dedup, views, retiring, prefetch) runs in the CPU tests and a CPU run is an
+On CPU the "host" copy goes into separate (unpinned) CPU pieces and back, so the whole mechanism
+(selection, dedup, views, pieces, retiring, prefetch) runs in the CPU tests and a CPU run is an
 exact pass-through.
 """
 
@@ -72,6 +78,8 @@ import torch.nn as nn
 OFFLOAD_KINDS: tuple[str, ...] = ("none", "activations")
 
 _HALF = (torch.float16, torch.bfloat16)
+HOST_PIECE_BYTES = 64 << 20  # largest pinned piece: ~3 ms of PCIe, a few µs of launch per copy
+_SMALLEST_PIECE = 512
 
 Pack = Callable[[torch.Tensor], Any]
 Unpack = Callable[[Any], torch.Tensor]
@@ -120,7 +128,7 @@ class _Entry:
         self.window = window  # for the pack order (prefetch)
         self.source = weakref.ref(source)  # identity of the original storage (dedup), never kept alive
         self.nbytes = nbytes
-        self.host: torch.Tensor | None = None  # uint8 [nbytes]; pinned on CUDA
+        self.host: list[torch.Tensor] | None = None  # uint8 pieces (host_piece_sizes); pinned on CUDA
         self.copied: torch.cuda.Event | None = None  # device-to-host copy finished (None on CPU)
         self.device: torch.Tensor | None = None  # uint8 [nbytes] on the device once back (or reused)
         self.ready: torch.cuda.Event | None = None  # prefetch finished; None = usable on the compute stream
@@ -156,6 +164,22 @@ class _Window:
         self.pending: collections.deque[tuple[_Entry, torch.Tensor]] = collections.deque()  # (entry, device bytes)
 
 
+def host_piece_sizes(nbytes: int, largest: int = HOST_PIECE_BYTES) -> list[int]:
+    """Sizes of the pinned buffers that hold ``nbytes`` (a power-of-two ``largest``): whole
+    ``largest`` pieces, then the rest's binary digits from the top, the last at least 512 bytes.
+    They sum to ``nbytes`` exactly unless the rest ends in under 512 bytes (then < 512 more)."""
+    if largest < _SMALLEST_PIECE or largest & (largest - 1):
+        raise ValueError(f"largest piece {largest} must be a power of two >= {_SMALLEST_PIECE}")
+    sizes = [largest] * (nbytes // largest)
+    rest = nbytes % largest
+    while rest > _SMALLEST_PIECE:
+        sizes.append(1 << (rest.bit_length() - 1))
+        rest -= sizes[-1]
+    if rest:
+        sizes.append(_SMALLEST_PIECE)
+    return sizes
+
+
 def _in_backward() -> bool:
     task = getattr(torch._C, "_current_graph_task_id", None)
     return task is not None and task() != -1
@@ -165,6 +189,19 @@ def _outer_hooks() -> tuple[Pack, Unpack] | None:
     """The saved-tensor hooks active right now (the ones ours will hide), if torch tells us."""
     top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
     return top(False) if top is not None else None
+
+
+def _copy_pieces(pieces: list[torch.Tensor], dev: torch.Tensor, *, to_host: bool) -> None:
+    """Copy uint8 ``dev`` [n] into (``to_host``) or out of the host ``pieces``, in order, on the
+    current stream; non-blocking (pinned pieces make it asynchronous on CUDA)."""
+    offset, n = 0, dev.numel()
+    for piece in pieces:
+        k = min(piece.numel(), n - offset)
+        if to_host:
+            piece[:k].copy_(dev[offset:offset + k], non_blocking=True)
+        else:
+            dev[offset:offset + k].copy_(piece[:k], non_blocking=True)
+        offset += k
 
 
 def _bytes_of(storage: torch.UntypedStorage, device: torch.device) -> torch.Tensor:
@@ -178,15 +215,16 @@ class ActivationOffload:
     model: its parameters and buffers are never offloaded; its 2-D weight shapes identify
         autocast's weight copies (re-read at every ``with``, so swapped modules are seen).
     device: the training device (``cuda[:i]`` copies to pinned memory on a side stream; ``cpu``
-        clones, for tests).
+        copies to unpinned pieces, for tests).
     min_bytes: storages smaller than this stay on the device (a copy's fixed cost outweighs them;
         the default keeps per-token scalars like RMSNorm's [B, T, 1] statistics of short rows).
     max_in_flight: device-to-host copies that may be pending before the compute stream waits for the
         oldest; each pins its device storage until then. 0 = every copy is waited for at once.
+    host_piece_bytes: the largest pinned piece of a host copy (a power of two; see the module doc).
     """
 
     def __init__(self, model: nn.Module, device: torch.device | str, *, min_bytes: int = 1 << 16,
-                 max_in_flight: int = 2) -> None:
+                 max_in_flight: int = 2, host_piece_bytes: int = HOST_PIECE_BYTES) -> None:
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
@@ -196,6 +234,8 @@ class ActivationOffload:
             raise ValueError(f"min_bytes ({min_bytes}) and max_in_flight ({max_in_flight}) must be >= 0")
         self.model, self.device = model, device
         self.min_bytes, self.max_in_flight = min_bytes, max_in_flight
+        host_piece_sizes(0, host_piece_bytes)  # validates it
+        self.host_piece_bytes = host_piece_bytes
         self.stats = OffloadStats()
         self._cuda = device.type == "cuda"
         self._stream = torch.cuda.Stream(device) if self._cuda else None
@@ -280,16 +320,17 @@ class ActivationOffload:
     def _offload(self, win: _Window, st: torch.UntypedStorage, n: int) -> _Entry:
         entry = _Entry(win, st, n)
         src = _bytes_of(st, self.device)
+        entry.host = [torch.empty(k, dtype=torch.uint8, pin_memory=self._cuda)
+                      for k in host_piece_sizes(n, self.host_piece_bytes)]
         if self._cuda:
-            entry.host = torch.empty(n, dtype=torch.uint8, pin_memory=True)
             self._stream.wait_stream(torch.cuda.current_stream(self.device))  # src is computed
             with torch.cuda.stream(self._stream):
-                entry.host.copy_(src, non_blocking=True)
+                _copy_pieces(entry.host, src, to_host=True)
             entry.copied = torch.cuda.Event()
             entry.copied.record(self._stream)
         else:
-            entry.host = src.clone()
-        self._note_host(entry.host, n)
+            _copy_pieces(entry.host, src, to_host=True)
+        self._note_host(entry.host)
         self.stats.offloaded += 1
         self.stats.offloaded_bytes += n
         win.pending.append((entry, src))
@@ -303,10 +344,11 @@ class ActivationOffload:
             torch.cuda.current_stream(self.device).wait_event(entry.copied)
         del src
 
-    def _note_host(self, host: torch.Tensor, n: int) -> None:
+    def _note_host(self, pieces: list[torch.Tensor]) -> None:
+        n = sum(p.numel() for p in pieces)
         self.stats.host_bytes += n
         self.stats.host_peak_bytes = max(self.stats.host_peak_bytes, self.stats.host_bytes)
-        weakref.finalize(host, self._host_freed, n)
+        weakref.finalize(pieces[0], self._host_freed, n)  # the pieces are dropped together
 
     def _host_freed(self, n: int) -> None:
         self.stats.host_bytes -= n
@@ -340,23 +382,23 @@ class ActivationOffload:
 
     def _bring_back(self, entry: _Entry, *, prefetch: bool) -> None:
         assert entry.host is not None
+        # Allocated on the compute stream, so the allocator orders its reuse with compute.
+        dev = torch.empty(entry.nbytes, dtype=torch.uint8, device=self.device)
         if not self._cuda:
-            entry.device = entry.host.clone()
+            _copy_pieces(entry.host, dev, to_host=False)
         else:
             compute = torch.cuda.current_stream(self.device)
-            # Allocated on the compute stream, so the allocator orders its reuse with compute.
-            dev = torch.empty(entry.nbytes, dtype=torch.uint8, device=self.device)
             if prefetch:
                 self._stream.wait_stream(compute)  # dev's memory may still be read by queued compute
                 with torch.cuda.stream(self._stream):  # after the D2H copy: same stream, in order
-                    dev.copy_(entry.host, non_blocking=True)
+                    _copy_pieces(entry.host, dev, to_host=False)
                 entry.ready = torch.cuda.Event()
                 entry.ready.record(self._stream)
                 dev.record_stream(self._stream)  # safe even if the entry dies before it is unpacked
             else:
                 compute.wait_event(entry.copied)
-                dev.copy_(entry.host, non_blocking=True)
-            entry.device = dev
+                _copy_pieces(entry.host, dev, to_host=False)
+        entry.device = dev
         entry.host = None  # the caching host allocator keeps pinned memory until its copies finish
         self.stats.reloaded_bytes += entry.nbytes
 

@@ -199,6 +199,19 @@ def test_plan_max_seq_len_cli(capsys):
     assert rows[0]["label"] == "lora nf4" and rows[0]["prediction"]["precision"] == "bf16"  # the mode's defaults
 
 
+def test_plan_max_seq_len_shows_pinned_host_memory_of_offloaded_rows(capsys):
+    from solotune.cli import main
+
+    args = ["plan", "--max-seq-len", "--model", "tiny", "--gpu-mem", "6MiB", "--seq-len-step", "256",
+            "--seq-len-cap", "512"]
+    assert main(args + ["--offload", "none"]) == 0
+    assert "host (pinned)" not in capsys.readouterr().out
+    assert main(args + ["--offload", "activations"]) == 0
+    out = capsys.readouterr().out
+    head, sep, row = out.splitlines()[2:5]
+    assert "host (pinned)" in head and head.count("|") == sep.count("|") == row.count("|")
+
+
 def test_probe_lengths_bracket_the_prediction():
     assert runner.probe_lengths(1000, {}, 0.04, 128) == 1000
     assert runner.probe_lengths(1024, {1024: "ok"}, 0.04, 128) == 1152  # 4% up, rounded up to a step
@@ -225,6 +238,10 @@ def test_find_max_seq_len_measures_around_the_planner(tmp_path, monkeypatch):
     saved = json.loads((tmp_path / "max_seq_len.json").read_text())[0]
     assert saved["longest_fit"] == found["longest_fit"] and len(saved["probes"]) == len(found["probes"])
     assert f"longest that trained **{found['longest_fit']}**" in (tmp_path / "max_seq_len.md").read_text()
+    margin = runner.find_max_seq_len(bc, max_probes=1, step=64, probe_start=0.5, say=lambda *_: None)
+    assert [p["seq_len"] for p in margin["probes"]] == [int(found["predicted_longest"] * 0.5) // 64 * 64]
+    with pytest.raises(ConfigError, match="probe-start"):
+        runner.find_max_seq_len(bc, probe_start=1.5)
     with pytest.raises(ConfigError, match="memory-limit"):
         runner.find_max_seq_len(runner.BenchConfig(model="tiny"))
 

@@ -1,6 +1,6 @@
 """Activation offload (solotune/train/offload.py): offload == no offload, bit for bit.
 
-CPU: the "host" is a separate CPU tensor (clone), so selection, dedup of shared storages, views,
+CPU: the "host" is separate CPU pieces, so selection, dedup of shared storages, views,
 retiring and prefetch all run here. Gradients of every trainable parameter are compared with
 ``torch.equal`` (fp32 and fp64, LoRA and full fine-tuning, checkpointing all / every:2 / off), the
 bytes moved are compared with what the anatomy instrument calls activations, and the checkpointed
@@ -25,7 +25,7 @@ from solotune.data.batch import Batch, collate_batch, positions_for
 from solotune.model import build_model
 from solotune.peft.lora import apply_lora, lora_parameters
 from solotune.train.loss import full_logits_loss
-from solotune.train.offload import OFFLOAD_KINDS, ActivationOffload, _Saved, offload_context
+from solotune.train.offload import OFFLOAD_KINDS, ActivationOffload, _Saved, host_piece_sizes, offload_context
 
 CFG = ModelConfig(name="tiny-offload", dim=32, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=64,
                   hidden_dim=64, max_seq_len=64)
@@ -122,6 +122,33 @@ def test_gradients_equal_without_offload(dtype, method, ckpt):
     _assert_same(ref, _run(model, batch, off))
     assert off.stats.windows == 2
     _assert_balanced(off.stats)
+
+
+@pytest.mark.parametrize("nbytes", [0, 1, 511, 512, 513, 4096, 3 * 4096 + 1000, 5 * 65536, 5 * 65536 + 6 * 1024 + 2])
+def test_host_pieces_are_powers_of_two_that_hold_the_bytes(nbytes):
+    largest = 65536
+    sizes = host_piece_sizes(nbytes, largest)
+    assert all(k & (k - 1) == 0 and 512 <= k <= largest for k in sizes)
+    assert nbytes <= sum(sizes) < nbytes + 512  # never the caching allocator's round-up to 2x
+    assert len(sizes) <= nbytes // largest + (largest // 512).bit_length()
+    assert sizes == sorted(sizes, reverse=True)
+
+
+def test_host_piece_size_must_be_a_power_of_two():
+    with pytest.raises(ValueError, match="power of two"):
+        host_piece_sizes(10, 3 * 1024)
+    with pytest.raises(ValueError, match="power of two"):
+        ActivationOffload(_model("lora", "all"), "cpu", host_piece_bytes=256)
+
+
+def test_gradients_equal_with_host_copies_in_many_pieces():
+    """Pieces of 512 bytes: every storage's host copy is split (offsets and the partial last piece)."""
+    model = _model("full", "all")
+    batch = _batch()
+    off = ActivationOffload(model, "cpu", min_bytes=1, max_in_flight=1, host_piece_bytes=512)
+    _assert_same(_run(model, batch), _run(model, batch, off))
+    _assert_balanced(off.stats)
+    assert off.stats.offloaded_bytes > 4 * 512 * off.stats.offloaded  # most storages span several pieces
 
 
 def test_packed_rows_document_mask_offloaded_once():
@@ -305,6 +332,27 @@ def test_cuda_gradients_equal_without_offload(deterministic, precision, method, 
     torch.cuda.synchronize()
     _assert_balanced(off.stats)
     assert off.stats.prefetched > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_pinned_host_bytes_are_the_offloaded_bytes_not_the_next_power_of_two():
+    """A 48 MiB + 4 KiB activation: one pinned buffer would be rounded up to 64 MiB by torch's
+    caching host allocator; the pieces lock its size (grown by at most the size, if nothing cached)."""
+    stats = getattr(torch.cuda, "host_memory_stats", None)
+    if stats is None or "allocated_bytes.current" not in stats():
+        pytest.skip("this torch has no pinned-allocator statistics")
+    n = 3 * 2**24 + 4096
+    w = torch.ones(n // 4, device="cuda", requires_grad=True)
+    x = torch.randn(n // 4, device="cuda")  # fp32: n bytes, saved by the product for w's gradient
+    before = stats()["allocated_bytes.current"]
+    off = ActivationOffload(torch.nn.Linear(1, 1), "cuda", max_in_flight=0)
+    with off:
+        (w * x).sum().backward()
+    torch.cuda.synchronize()
+    assert off.stats.offloaded_bytes == n and off.stats.host_peak_bytes == n
+    assert stats()["allocated_bytes.current"] - before <= n
+    assert torch.equal(w.grad, x)
 
 
 LONG_THIN = (32, 1, 16384, 256)  # layers, rows, tokens per row, width: long rows, many thin layers
