@@ -237,5 +237,9 @@ def test_cuda_fused_loss_peak_is_six_bytes_per_logit():
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
     kept, logits = n * C * 2, chunk * V
-    assert 6 * logits <= peak <= kept + 6 * logits + (1 << 20), (peak, logits)
+    # Beside the 6 B per logit, while they live: one chunk's d hidden out of the matmul and the
+    # workspace cuBLASLt gets from the caching allocator for that call (1 MiB by default; the first
+    # H200 run of this test peaked 1.18 MiB above the 6 bytes). 8 B per logit would be 64 MiB more.
+    matmul = chunk * C * 2 + (4 << 20)
+    assert 6 * logits <= peak <= kept + 6 * logits + matmul, (peak, logits)
     del loss
