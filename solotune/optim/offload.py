@@ -22,8 +22,14 @@ updates run in the gradient hooks, so the copies overlap the backward of the ear
 No fp32 master weights are kept: the update is computed in fp32 from the parameter as it is
 (pure bf16 rounds each update once, as on the device).
 
-On CPU the "host" copy is a clone, so the whole mechanism runs in the CPU tests and is an exact
-pass-through (``tests/optim/test_offload.py``: offloaded == on-device, bit for bit).
+Host memory (:class:`HostArena`): torch's caching host allocator rounds every pinned allocation up
+to a power of two, so one pinned tensor per state would lock up to twice its bytes (a 7B w1's
+45 MB 8-bit moment takes 64 MiB: ~30% more RAM over the whole model). The host tensors are views
+packed into a few pinned slabs instead (each slab a power of two, so it is exact), at most
+``ARENA_SLAB_BYTES`` each once the states outgrow that.
+
+On CPU the "host" copy goes into unpinned slabs, so the whole mechanism runs in the CPU tests and
+is an exact pass-through (``tests/optim/test_in_backward.py``: offloaded == on-device, bit for bit).
 
 Device memory: the states of at most ``max_in_flight + 2`` parameters at once (the one updated,
 the one prefetched, the pending copies back), i.e. a few times the largest tensor's state.
@@ -36,6 +42,42 @@ from typing import Any
 
 import torch
 
+ARENA_SLAB_BYTES = 256 << 20  # the largest slab that holds several states (a bigger state gets its own)
+_ALIGN = 512  # bytes between views: any dtype's alignment, and the allocator's smallest pinned block
+
+
+class HostArena:
+    """Host tensors carved from (pinned) uint8 slabs, first fit, one set of slabs per dtype (torch.save
+    refuses views of one storage as different dtypes, and the trainer state is saved so). A new slab
+    is a power of two: at least the tensor, at least the bytes of that dtype handed out so far (the
+    slabs double, so a small store stays small), at most ``slab_bytes`` unless the tensor is larger.
+    Views are never freed one by one: the slabs live as long as the store (as the states do)."""
+
+    def __init__(self, pin: bool, slab_bytes: int = ARENA_SLAB_BYTES) -> None:
+        self.pin, self.slab_bytes = pin, slab_bytes
+        self.slabs: dict[torch.dtype, list[torch.Tensor]] = {}  # uint8 [2**k] each
+        self.used: dict[torch.dtype, list[int]] = {}  # bytes handed out of each slab (aligned)
+
+    @property
+    def reserved_bytes(self) -> int:
+        """Host bytes the slabs hold (what is locked when pinned)."""
+        return sum(s.numel() for slabs in self.slabs.values() for s in slabs)
+
+    def empty_like(self, t: torch.Tensor) -> torch.Tensor:
+        """An uninitialised contiguous host tensor of ``t``'s shape and dtype."""
+        n = t.numel() * t.element_size()
+        need = max(_ALIGN, -(-n // _ALIGN) * _ALIGN)
+        slabs, used = self.slabs.setdefault(t.dtype, []), self.used.setdefault(t.dtype, [])
+        i = next((i for i, s in enumerate(slabs) if s.numel() - used[i] >= need), None)
+        if i is None:
+            size = max(need, min(self.slab_bytes, sum(s.numel() for s in slabs)))
+            slabs.append(torch.empty(1 << (size - 1).bit_length(), dtype=torch.uint8, pin_memory=self.pin))
+            used.append(0)
+            i = len(slabs) - 1
+        start = used[i]
+        used[i] += need
+        return slabs[i][start:start + n].view(t.dtype).view(t.shape)
+
 
 class HostStates:
     """Optimizer states in (pinned) host memory, streamed to ``device`` for each update."""
@@ -45,7 +87,8 @@ class HostStates:
         self.cuda = self.device.type == "cuda"
         self.max_in_flight = max(1, int(max_in_flight))
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
-        self.host: dict[int, dict[str, torch.Tensor]] = {}  # id(p) -> its state's host tensors
+        self.arena = HostArena(pin=self.cuda)
+        self.host: dict[int, dict[str, torch.Tensor]] = {}  # id(p) -> its state's host tensors (arena views)
         self.ready: dict[int, tuple[dict[str, torch.Tensor], Any]] = {}  # prefetched: (device tensors, event)
         self.pending: collections.deque[tuple[Any, dict[str, torch.Tensor]]] = collections.deque()
         self.moved_bytes = 0  # bytes copied either way (tests, benchmarks)
@@ -68,7 +111,7 @@ class HostStates:
         return dev, ev
 
     def _host_like(self, t: torch.Tensor) -> torch.Tensor:
-        return torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=self.cuda)
+        return self.arena.empty_like(t)
 
     def _tensors(self, state: dict[str, Any]) -> dict[str, torch.Tensor]:
         return {k: v for k, v in state.items() if torch.is_tensor(v)}
