@@ -161,6 +161,8 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="llama2-7b", help="architecture preset or checkpoint path (config only)")
     p.add_argument("--layers", type=int, default=None, help="override the depth")
     p.add_argument("--gpu-mem", required=True, help="memory to fit in, e.g. 24GiB, 80GB, 40G")
+    p.add_argument("--host-mem", default=None,
+                   help="host RAM the pinned copies of --offload must also fit in, e.g. 64GiB (default: not checked)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per example (plan for the longest)")
     p.add_argument("--batch", type=int, default=1, help="examples per micro-batch")
     p.add_argument("--grad-accum", type=int, default=8)
@@ -200,6 +202,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     cfg = model_config(args.model, args.layers)
     gpu = parse_bytes(args.gpu_mem)
+    host = parse_bytes(args.host_mem) if args.host_mem else None
     longest = args.max_seq_len
     args.methods = args.methods or (("lora",) if longest else ("lora", "full"))
     args.precisions = args.precisions or (("bf16",) if longest else KNOWN)
@@ -218,7 +221,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown quantize/offload {bad}: quantize {','.join(QUANTIZE_KINDS)}; "
                          f"offload {','.join(OFFLOAD_KINDS)}")
     if longest:
-        return _cmd_plan_longest(args, cfg, gpu)
+        return _cmd_plan_longest(args, cfg, gpu, host)
     from .plan import FULL_FT_OPTIMIZERS
     from ..train.optim import get_optimizer_spec
 
@@ -233,24 +236,24 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 lora_rank=args.lora_rank, lora_targets=args.lora_targets, lora_dropout=args.lora_dropout,
                 methods=args.methods, precisions=args.precisions, checkpointing=args.checkpointing,
                 optimizer=args.optimizer or "adamw", quantize=args.quantize, offload=args.offload,
-                full_optimizers=techniques, losses=args.loss, compiled=args.compiled)
+                full_optimizers=techniques, losses=args.loss, compiled=args.compiled, host_mem=host)
     if args.json:
         print(json.dumps([{**p.to_dict(), "relative_cost": c, "fits": f} for p, c, f in rows], indent=1))
     else:
-        print(format_plan(rows, gpu, show_all=args.all))
+        print(format_plan(rows, gpu, show_all=args.all, host_mem=host))
     return 0 if any(f for _, _, f in rows) else 1
 
 
-def _cmd_plan_longest(args: argparse.Namespace, cfg, gpu: int) -> int:
+def _cmd_plan_longest(args: argparse.Namespace, cfg, gpu: int, host: int | None) -> int:
     from .plan import format_longest, plan_longest
 
     lora = LoRASpec(rank=args.lora_rank, dropout=args.lora_dropout, targets=tuple(args.lora_targets))
     rows = plan_longest(cfg, gpu, batch=args.batch, lora=lora, methods=args.methods, precisions=args.precisions,
                         checkpointing=args.checkpointing, quantize=args.quantize, offload=args.offload,
                         losses=args.loss, optimizer=args.optimizer or "adamw", step=args.seq_len_step,
-                        cap=args.seq_len_cap, compiled=args.compiled)
+                        cap=args.seq_len_cap, compiled=args.compiled, host_mem=host)
     if args.json:
         print(json.dumps([{**r.to_dict(), "label": r.setup.label} for r in rows], indent=1))
     else:
-        print(format_longest(rows, gpu, args.seq_len_step))
+        print(format_longest(rows, gpu, args.seq_len_step, host_mem=host))
     return 0 if any(r.seq_len for r in rows) else 1

@@ -643,6 +643,12 @@ def _config_from_path(p: Path) -> ModelConfig:
 PLAN_CHECKPOINTING = ("off", "every:4", "every:2", "all")
 
 
+def fits(p: Prediction, gpu_mem: int, host_mem: int | None = None) -> bool:
+    """The predicted peak fits ``gpu_mem`` and, when ``host_mem`` is given, the pinned host copies
+    (offloaded activations / optimizer state) fit it: page-locked memory cannot be swapped out."""
+    return p.peak <= gpu_mem and (host_mem is None or p.host_bytes <= host_mem)
+
+
 def plan(model: ModelConfig, gpu_mem: int, seq_len: int = 512, batch: int = 1, grad_accum: int = 8,
          lora_rank: int = 16, lora_targets: tuple[str, ...] = ("wq", "wv"), lora_dropout: float = 0.05,
          methods: tuple[str, ...] = ("lora", "full"), precisions: tuple[str, ...] = PRECISIONS,
@@ -650,8 +656,10 @@ def plan(model: ModelConfig, gpu_mem: int, seq_len: int = 512, batch: int = 1, g
          device: str = "cuda", quantize: tuple[str, ...] = ("none",),
          offload: tuple[str, ...] = ("none",),
          full_optimizers: tuple[tuple[str, bool, bool], ...] | None = None,
-         losses: tuple[str, ...] = ("full-logits",), compiled: bool = False) -> list[tuple[Prediction, float, bool]]:
-    """Every configuration as (prediction, relative cost, fits), fitting ones first, fastest first.
+         losses: tuple[str, ...] = ("full-logits",), compiled: bool = False,
+         host_mem: int | None = None) -> list[tuple[Prediction, float, bool]]:
+    """Every configuration as (prediction, relative cost, fits), fitting ones first, fastest first
+    (:func:`fits`: ``gpu_mem``, and ``host_mem`` for the pinned host copies when given).
     Quantized bases are combined with LoRA only. ``full_optimizers``: the (optimizer, in backward,
     state offloaded) techniques to weigh for full fine-tuning (e.g. :data:`FULL_FT_OPTIMIZERS`;
     None: ``optimizer`` alone, as for LoRA); an in-backward row with ``grad_accum`` > 1 is planned
@@ -674,7 +682,7 @@ def plan(model: ModelConfig, gpu_mem: int, seq_len: int = 512, batch: int = 1, g
             if in_bwd:
                 s = s.replace(batch=batch * grad_accum, grad_accum=1, optimizer_in_backward=True)
             p = predict(s)
-            rows.append((p, relative_cost(s), p.peak <= gpu_mem))
+            rows.append((p, relative_cost(s), fits(p, gpu_mem, host_mem)))
     rows.sort(key=lambda r: (not r[2], r[1], r[0].peak))
     return rows
 
@@ -721,9 +729,10 @@ class LongestFit:
                 "peak": self.prediction.peak, "prediction": self.prediction.to_dict()}
 
 
-def longest_seq_len(setup: Setup, gpu_mem: int, step: int = 128, cap: int = 1 << 20) -> LongestFit:
-    """Longest multiple of ``step`` up to ``cap`` whose predicted peak at ``setup.batch`` rows fits
-    ``gpu_mem``: doubling from ``step`` until a length does not fit, then bisection between the
+def longest_seq_len(setup: Setup, gpu_mem: int, step: int = 128, cap: int = 1 << 20,
+                    host_mem: int | None = None) -> LongestFit:
+    """Longest multiple of ``step`` up to ``cap`` whose prediction at ``setup.batch`` rows
+    :func:`fits` ``gpu_mem`` (and ``host_mem``, when given): doubling from ``step`` until a length does not fit, then bisection between the
     last that fit and the first that did not (the peak grows with seq_len). About 2 log2(cap/step)
     dry runs."""
     if step < 1 or cap < step:
@@ -736,20 +745,20 @@ def longest_seq_len(setup: Setup, gpu_mem: int, step: int = 128, cap: int = 1 <<
         return predict(setup.replace(seq_len=T))
 
     p = at(step)
-    if p.peak > gpu_mem:
+    if not fits(p, gpu_mem, host_mem):
         return LongestFit(setup.replace(seq_len=step), None, p, step, probes)
     best, best_p, over = step, p, None
     while over is None and best < cap:
         T = min(2 * best, cap)
         q = at(T)
-        if q.peak <= gpu_mem:
+        if fits(q, gpu_mem, host_mem):
             best, best_p = T, q
         else:
             over = T
     while over is not None and over - best > step:
         mid = (best + over) // 2 // step * step
         q = at(mid)
-        if q.peak <= gpu_mem:
+        if fits(q, gpu_mem, host_mem):
             best, best_p = mid, q
         else:
             over = mid
@@ -761,7 +770,7 @@ def plan_longest(model: ModelConfig, gpu_mem: int, batch: int = 1, lora: LoRASpe
                  checkpointing: tuple[str, ...] = ("all",), quantize: tuple[str, ...] = ("none",),
                  offload: tuple[str, ...] = ("none",), losses: tuple[str, ...] = ("full-logits",),
                  optimizer: str = "adamw", device: str = "cuda", step: int = 128,
-                 cap: int = 1 << 20, compiled: bool = False) -> list[LongestFit]:
+                 cap: int = 1 << 20, compiled: bool = False, host_mem: int | None = None) -> list[LongestFit]:
     """:func:`longest_seq_len` of every configuration, longest first (quantized bases with LoRA only)."""
     rows = []
     for method, quant, prec, gc, off, loss in itertools.product(methods, quantize, precisions, checkpointing,
@@ -771,18 +780,23 @@ def plan_longest(model: ModelConfig, gpu_mem: int, batch: int = 1, lora: LoRASpe
         spec = lora if method == "lora" else dataclasses.replace(lora, rank=0)
         s = Setup(model, seq_len=step, batch=batch, grad_accum=1, grad_checkpoint=gc, precision=prec, lora=spec,
                   optimizer=optimizer, device=device, quantize=quant, offload=off, loss=loss, compiled=compiled)
-        rows.append(longest_seq_len(s, gpu_mem, step, cap))
+        rows.append(longest_seq_len(s, gpu_mem, step, cap, host_mem))
     rows.sort(key=lambda r: -(r.seq_len or 0))
     return rows
 
 
-def format_longest(rows: list[LongestFit], gpu_mem: int, step: int = 128) -> str:
+def _host_limit(host_mem: int | None) -> str:
+    return "" if host_mem is None else f", pinned host memory {fmt_gib(host_mem)} GiB"
+
+
+def format_longest(rows: list[LongestFit], gpu_mem: int, step: int = 128, host_mem: int | None = None) -> str:
     """The ``solotune plan --max-seq-len`` table."""
     if not rows:
         return "(no configuration)"
     s0 = rows[0].setup
     host = any(r.prediction.host_bytes for r in rows)  # pinned host RAM can be the limit of offloaded rows
-    lines = [f"{s0.model.name}: {s0.model.n_layers} layers, micro-batch {s0.batch}; GPU memory {fmt_gib(gpu_mem)} GiB. "
+    lines = [f"{s0.model.name}: {s0.model.n_layers} layers, micro-batch {s0.batch}; GPU memory {fmt_gib(gpu_mem)} GiB"
+             f"{_host_limit(host_mem)}. "
              "Longest sequence that trains (planner), sizes in GiB.\n",
              "| # | method | precision | checkpointing | longest seq_len | peak there | params | activations | "
              "transients | " + "host (pinned) | " * host + "first over |", "|---:|---|---|---|" + "---:|" * (6 + host)]
@@ -808,7 +822,8 @@ def _notes_lines(predictions: list[Prediction]) -> list[str]:
     return ["\nNotes:"] + [f"- {n}" for n in notes] if notes else []
 
 
-def format_plan(rows: list[tuple[Prediction, float, bool]], gpu_mem: int, show_all: bool = False) -> str:
+def format_plan(rows: list[tuple[Prediction, float, bool]], gpu_mem: int, show_all: bool = False,
+                host_mem: int | None = None) -> str:
     """The ``solotune plan`` table (GiB)."""
     fit = [r for r in rows if r[2]]
     best = min((c for _, c, _ in rows), default=1.0)
@@ -828,7 +843,8 @@ def format_plan(rows: list[tuple[Prediction, float, bool]], gpu_mem: int, show_a
     if rows:
         s = rows[0][0].setup
         lines.append(f"{s.model.name}: {s.model.n_layers} layers, seq_len {s.seq_len}, micro-batch {s.batch}, "
-                     f"gradient accumulation {s.grad_accum}; GPU memory {fmt_gib(gpu_mem)} GiB. Sizes in GiB."
+                     f"gradient accumulation {s.grad_accum}; GPU memory {fmt_gib(gpu_mem)} GiB{_host_limit(host_mem)}. "
+                     "Sizes in GiB."
                      + (" Compiled blocks and loss." if s.compiled else ""))
         if any(p.setup.optimizer_in_backward for p, _, _ in rows) and s.grad_accum > 1:
             lines.append(f"+in-backward rows need grad_accum 1: planned as micro-batches of {s.batch * s.grad_accum} "

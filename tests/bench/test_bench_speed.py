@@ -210,6 +210,19 @@ def test_plan_max_seq_len_shows_pinned_host_memory_of_offloaded_rows(capsys):
     out = capsys.readouterr().out
     head, sep, row = out.splitlines()[2:5]
     assert "host (pinned)" in head and head.count("|") == sep.count("|") == row.count("|")
+    assert main(args + ["--offload", "activations", "--host-mem", "1KiB"]) == 1  # no row's copies fit 1 KiB
+    out = capsys.readouterr().out
+    assert "pinned host memory 0.00 GiB" in out and "does not fit" in out
+
+
+def test_host_memory_limits_the_longest_offloaded_row():
+    """--host-mem: the pinned copies of an offloaded row must fit too (page-locked RAM is not swappable)."""
+    s = _setup(offload="activations")
+    free = longest_seq_len(s, 100 * GiB, step=256, cap=1024)
+    assert free.seq_len == 1024 and free.prediction.host_bytes > 0
+    capped = longest_seq_len(s, 100 * GiB, step=256, cap=1024, host_mem=free.prediction.host_bytes - 1)
+    assert 256 <= capped.seq_len < 1024 and capped.prediction.host_bytes < free.prediction.host_bytes
+    assert capped.first_over == capped.seq_len + 256
 
 
 def test_probe_lengths_bracket_the_prediction():
