@@ -249,11 +249,15 @@ def _out_of_memory(oom: BaseException, cfg: TrainConfig, step: int, device: torc
     what = full.splitlines()[0] if full else type(oom).__name__
     kept = (f"the last checkpoint, {last}, resumes with `solotune finetune --resume {out}`" if last is not None
             else "no checkpoint was written before it")
+    plan = f"`solotune plan --model {cfg.model} --gpu-mem <GiB> --seq-len {cfg.max_seq_len} --batch {cfg.batch_size}"
+    if what.startswith("pinned host memory"):  # the host's RAM, not the GPU's (train/offload.py)
+        fix = f"{plan} --offload activations --host-mem <GiB>`; or a smaller --batch-size or --max-seq-len"
+    else:
+        fix = (f"{plan}`; or a smaller --batch-size or --max-seq-len, --grad-checkpoint all, "
+               "--loss fused-linear-ce, --quantize nf4, --offload activations")
     return OutOfMemory(
         f"out of memory in optimizer step {step} ({what}; peak so far {peak_memory_bytes(device) / 2**30:.2f} GiB); "
-        f"nothing was saved after it, {kept}. What fits: `solotune plan --model {cfg.model} --gpu-mem <GiB> "
-        f"--seq-len {cfg.max_seq_len} --batch {cfg.batch_size}`; or a smaller --batch-size or --max-seq-len, "
-        f"--grad-checkpoint all, --loss fused-linear-ce, --quantize nf4, --offload activations", full)
+        f"nothing was saved after it, {kept}. What fits: {fix}", full)
 
 
 def _train(ctx: StepContext, state: TrainState, cfg: TrainConfig, total_steps: int,

@@ -191,6 +191,11 @@ def _outer_hooks() -> tuple[Pack, Unpack] | None:
     return top(False) if top is not None else None
 
 
+def _host_empty(nbytes: int, pin: bool) -> torch.Tensor:
+    """A uint8 [nbytes] host buffer, pinned when ``pin`` (torch's caching host allocator)."""
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+
+
 def _copy_pieces(pieces: list[torch.Tensor], dev: torch.Tensor, *, to_host: bool) -> None:
     """Copy uint8 ``dev`` [n] into (``to_host``) or out of the host ``pieces``, in order, on the
     current stream; non-blocking (pinned pieces make it asynchronous on CUDA)."""
@@ -320,8 +325,7 @@ class ActivationOffload:
     def _offload(self, win: _Window, st: torch.UntypedStorage, n: int) -> _Entry:
         entry = _Entry(win, st, n)
         src = _bytes_of(st, self.device)
-        entry.host = [torch.empty(k, dtype=torch.uint8, pin_memory=self._cuda)
-                      for k in host_piece_sizes(n, self.host_piece_bytes)]
+        entry.host = self._host_pieces(n)
         if self._cuda:
             self._stream.wait_stream(torch.cuda.current_stream(self.device))  # src is computed
             with torch.cuda.stream(self._stream):
@@ -337,6 +341,19 @@ class ActivationOffload:
         while len(win.pending) > self.max_in_flight:
             self._retire(*win.pending.popleft())
         return entry
+
+    def _host_pieces(self, n: int) -> list[torch.Tensor]:
+        """Host buffers for ``n`` bytes. Pinning fails when page-locked RAM runs out: that is raised as
+        an out-of-memory error naming the host, which the training loop reports in its one line."""
+        try:
+            return [_host_empty(k, self._cuda) for k in host_piece_sizes(n, self.host_piece_bytes)]
+        except RuntimeError as e:
+            if "out of memory" not in str(e).lower():
+                raise
+            raise torch.OutOfMemoryError(
+                f"pinned host memory: could not lock {n / 2**30:.2f} GiB more for offloaded activations "
+                f"({self.stats.host_bytes / 2**30:.2f} GiB held; `solotune plan --host-mem` checks the RAM needed)"
+            ) from e
 
     def _retire(self, entry: _Entry, src: torch.Tensor) -> None:
         """The compute stream waits for the copy; then dropping ``src`` lets the allocator reuse it."""

@@ -151,6 +151,23 @@ def test_gradients_equal_with_host_copies_in_many_pieces():
     assert off.stats.offloaded_bytes > 4 * 512 * off.stats.offloaded  # most storages span several pieces
 
 
+def test_host_memory_running_out_is_an_out_of_memory_error(monkeypatch):
+    """cudaHostAlloc failing (page-locked RAM exhausted) surfaces as torch.OutOfMemoryError naming the
+    host, which the loop turns into its one line; other errors pass through unchanged."""
+    import solotune.train.offload as offload_mod
+
+    model = _model("lora", "all")
+    batch = _batch()
+    for message, expected in (("CUDA error: out of memory", torch.OutOfMemoryError), ("CUDA error: unknown", RuntimeError)):
+        def fail(nbytes, pin, message=message):
+            raise RuntimeError(message)
+
+        monkeypatch.setattr(offload_mod, "_host_empty", fail)
+        with pytest.raises(expected) as info:
+            _run(model, batch, ActivationOffload(model, "cpu", min_bytes=1))
+        assert ("pinned host memory: could not lock" in str(info.value)) == (expected is torch.OutOfMemoryError)
+
+
 def test_packed_rows_document_mask_offloaded_once():
     model = _model("lora", "all")
     batch = _packed_batch()

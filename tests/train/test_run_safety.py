@@ -280,3 +280,25 @@ def test_cli_out_of_memory_is_one_line(tmp_path, data, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert "out of memory in optimizer step 1" in err and "no checkpoint was written" in err, err
+
+
+def test_host_memory_running_out_names_the_host(tmp_path, data, monkeypatch):
+    """With --offload activations, pinning failing (page-locked RAM exhausted) ends the run with the same
+    one line, naming the host's memory and the plan option that checks it (not the GPU's remedies)."""
+    import functools
+
+    import solotune.train.offload as offload_mod
+    from solotune.train import loop
+
+    def fail(nbytes, pin):
+        raise RuntimeError("CUDA error: out of memory")
+
+    monkeypatch.setattr(offload_mod, "_host_empty", fail)
+    # the tiny model's activations are below the default min_bytes: offload every one of them
+    monkeypatch.setattr(loop, "offload_context", functools.partial(offload_mod.offload_context, min_bytes=1))
+    cfg = tiny_config(tmp_path, data, max_steps=2, offload="activations", grad_checkpoint="all")
+    with pytest.raises(OutOfMemory) as err:
+        finetune(cfg, model=tiny_model(), tokenizer=WordTokenizer())
+    msg = str(err.value)
+    assert "\n" not in msg and "optimizer step 1 (pinned host memory: could not lock" in msg, msg
+    assert "--host-mem" in msg and "--quantize nf4" not in msg, msg
