@@ -188,8 +188,8 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
                    help="predict runs with compiled blocks and loss (finetune's CUDA default: the loss then keeps "
                         "its 16-bit logits, not an fp32 copy); default: the eager step, which holds more")
     p.add_argument("--max-seq-len", action="store_true",
-                   help="the longest sequence that fits --gpu-mem at --batch (default 1) per configuration, by "
-                        "bisection over seq_len with the planner's dry run")
+                   help="the longest sequence that fits --gpu-mem at --batch (default 1) per configuration: a "
+                        "bracket over seq_len narrowed with the planner's dry run (linear interpolation)")
     p.add_argument("--seq-len-step", type=int, default=128, help="--max-seq-len resolution (tokens)")
     p.add_argument("--seq-len-cap", type=int, default=1 << 20, help="--max-seq-len upper bound (tokens)")
     p.add_argument("--all", action="store_true", help="also list the configurations that do not fit")

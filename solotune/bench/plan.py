@@ -83,7 +83,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -732,37 +732,62 @@ class LongestFit:
 def longest_seq_len(setup: Setup, gpu_mem: int, step: int = 128, cap: int = 1 << 20,
                     host_mem: int | None = None) -> LongestFit:
     """Longest multiple of ``step`` up to ``cap`` whose prediction at ``setup.batch`` rows
-    :func:`fits` ``gpu_mem`` (and ``host_mem``, when given): doubling from ``step`` until a length does not fit, then bisection between the
-    last that fit and the first that did not (the peak grows with seq_len). About 2 log2(cap/step)
-    dry runs."""
+    :func:`fits` ``gpu_mem`` (and ``host_mem``, when given), by a bracket [longest that fits, shortest
+    that does not] narrowed to one step. The peak and the pinned bytes grow about linearly with
+    seq_len, so each next length is where the line through two predictions meets the limit
+    (:func:`_next_probe`): ~5 dry runs where doubling and bisection took ~2 log2(cap/step). Any
+    length the planner fits and every longer one it does not give the same answer as bisection."""
     if step < 1 or cap < step:
         raise ValueError(f"seq_len step {step} and cap {cap}: need 1 <= step <= cap")
-    probes = 0
+    seen: dict[int, Prediction] = {}
 
-    def at(T: int) -> Prediction:
-        nonlocal probes
-        probes += 1
-        return predict(setup.replace(seq_len=T))
+    def excess(T: int) -> float:
+        """Over the limit by this fraction (<= 0: fits); predicts T once."""
+        if T not in seen:
+            seen[T] = predict(setup.replace(seq_len=T))
+        p = seen[T]
+        over = p.peak / gpu_mem - 1
+        return max(over, p.host_bytes / host_mem - 1) if host_mem is not None else over
 
-    p = at(step)
-    if not fits(p, gpu_mem, host_mem):
-        return LongestFit(setup.replace(seq_len=step), None, p, step, probes)
-    best, best_p, over = step, p, None
-    while over is None and best < cap:
-        T = min(2 * best, cap)
-        q = at(T)
-        if fits(q, gpu_mem, host_mem):
-            best, best_p = T, q
+    if excess(step) > 0:
+        return LongestFit(setup.replace(seq_len=step), None, seen[step], step, len(seen))
+    fit, over, sides = [step], None, ""
+    while fit[-1] < cap and (over is None or over - fit[-1] > step):
+        T = _next_probe(fit, over, sides, excess, step, cap)
+        if excess(T) <= 0:
+            fit.append(T)
+            sides += "f"
         else:
             over = T
-    while over is not None and over - best > step:
-        mid = (best + over) // 2 // step * step
-        q = at(mid)
-        if fits(q, gpu_mem, host_mem):
-            best, best_p = mid, q
-        else:
-            over = mid
-    return LongestFit(setup.replace(seq_len=best), best, best_p, over, probes)
+            sides += "o"
+    best = fit[-1]
+    return LongestFit(setup.replace(seq_len=best), best, seen[best], over, len(seen))
+
+
+def _next_probe(fit: list[int], over: int | None, sides: str, excess: Callable[[int], float], step: int,
+                cap: int) -> int:
+    """The next seq_len to predict, strictly inside (longest fit, shortest over) on the step grid.
+    Unbracketed: extrapolate the line through the two longest fits (at most 64x on, doubling when it
+    does not rise). Bracketed: the line through both ends, rounded up (a linear peak then closes the
+    bracket with one more probe); the midpoint after two probes on the same side (regula falsi's slow
+    side), so it never needs many more dry runs than bisection."""
+    best = fit[-1]
+    if over is None:
+        if len(fit) < 2 or excess(best) <= excess(fit[-2]):
+            return min(cap, 2 * best)
+        prev = fit[-2]
+        guess = best - excess(best) * (best - prev) / (excess(best) - excess(prev))
+        return min(cap, max(best + step, min(64 * best, _up(guess, step))))
+    if sides[-2:] in ("ff", "oo"):
+        return max(best + step, (best + over) // 2 // step * step)
+    e_fit, e_over = excess(best), excess(over)
+    guess = best + (over - best) * (-e_fit) / (e_over - e_fit)
+    return max(best + step, min((over - 1) // step * step, _up(guess, step)))
+
+
+def _up(x: float, step: int) -> int:
+    """``x`` rounded up to a multiple of ``step``."""
+    return -(-int(x) // step) * step if x == int(x) else (int(x) // step + 1) * step
 
 
 def plan_longest(model: ModelConfig, gpu_mem: int, batch: int = 1, lora: LoRASpec = LoRASpec(),
@@ -807,7 +832,8 @@ def format_longest(rows: list[LongestFit], gpu_mem: int, step: int = 128, host_m
         lines.append(f"| {i} | {s.label} | {s.precision} | {s.grad_checkpoint} | {longest} | {fmt_gib(p.peak)} | "
                      f"{fmt_gib(p.params_total)} | {fmt_gib(p.activations)} | {fmt_gib(p.transient_fb)} | "
                      + (f"{fmt_gib(p.host_bytes)} | " if host else "") + f"{over} |")
-    lines.append(f"\nDoubling, then bisection over seq_len in steps of {step} tokens (the peak grows with it); "
+    lines.append(f"\nA bracket over seq_len narrowed to {step} tokens, each probe where the line through two dry runs "
+                 "meets the limit (the peak grows about linearly with it); "
                  "`first over`: the shortest length probed that does not fit (– : the cap fits). "
                  "The peak is PyTorch's allocated bytes: the CUDA context and the caching allocator's slack come "
                  "on top, so leave a margin at the edge (run with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True: "

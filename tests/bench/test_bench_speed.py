@@ -183,10 +183,52 @@ def test_longest_seq_len_is_the_last_length_that_fits():
     s = _setup()  # each dry run takes a second or two on a busy CPU: few probes
     mem = predict(s.replace(seq_len=1000)).peak
     r = longest_seq_len(s, mem, step=256, cap=2048)
-    assert r.seq_len == 768 and r.prediction.peak <= mem and r.first_over == 1024  # 256, 512, 1024, 768
-    assert r.probes == 4
+    assert r.seq_len == 768 and r.prediction.peak <= mem and r.first_over == 1024
+    assert r.probes <= 4  # bisection: 256, 512, 1024, 768
     assert longest_seq_len(s, 1, step=256).seq_len is None
     assert longest_seq_len(s, 100 * GiB, step=256, cap=512).seq_len == 512  # the cap fits
+
+
+PEAKS = {  # monotone peaks (bytes) of seq_len T: the search must find the boundary bisection finds
+    "linear": lambda T: 3e9 + 2.5e5 * T,
+    "convex": lambda T: 3e9 + 1e5 * T + 0.4 * T * T,
+    "concave": lambda T: 3e9 + 4e7 * T ** 0.5,
+    "kinked": lambda T: 3e9 + (6e5 * T if T < 4096 else 6e5 * 4096 + 1e5 * (T - 4096)),
+    "flat-then-steep": lambda T: 3e9 + (0 if T < 20_000 else 1e6 * (T - 20_000)),
+}
+
+
+@pytest.mark.parametrize("name", list(PEAKS))
+@pytest.mark.parametrize("limit_gib", [4, 24, 80])
+@pytest.mark.parametrize("cap", [1 << 20, 100_000])
+def test_longest_seq_len_equals_the_brute_force_answer(monkeypatch, name, limit_gib, cap):
+    from types import SimpleNamespace
+
+    from solotune.bench import plan
+
+    peak = PEAKS[name]
+    monkeypatch.setattr(plan, "predict", lambda s: SimpleNamespace(peak=peak(s.seq_len), host_bytes=0))
+    step, mem = 128, limit_gib * GiB
+    grid = [*range(step, cap + 1, step)] + ([cap] if cap % step else [])
+    want = max((T for T in grid if peak(T) <= mem), default=None)
+    r = longest_seq_len(_setup(), mem, step=step, cap=cap)
+    assert r.seq_len == want, (r.seq_len, want)
+    if want is not None:
+        assert r.first_over == (None if want == cap else next(T for T in grid if T > want))
+    assert r.probes <= 2 * (cap // step).bit_length() + 2  # never much worse than bisection
+    if name == "linear":
+        assert r.probes <= 6, r.probes  # the line meets the limit where the peak does
+
+
+def test_longest_seq_len_binds_on_host_memory_too(monkeypatch):
+    from types import SimpleNamespace
+
+    from solotune.bench import plan
+
+    monkeypatch.setattr(plan, "predict", lambda s: SimpleNamespace(peak=1e9 + 1e4 * s.seq_len,
+                                                                   host_bytes=2.6e5 * s.seq_len))
+    r = longest_seq_len(_setup(), 80 * GiB, step=128, cap=1 << 20, host_mem=64 * GiB)
+    assert r.seq_len == int(64 * GiB / 2.6e5) // 128 * 128 and r.probes <= 8
 
 
 def test_plan_max_seq_len_cli(capsys):
