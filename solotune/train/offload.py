@@ -80,6 +80,7 @@ OFFLOAD_KINDS: tuple[str, ...] = ("none", "activations")
 _HALF = (torch.float16, torch.bfloat16)
 HOST_PIECE_BYTES = 64 << 20  # largest pinned piece: ~3 ms of PCIe, a few µs of launch per copy
 _SMALLEST_PIECE = 512
+HOST_RESERVE_BYTES = 2 << 30  # host RAM left to everything else when pinning more
 
 Pack = Callable[[torch.Tensor], Any]
 Unpack = Callable[[Any], torch.Tensor]
@@ -189,6 +190,30 @@ def _outer_hooks() -> tuple[Pack, Unpack] | None:
     """The saved-tensor hooks active right now (the ones ours will hide), if torch tells us."""
     top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
     return top(False) if top is not None else None
+
+
+def _available_host_bytes() -> int | None:
+    """The host RAM the kernel can still give (``MemAvailable`` of /proc/meminfo); None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _cached_pinned_bytes() -> int:
+    """Pinned bytes torch's caching host allocator holds but has not handed out (0 where unknown)."""
+    stats = getattr(torch.cuda, "host_memory_stats", None)
+    try:
+        st = stats() if stats is not None else {}
+        if "allocated_bytes.current" not in st or "active_bytes.current" not in st:
+            return 0  # an older torch's statistics: assume nothing cached (the check is then stricter)
+        return max(0, int(st["allocated_bytes.current"]) - int(st["active_bytes.current"]))
+    except (RuntimeError, TypeError, ValueError):
+        return 0
 
 
 def _host_empty(nbytes: int, pin: bool) -> torch.Tensor:
@@ -343,17 +368,27 @@ class ActivationOffload:
         return entry
 
     def _host_pieces(self, n: int) -> list[torch.Tensor]:
-        """Host buffers for ``n`` bytes. Pinning fails when page-locked RAM runs out: that is raised as
-        an out-of-memory error naming the host, which the training loop reports in its one line."""
+        """Host buffers for ``n`` bytes. Running out of host RAM is raised as an out-of-memory error
+        naming the host (the training loop reports it in its one line): before locking more than
+        the host has available, less ``HOST_RESERVE_BYTES`` (page-locked memory cannot be swapped:
+        past that the kernel's OOM killer would end the run with no word), or when pinning fails."""
+        held = self.stats.host_bytes
+        if held + n > self.stats.host_peak_bytes:  # beyond what earlier windows held (the allocator's cache)
+            free = _available_host_bytes()
+            if free is not None and self._cuda:
+                free += _cached_pinned_bytes()  # pinned blocks torch's allocator holds free (an earlier run's)
+            if free is not None and n > free - HOST_RESERVE_BYTES:
+                raise torch.OutOfMemoryError(self._host_oom(n, f"{free / 2**30:.2f} GiB available"))
         try:
             return [_host_empty(k, self._cuda) for k in host_piece_sizes(n, self.host_piece_bytes)]
         except RuntimeError as e:
             if "out of memory" not in str(e).lower():
                 raise
-            raise torch.OutOfMemoryError(
-                f"pinned host memory: could not lock {n / 2**30:.2f} GiB more for offloaded activations "
-                f"({self.stats.host_bytes / 2**30:.2f} GiB held; `solotune plan --host-mem` checks the RAM needed)"
-            ) from e
+            raise torch.OutOfMemoryError(self._host_oom(n, "pinning failed")) from e
+
+    def _host_oom(self, n: int, why: str) -> str:
+        return (f"pinned host memory: could not lock {n / 2**30:.2f} GiB more for offloaded activations ({why}, "
+                f"{self.stats.host_bytes / 2**30:.2f} GiB held; `solotune plan --host-mem` checks the RAM needed)")
 
     def _retire(self, entry: _Entry, src: torch.Tensor) -> None:
         """The compute stream waits for the copy; then dropping ``src`` lets the allocator reuse it."""

@@ -168,6 +168,26 @@ def test_host_memory_running_out_is_an_out_of_memory_error(monkeypatch):
         assert ("pinned host memory: could not lock" in str(info.value)) == (expected is torch.OutOfMemoryError)
 
 
+def test_offload_stops_before_locking_more_than_the_host_has(monkeypatch):
+    """Locking past the host's available RAM (less a reserve) is refused as an out-of-memory error before
+    the kernel's OOM killer could end the run silently; a later window reuses what the first held, unchecked."""
+    import solotune.train.offload as offload_mod
+
+    model = _model("lora", "all")
+    batch = _batch()
+    off = ActivationOffload(model, "cpu", min_bytes=1)
+    _run(model, batch, off)  # the first window: the host copies' peak
+    held = off.stats.host_peak_bytes
+    monkeypatch.setattr(offload_mod, "_available_host_bytes", lambda: offload_mod.HOST_RESERVE_BYTES + 1)
+    _run(model, batch, off)  # within the earlier peak: no new RAM asked for, no check
+    with pytest.raises(torch.OutOfMemoryError, match=r"pinned host memory: could not lock .* GiB available"):
+        _run(model, _batch(lengths=(30, 30, 30)), off)  # longer rows: more than the host has
+    assert off.stats.host_peak_bytes >= held
+    assert offload_mod._available_host_bytes() == offload_mod.HOST_RESERVE_BYTES + 1
+    monkeypatch.undo()
+    assert offload_mod._available_host_bytes() is None or offload_mod._available_host_bytes() > 0
+
+
 def test_packed_rows_document_mask_offloaded_once():
     model = _model("lora", "all")
     batch = _packed_batch()
