@@ -47,7 +47,8 @@ for m in ("bitsandbytes", "liger_kernel"):
     v = __import__(m).__version__ if spec else "not installed"
     print(m, v)
 PY
-S=(python3 -m solotune bench --model llama2-7b --precision-on bf16 --cell-timeout 300)
+# CELL_TIMEOUT: a ~300k-token row's one step is 5-6 minutes (frontier8-h200: 295 s / 376 s)
+S=(python3 -m solotune bench --model llama2-7b --precision-on bf16 --cell-timeout "${CELL_TIMEOUT:-300}")
 R=(--data random --seq-len 512 --samples 200)
 # shellcheck disable=SC2086  # OPTS is a list of flags
 run() { local name=$1; shift; "${S[@]}" "$@" ${OPTS:-} --out "$OUT/$name" 2>&1 | tee "$OUT/$name.console.log"; }
@@ -99,6 +100,7 @@ for part in "${PARTS[@]}"; do
       limit=24GiB; extra=(); samples=2
       probes=3
       case "$part" in context80*) limit=80GiB; samples=1; probes=2 ;; *-lean) samples=1 ;; esac
+      [ "$part" = context80-lean ] && S[-1]=${CELL_TIMEOUT:-590}
       probes=${PROBES:-$probes}  # one ~300k-token probe is minutes: PROBES=1 fits a device call
       [ "$part" = offload ] && extra=(--offload activations)
       # -lean: no [tokens x vocab] fp32 logits (fused linear-CE) and no fragmentation under the cap
