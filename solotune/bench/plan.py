@@ -80,6 +80,7 @@ import functools
 import inspect
 import itertools
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -787,7 +788,7 @@ def _next_probe(fit: list[int], over: int | None, sides: str, excess: Callable[[
 
 def _up(x: float, step: int) -> int:
     """``x`` rounded up to a multiple of ``step``."""
-    return -(-int(x) // step) * step if x == int(x) else (int(x) // step + 1) * step
+    return math.ceil(x / step) * step
 
 
 def plan_longest(model: ModelConfig, gpu_mem: int, batch: int = 1, lora: LoRASpec = LoRASpec(),

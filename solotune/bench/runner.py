@@ -354,8 +354,9 @@ def find_max_seq_len(bc: BenchConfig, max_probes: int = 3, rel_step: float = 0.0
     real cells (random rows of exactly T tokens, ``probe_samples`` optimizer steps each: with 2 the
     optimizer state exists, as the planner assumes; 1 saves a long step and misses only LoRA's
     small AdamW state) around the planner's longest, the first at ``probe_start`` times it (below 1:
-    a margin for the allocator's slack when each probe of a long row costs minutes); writes ``probes.json`` (the cells) and
-    ``max_seq_len.json`` (predicted and measured) under ``bc.out``; returns the latter."""
+    a margin for the allocator's slack when each probe of a long row costs minutes); writes
+    ``probes.json`` (the cells) and ``max_seq_len.json`` (predicted and measured) under ``bc.out``;
+    returns the latter."""
     import torch
 
     from . import report
