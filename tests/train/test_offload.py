@@ -158,7 +158,8 @@ def test_host_memory_running_out_is_an_out_of_memory_error(monkeypatch):
 
     model = _model("lora", "all")
     batch = _batch()
-    for message, expected in (("CUDA error: out of memory", torch.OutOfMemoryError), ("CUDA error: unknown", RuntimeError)):
+    cases = (("CUDA error: out of memory", torch.OutOfMemoryError), ("CUDA error: unknown", RuntimeError))
+    for message, expected in cases:
         def fail(nbytes, pin, message=message):
             raise RuntimeError(message)
 
