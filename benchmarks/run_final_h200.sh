@@ -6,7 +6,7 @@
 #   PART: tests | kernels | speed | speed-flce | qlora | qlora-flce | probe | probe-k | gen1 | gen16 |
 #         gen1-int8 | generate | alpaca | qlora-lean | optim | table2 | context24 | context80 |
 #         context24-lean | context80-lean | profile-b1 | int8-code | alpaca-graphs | guide | tests3 | tests4 | tests5 | tests6 |
-#         tests7 | probe-fp8 | fp8 | tests8 | probe-nf4fp8 | nf4-fp8 | fp8-lean-gc | qlora-b1-fp8 | tests9
+#         tests7 | probe-fp8 | fp8 | tests8 | probe-nf4fp8 | nf4-fp8 | fp8-lean-gc | qlora-b1-fp8 | tests9 | snapshot-b1
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?OUT}; shift
@@ -51,6 +51,10 @@ for part in "$@"; do
     tests8)  # the quantized bases on the GPU (nf4-fp8's Triton conversion, compiled and checkpointed fp8 blocks)
       timeout 200 python3 -m pytest -v -rs -p no:cacheprovider --durations=8 tests/quant/test_quant_gpu.py \
         > "$R/gpu_tests8.log" 2>&1 ;;
+    snapshot-b1)  # issue 10's QLoRA b1 nf4-fp8 cell: the allocator's blocks alive at the peak, by site (planner -3%)
+      timeout 200 python3 benchmarks/speed_probe.py --out "$R/probe" --warmup 3 --steps 2 \
+        --variants qlora-fp8-b1-compile-flce --memory-snapshot qlora-fp8-b1-compile-flce > "$R/snapshot-b1.log" 2>&1
+      timeout 60 python3 -m pytest -q -rs -p no:cacheprovider tests/bench/test_snapshot.py >> "$R/snapshot-b1.log" 2>&1 ;;
     tests9)  # host copies in pinned pieces (offload), the in-place logsumexp loss's CUDA peak, the quantized bases
       for f in tests/train/test_offload.py:90 tests/train/test_loss.py:90 tests/quant/test_quant_gpu.py:120; do
         timeout "${f##*:}" python3 -m pytest -v -rs -p no:cacheprovider --durations=8 "${f%%:*}" >> "$R/gpu_tests9.log" 2>&1

@@ -56,10 +56,12 @@ VARIANTS = {  # name -> (checkpointing, compile, quantize, micro-batch, loss[, k
     "fp8-compile-gc-cl": ("all", True, "fp8", 8, "full-logits+compiled"),
     "fp8-eager": ("off", False, "fp8", 8, "full-logits"),
     "qlora-fp8-b8-compile-cl": ("all", True, "nf4-fp8", 8, "full-logits+compiled"),
+    # issue 10's batch-1 cell (frontier7-h200 run1): where its ~0.1 GiB over the planner comes from
+    "qlora-fp8-b1-compile-flce": ("all", True, "nf4-fp8", 1, "fused-linear-ce"),
 }
 
 
-def run(name: str, layers: int, warmup: int, steps: int, profile: bool, out: str) -> dict:
+def run(name: str, layers: int, warmup: int, steps: int, profile: bool, out: str, snapshot: bool = False) -> dict:
     ckpt, compiled, quantize, mb, loss_name, *rest = VARIANTS[name]
     kernels = rest[0] if rest else "off"
     torch._dynamo.reset()
@@ -107,6 +109,14 @@ def run(name: str, layers: int, warmup: int, steps: int, profile: bool, out: str
     res = {"variant": name, "layers": layers, "micro_batch": mb, "checkpointing": ckpt, "compile": compiled,
            "quantize": quantize, "loss": loss_name, "kernels": kernels, "warmup_s": t_warm, "warmup_steps": warmup,
            "step_s": dt, "tokens_per_s": mb * T / dt, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    if snapshot:  # one more step under the allocator's recorder: what is alive at its peak, by site
+        from solotune.bench.snapshot import format_peak, record_peak
+
+        torch.cuda.reset_peak_memory_stats()
+        summary = record_peak(step)
+        res["snapshot_peak_gib"] = summary.peak / 2**30
+        with open(os.path.join(out, f"snapshot-{name}.txt"), "w") as f:
+            f.write(format_peak(summary, top=40) + "\n")
     if profile:
         from torch.profiler import ProfilerActivity, profile as prof
 
@@ -129,12 +139,15 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--profile", default="", help="comma list of variants to profile")
+    ap.add_argument("--memory-snapshot", default="",
+                    help="comma list of variants: one more step recorded, what is alive at its peak (snapshot-*.txt)")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     profiled = set(filter(None, a.profile.split(",")))
+    snapped = set(filter(None, a.memory_snapshot.split(",")))
     for name in a.variants.split(","):
         try:
-            r = run(name, a.layers, a.warmup, a.steps, name in profiled, a.out)
+            r = run(name, a.layers, a.warmup, a.steps, name in profiled, a.out, name in snapped)
         except Exception as e:  # one failing variant must not end the probe
             r = {"variant": name, "error": f"{type(e).__name__}: {str(e)[:2000]}"}
         print(json.dumps(r), flush=True)
