@@ -200,7 +200,8 @@ def run_cell_subprocess(spec: CellSpec, timeout_s: float, log: TextIO) -> dict[s
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True, timeout=timeout_s,
                               env=cell_env(spec, os.environ))
     except subprocess.TimeoutExpired:
-        return _failed(spec, f"timed out after {timeout_s:.0f} s (see bench.log)", time.perf_counter() - t0)
+        return _failed(spec, f"timed out after {timeout_s:.0f} s (see bench.log; --cell-timeout gives a cell longer)",
+                       time.perf_counter() - t0)
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
     if proc.returncode != 0 or not lines:
         return _failed(spec, f"cell process exited with code {proc.returncode} (see bench.log)", time.perf_counter() - t0)
