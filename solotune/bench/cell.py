@@ -606,6 +606,8 @@ def _fill_success(result: dict[str, Any], spec: CellSpec, log: list[dict[str, An
     result.update(status="ok", steps=steps, samples_done=done, runtime_measured_s=runtime,
                   mean_loss=sum(r["loss"] for r in log) / steps, tokens=tokens,
                   tokens_per_s=tokens / runtime if runtime > 0 else None)
+    if "host_peak_mem" in log[-1]:  # activation offload: the host copies at most (planner: host_bytes)
+        result["host_peak_bytes"] = int(log[-1]["host_peak_mem"])
     seen = max((t for _, t in rows), default=0)
     # rows of the largest micro-batch: micro_batch, or fewer when packing fit the records in fewer rows
     max_rows = max((b for b, t in rows if t == seen), default=spec.micro_batch)

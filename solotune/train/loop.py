@@ -270,7 +270,7 @@ def _train(ctx: StepContext, state: TrainState, cfg: TrainConfig, total_steps: i
         if not window:
             break  # data exhausted (epochs mode ends on a partial window)
         res = train_step(ctx, state, window)
-        rec = _record(res, state, log.records)
+        rec = _record(res, state, log.records, ctx.offload)
         if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total_steps:
             rec["val_loss"] = validate()
             ctx.model.train()  # eval mode draws no random numbers: resume stays bit-exact
@@ -286,13 +286,16 @@ def _train(ctx: StepContext, state: TrainState, cfg: TrainConfig, total_steps: i
             saver.save_periodic()
 
 
-def _record(res: StepResult, state: TrainState, records: list[dict[str, Any]]) -> dict[str, Any]:
-    """One metrics.jsonl line."""
+def _record(res: StepResult, state: TrainState, records: list[dict[str, Any]], offload: Any = None) -> dict[str, Any]:
+    """One metrics.jsonl line (with activation offload: ``host_peak_mem``, the most bytes of host
+    copies alive at once so far, what the planner's ``host_bytes`` predicts)."""
     recent = [r["loss"] for r in records[-4:]] + [res.loss]
+    stats = getattr(offload, "stats", None)
     return {"step": state.step, "loss": res.loss, "loss_avg5": sum(recent) / len(recent), "lr": res.lr,
             "tokens": state.tokens, "target_tokens": state.target_tokens, "tokens_per_s": res.tokens / res.seconds,
             "grad_norm": res.grad_norm, "peak_mem": peak_memory_bytes(state.device), "epoch": state.stream.epoch,
-            "skipped": not res.took_step, "time_s": state.runtime_s}
+            "skipped": not res.took_step, "time_s": state.runtime_s,
+            **({"host_peak_mem": stats.host_peak_bytes} if stats is not None else {})}
 
 
 # ================================================================================== set-up

@@ -176,6 +176,16 @@ def test_precision_facts_come_from_the_policy():
         BenchConfig(precision_on="fp64")
 
 
+def test_offloaded_cell_records_its_host_copies_as_the_planner_predicts_them():
+    """cells.json's host_peak_bytes (the loop's metrics: the offload's host copies at most) equals the
+    planner's host_bytes for the cell's longest micro-batch, byte for byte on CPU."""
+    r = run_cell(CellSpec(model="tiny", samples=4, seq_len=512, method="lora", precision="bf16", device="cpu",
+                          quantize="nf4", offload="activations", grad_checkpoint="all"))
+    assert r["status"] == "ok", r["error"]
+    assert r["host_peak_bytes"] == r["predicted"]["host_bytes"] > 0
+    assert "host_peak_bytes" not in run_cell(CellSpec(model="tiny", samples=2, seq_len=64, device="cpu"))
+
+
 @pytest.mark.parametrize("quantize, method", [("nf4", "qlora"), ("int8", "int8-lora")])
 def test_quantized_cell_records_its_method_and_measures_the_quantized_model(quantize, method):
     kw = dict(model="tiny", samples=4, seq_len=32, method="lora", precision="bf16", device="cpu")
