@@ -742,20 +742,23 @@ def longest_seq_len(setup: Setup, gpu_mem: int, step: int = 128, cap: int = 1 <<
         raise ValueError(f"seq_len step {step} and cap {cap}: need 1 <= step <= cap")
     seen: dict[int, Prediction] = {}
 
-    def excess(T: int) -> float:
-        """Over the limit by this fraction (<= 0: fits); predicts T once."""
+    def at(T: int) -> Prediction:  # each length is predicted once
         if T not in seen:
             seen[T] = predict(setup.replace(seq_len=T))
-        p = seen[T]
+        return seen[T]
+
+    def excess(T: int) -> float:
+        """How far over the limit, as a fraction (what the interpolation follows; :func:`fits` decides)."""
+        p = at(T)
         over = p.peak / gpu_mem - 1
         return max(over, p.host_bytes / host_mem - 1) if host_mem is not None else over
 
-    if excess(step) > 0:
+    if not fits(at(step), gpu_mem, host_mem):
         return LongestFit(setup.replace(seq_len=step), None, seen[step], step, len(seen))
     fit, over, sides = [step], None, ""
     while fit[-1] < cap and (over is None or over - fit[-1] > step):
         T = _next_probe(fit, over, sides, excess, step, cap)
-        if excess(T) <= 0:
+        if fits(at(T), gpu_mem, host_mem):
             fit.append(T)
             sides += "f"
         else:

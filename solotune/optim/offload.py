@@ -38,6 +38,7 @@ the one prefetched, the pending copies back), i.e. a few times the largest tenso
 from __future__ import annotations
 
 import collections
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -55,28 +56,32 @@ class HostArena:
 
     def __init__(self, pin: bool, slab_bytes: int = ARENA_SLAB_BYTES) -> None:
         self.pin, self.slab_bytes = pin, slab_bytes
-        self.slabs: dict[torch.dtype, list[torch.Tensor]] = {}  # uint8 [2**k] each
-        self.used: dict[torch.dtype, list[int]] = {}  # bytes handed out of each slab (aligned)
+        self.slabs: dict[torch.dtype, list[_Slab]] = {}
 
     @property
     def reserved_bytes(self) -> int:
         """Host bytes the slabs hold (what is locked when pinned)."""
-        return sum(s.numel() for slabs in self.slabs.values() for s in slabs)
+        return sum(s.buf.numel() for slabs in self.slabs.values() for s in slabs)
 
     def empty_like(self, t: torch.Tensor) -> torch.Tensor:
         """An uninitialised contiguous host tensor of ``t``'s shape and dtype."""
         n = t.numel() * t.element_size()
         need = max(_ALIGN, -(-n // _ALIGN) * _ALIGN)
-        slabs, used = self.slabs.setdefault(t.dtype, []), self.used.setdefault(t.dtype, [])
-        i = next((i for i, s in enumerate(slabs) if s.numel() - used[i] >= need), None)
-        if i is None:
-            size = max(need, min(self.slab_bytes, sum(s.numel() for s in slabs)))
-            slabs.append(torch.empty(1 << (size - 1).bit_length(), dtype=torch.uint8, pin_memory=self.pin))
-            used.append(0)
-            i = len(slabs) - 1
-        start = used[i]
-        used[i] += need
-        return slabs[i][start:start + n].view(t.dtype).view(t.shape)
+        slabs = self.slabs.setdefault(t.dtype, [])
+        slab = next((s for s in slabs if s.buf.numel() - s.used >= need), None)
+        if slab is None:
+            size = max(need, min(self.slab_bytes, sum(s.buf.numel() for s in slabs)))
+            slab = _Slab(torch.empty(1 << (size - 1).bit_length(), dtype=torch.uint8, pin_memory=self.pin))
+            slabs.append(slab)
+        start = slab.used
+        slab.used += need
+        return slab.buf[start:start + n].view(t.dtype).view(t.shape)
+
+
+@dataclass
+class _Slab:
+    buf: torch.Tensor  # uint8 [2**k], pinned on CUDA
+    used: int = 0  # bytes handed out (aligned)
 
 
 class HostStates:

@@ -45,7 +45,7 @@ from .metrics import (
     LOSS_PNG, METRICS, SUMMARY, MetricsLog, Progress, format_summary, peak_memory_bytes, plot_loss, reset_peak_memory,
     write_json,
 )
-from .offload import offload_context
+from .offload import HostOutOfMemory, offload_context
 from .optim import grad_norm_fn, make_optimizer, make_schedule
 from .precision import PrecisionPolicy, get_policy
 from .run_dir import claim_run_dir
@@ -250,7 +250,7 @@ def _out_of_memory(oom: BaseException, cfg: TrainConfig, step: int, device: torc
     kept = (f"the last checkpoint, {last}, resumes with `solotune finetune --resume {out}`" if last is not None
             else "no checkpoint was written before it")
     plan = f"`solotune plan --model {cfg.model} --gpu-mem <GiB> --seq-len {cfg.max_seq_len} --batch {cfg.batch_size}"
-    if what.startswith("pinned host memory"):  # the host's RAM, not the GPU's (train/offload.py)
+    if isinstance(oom, HostOutOfMemory):  # the host's RAM, not the GPU's (train/offload.py)
         fix = f"{plan} --offload activations --host-mem <GiB>`; or a smaller --batch-size or --max-seq-len"
     else:
         fix = (f"{plan}`; or a smaller --batch-size or --max-seq-len, --grad-checkpoint all, "

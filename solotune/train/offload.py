@@ -82,6 +82,10 @@ HOST_PIECE_BYTES = 64 << 20  # largest pinned piece: ~3 ms of PCIe, a few µs of
 _SMALLEST_PIECE = 512
 HOST_RESERVE_BYTES = 2 << 30  # host RAM left to everything else when pinning more
 
+class HostOutOfMemory(torch.OutOfMemoryError):
+    """The host ran out of RAM to pin for offloaded activations (not the GPU: the remedies differ)."""
+
+
 Pack = Callable[[torch.Tensor], Any]
 Unpack = Callable[[Any], torch.Tensor]
 
@@ -378,13 +382,13 @@ class ActivationOffload:
             if free is not None and self._cuda:
                 free += _cached_pinned_bytes()  # pinned blocks torch's allocator holds free (an earlier run's)
             if free is not None and n > free - HOST_RESERVE_BYTES:
-                raise torch.OutOfMemoryError(self._host_oom(n, f"{free / 2**30:.2f} GiB available"))
+                raise HostOutOfMemory(self._host_oom(n, f"{free / 2**30:.2f} GiB available"))
         try:
             return [_host_empty(k, self._cuda) for k in host_piece_sizes(n, self.host_piece_bytes)]
         except RuntimeError as e:
             if "out of memory" not in str(e).lower():
                 raise
-            raise torch.OutOfMemoryError(self._host_oom(n, "pinning failed")) from e
+            raise HostOutOfMemory(self._host_oom(n, "pinning failed")) from e
 
     def _host_oom(self, n: int, why: str) -> str:
         return (f"pinned host memory: could not lock {n / 2**30:.2f} GiB more for offloaded activations ({why}, "

@@ -32,7 +32,7 @@ def test_slabs_are_powers_of_two_and_hold_little_more_than_the_states():
     sizes = [45_088_768 // 64, 16_777_216 // 64] * 40  # a 7B's w1 / wq 8-bit moments, scaled down 64x
     for n in sizes:
         arena.empty_like(torch.empty(n, dtype=torch.uint8))
-    assert all(s.numel() & (s.numel() - 1) == 0 for s in arena.slabs[torch.uint8])
+    assert all(s.buf.numel() & (s.buf.numel() - 1) == 0 for s in arena.slabs[torch.uint8])
     # one tensor per state would take sum(pow2ceil(n)) (the caching host allocator): ~1.2x here
     assert arena.reserved_bytes <= 1.1 * sum(sizes) < sum(1 << (n - 1).bit_length() for n in sizes)
     assert len(arena.slabs[torch.uint8]) <= len(sizes) / 2
